@@ -1,0 +1,131 @@
+"""Find the attention layers of a diffusers denoiser and say what each one sees.
+
+A *layer* is named by its diffusers module path without the ``.processor`` suffix, e.g.
+``up_blocks.1.attentions.0.transformer_blocks.0.attn2``. Each layer has a *role*:
+
+- ``"cross"``: queries are image pixels, keys are prompt tokens (SD 1/2/XL ``attn2``);
+- ``"self"``: queries and keys are image pixels (SD 1/2/XL ``attn1``, SD 3.5 ``attn2``);
+- ``"joint"``: one softmax over image *and* text keys (SD 3 MMDiT ``attn``); its image→text part
+  is captured as ``"cross"`` and its image→image part as ``"self"``.
+
+A layer's map size is derived from the denoiser's structure (how many times the latent was
+downsampled before it, or the patch size), so the memory a capture needs can be estimated before
+the first step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+ROLES = ("cross", "self", "joint")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One attention layer of a denoiser.
+
+    ``factor`` is how much smaller (per side) its query grid is than the latent; ``None`` when the
+    structure is unknown and the grid must be inferred at run time.
+    """
+
+    name: str
+    role: str
+    heads: int
+    factor: int | None
+    ceil_steps: int = 0  # number of stride-2 downsamplings (ceil-halving) before this layer
+
+    def kinds(self) -> tuple[str, ...]:
+        """The capture kinds this layer can provide."""
+        return ("cross", "self") if self.role == "joint" else (self.role,)
+
+    def map_size(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """Query grid ``(h, w)`` of this layer for a latent of size ``latent_hw``."""
+        h, w = latent_hw
+        if self.factor is None:
+            raise ValueError(f"layer {self.name!r}: map size unknown before run time")
+        if self.ceil_steps:  # UNet: each downsampler is a stride-2 conv, i.e. ceil(h / 2)
+            for _ in range(self.ceil_steps):
+                h, w = math.ceil(h / 2), math.ceil(w / 2)
+            return h, w
+        return h // self.factor, w // self.factor
+
+
+def denoiser_of(obj) -> torch.nn.Module:
+    """The denoiser (UNet or transformer) of a pipeline, or ``obj`` itself if it is one."""
+    if hasattr(obj, "attn_processors") and hasattr(obj, "set_attn_processor"):
+        return obj
+    for attr in ("unet", "transformer", "prior"):
+        mod = getattr(obj, attr, None)
+        if mod is not None and hasattr(mod, "attn_processors"):
+            return mod
+    raise ValueError(
+        f"cannot find a denoiser in {type(obj).__name__}: expected a diffusers pipeline with a `unet` or "
+        "`transformer` (e.g. StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline) "
+        "or the denoiser model itself"
+    )
+
+
+def _role(module: torch.nn.Module) -> str:
+    if getattr(module, "add_k_proj", None) is not None and getattr(module, "added_kv_proj_dim", None):
+        return "joint"
+    if getattr(module, "is_cross_attention", False):
+        return "cross"
+    return "self"
+
+
+def _unet_down_steps(unet) -> tuple[list[int], int]:
+    """Number of downsamplings before each down block, and before the mid block."""
+    steps, n = [], 0
+    for block in unet.down_blocks:
+        steps.append(n)
+        if getattr(block, "downsamplers", None) is not None:
+            n += 1
+    return steps, n
+
+
+def attention_layers(denoiser: torch.nn.Module) -> list[LayerInfo]:
+    """Every attention layer of ``denoiser``, in module order (the order diffusers lists processors)."""
+    modules = dict(denoiser.named_modules())
+    is_unet = hasattr(denoiser, "down_blocks") and hasattr(denoiser, "up_blocks")
+    patch = getattr(getattr(denoiser, "config", None), "patch_size", None)
+    if is_unet:
+        down_steps, mid_steps = _unet_down_steps(denoiser)
+    layers = []
+    for key in denoiser.attn_processors:
+        name = key.removesuffix(".processor")
+        module = modules[name]
+        factor, ceil_steps = None, 0
+        if is_unet:
+            parts = name.split(".")
+            if parts[0] == "down_blocks":
+                ceil_steps = down_steps[int(parts[1])]
+            elif parts[0] == "up_blocks":
+                ceil_steps = down_steps[len(down_steps) - 1 - int(parts[1])]
+            elif parts[0] == "mid_block":
+                ceil_steps = mid_steps
+            else:  # an attention outside the blocks: infer at run time
+                ceil_steps = -1
+            if ceil_steps >= 0:
+                factor = 2**ceil_steps
+            else:
+                ceil_steps = 0
+        elif patch:
+            factor = int(patch)
+        layers.append(LayerInfo(name, _role(module), int(module.heads), factor, ceil_steps))
+    return layers
+
+
+def infer_map_size(n_queries: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """Grid ``(h, w)`` with ``h * w == n_queries`` and the latent's aspect ratio (for unknown layouts)."""
+    h, w = latent_hw
+    for k in range(0, 8):
+        for hh, ww in ((math.ceil(h / 2**k), math.ceil(w / 2**k)), (h // 2**k, w // 2**k)):
+            if hh * ww == n_queries:
+                return hh, ww
+    side = math.isqrt(n_queries)
+    if side * side == n_queries:
+        return side, side
+    return 1, n_queries

@@ -1,0 +1,364 @@
+"""``sdlens.trace``: install capture processors for one pipeline run, and put everything back.
+
+What it touches, and restores in ``finally`` (normal exit, exception, KeyboardInterrupt):
+
+- the denoiser's attention processors (``set_attn_processor`` with the original objects);
+- a forward pre-hook on the denoiser that counts steps (one denoiser call = one step);
+- an instance attribute ``encode_prompt`` on the pipeline that notes the prompts, negative prompts
+  and images per prompt (the class's method is untouched; the attribute is deleted afterwards).
+
+Processors are installed at the denoiser's first call, when the batch, the latent size and the
+number of steps are known: the memory estimate is checked there, before any attention is computed.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ..tokens import tokenize
+from ..trace import AttentionTrace, Row
+from .layers import LayerInfo, attention_layers, denoiser_of, infer_map_size
+from .processor import CaptureProcessor
+from .spec import BudgetError, CaptureError, CaptureSpec, Estimate, select_layers, select_steps
+
+_ACTIVE = "_sdlens_recorder"  # attribute set on a denoiser while it is traced
+
+
+def _as_list(x) -> list | None:
+    if x is None:
+        return None
+    return [x] if isinstance(x, str) else list(x)
+
+
+class Recorder:
+    """Does the bookkeeping of one trace; the processors call ``store`` with attention probabilities."""
+
+    def __init__(self, target, spec: CaptureSpec, prompt=None) -> None:
+        self.spec = spec
+        self.denoiser = denoiser_of(target)
+        self.pipe = None if target is self.denoiser else target
+        self.all_layers = attention_layers(self.denoiser)
+        self.candidates = spec.candidate_layers(self.all_layers)
+        self.trace = AttentionTrace()
+        self.trace.kinds = spec.kinds
+        self.trace.spec = {
+            "cross": spec.cross,
+            "self_attn": spec.self_attn,
+            "layers": spec.layers if isinstance(spec.layers, (str, int, list, tuple, type(None))) else "<predicate>",
+            "steps": spec.steps if spec.steps is None or isinstance(spec.steps, int) else list(spec.steps),
+            "heads": spec.heads,
+            "cfg": spec.cfg,
+            "dtype": str(spec.dtype).removeprefix("torch."),
+        }
+        self.call_info: dict | None = {"prompt": _as_list(prompt)} if prompt is not None else None
+        self.step = -1
+        self.keeping = False
+        self.kept_steps: set[int] | None = None
+        self.n_steps_expected: int | None = None
+        self.installed: dict[str, LayerInfo] = {}
+        self._originals: dict | None = None
+        self._rows_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._row_ids: list[int] = []
+        self._head_sel: torch.Tensor | None = None
+        self._handles: list = []
+        self._patched_encode = False
+        self.estimate: Estimate | None = None
+
+    # ------------------------------------------------------------------ enter / exit
+    def __enter__(self) -> AttentionTrace:
+        if getattr(self.denoiser, _ACTIVE, None) is not None:
+            raise CaptureError(
+                "this pipeline is already being traced: nest no sdlens.trace inside another on the same model; "
+                "capture both kinds with one trace (cross=True, self_attn=True)"
+            )
+        self._originals = dict(self.denoiser.attn_processors)
+        setattr(self.denoiser, _ACTIVE, self)
+        try:
+            self._handles.append(self.denoiser.register_forward_pre_hook(self._on_step, with_kwargs=True))
+            if self.pipe is not None and hasattr(self.pipe, "encode_prompt") and "encode_prompt" not in vars(self.pipe):
+                self.pipe.encode_prompt = self._wrap_encode(self.pipe.encode_prompt)
+                self._patched_encode = True
+        except BaseException:
+            self._restore()
+            raise
+        return self.trace
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        try:
+            if self.installed and self._originals is not None:
+                self.denoiser.set_attn_processor(dict(self._originals))  # it pops from the dict it gets
+        finally:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+            if self._patched_encode:
+                del self.pipe.encode_prompt
+                self._patched_encode = False
+            if getattr(self.denoiser, _ACTIVE, None) is self:
+                delattr(self.denoiser, _ACTIVE)
+            self.installed = {}
+            self.keeping = False
+            self.trace._finalize()
+
+    # ------------------------------------------------------------------ prompt bookkeeping
+    def _wrap_encode(self, original):
+        sig = inspect.signature(original)
+
+        def encode_prompt(*args, **kwargs):
+            if self.step >= 0:
+                raise CaptureError(
+                    "a trace records one pipeline call: open a new `with sdlens.trace(pipe) as tr:` for each call"
+                )
+            bound = sig.bind_partial(*args, **kwargs).arguments
+            info = self.call_info or {}
+            if info.get("prompt") is None:
+                info["prompt"] = _as_list(bound.get("prompt"))
+            info["negative_prompt"] = _as_list(bound.get("negative_prompt"))
+            info["num_images_per_prompt"] = int(bound.get("num_images_per_prompt", 1) or 1)
+            if "do_classifier_free_guidance" in bound:
+                info["cfg"] = bool(bound["do_classifier_free_guidance"])
+            self.call_info = info
+            return original(*args, **kwargs)
+
+        return encode_prompt
+
+    # ------------------------------------------------------------------ steps
+    def _on_step(self, module, args, kwargs) -> None:
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        context = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+        self.step += 1
+        if self.step == 0:
+            self._setup(sample, context)
+        elif self.n_steps_expected is not None and self.step >= self.n_steps_expected and self.spec.steps is None:
+            self.n_steps_expected = None  # more calls than the scheduler said (e.g. a 2nd-order solver)
+        t = timestep.flatten()[0].item() if torch.is_tensor(timestep) else float(timestep)
+        self.trace.all_timesteps.append(float(t))
+        self.trace.num_steps = self.step + 1
+        self.keeping = self.kept_steps is None or self.step in self.kept_steps
+        if self.keeping:
+            self.trace.steps.append(self.step)
+            self._check_running_budget()
+
+    def _expected_steps(self) -> int | None:
+        sched = getattr(self.pipe, "scheduler", None)
+        ts = getattr(sched, "timesteps", None)
+        if ts is None or not len(ts):
+            return None
+        begin = getattr(sched, "begin_index", None) or 0
+        return len(ts) - begin
+
+    def _setup(self, sample: torch.Tensor, context: torch.Tensor | None) -> None:
+        spec, tr = self.spec, self.trace
+        batch = sample.shape[0]
+        latent_hw = tuple(sample.shape[-2:])
+        tr.latent_size = latent_hw
+        vsf = getattr(self.pipe, "vae_scale_factor", None) if self.pipe is not None else None
+        tr.image_size = (latent_hw[0] * vsf, latent_hw[1] * vsf) if vsf else latent_hw
+        self._setup_rows(batch)
+        self._setup_tokens(context)
+
+        # layers: map sizes are known now, so size selectors can be resolved
+        sizes = {info.name: info.map_size(latent_hw) for info in self.candidates if info.factor is not None}
+        names = [info.name for info in self.candidates]
+        sel = spec.layers
+        by_size = isinstance(sel, int) or (
+            isinstance(sel, (list, tuple)) and any(isinstance(s, int) and not isinstance(s, bool) for s in sel)
+        )
+        if by_size:
+            known = [n for n in names if n in sizes]
+            names = select_layers(sel, known, sizes)
+        chosen = [info for info in self.candidates if info.name in names]
+        tr._sizes.update({n: sizes[n] for n in names if n in sizes})
+        tr.heads = {info.name: info.heads for info in chosen}
+
+        if spec.heads == "all":
+            tr.head_indices = {info.name: list(range(info.heads)) for info in chosen}
+        elif spec.heads != "mean":
+            for info in chosen:
+                spec.heads_kept(info.heads)
+            tr.head_indices = {info.name: list(spec.heads) for info in chosen}
+            self._head_sel = torch.tensor(spec.heads)
+
+        # steps
+        self.n_steps_expected = self._expected_steps()
+        if spec.steps is not None:
+            if self.n_steps_expected is None:
+                if any(s < 0 for s in ([spec.steps] if isinstance(spec.steps, int) else spec.steps)):
+                    raise CaptureError("negative step indices need a known number of steps (trace a pipeline)")
+                self.kept_steps = set(select_steps(spec.steps, 10**9))
+            else:
+                self.kept_steps = set(select_steps(spec.steps, self.n_steps_expected))
+
+        # estimate, then the budget, before any attention is computed
+        n_keys = context.shape[1] if context is not None else 0
+        self.estimate = self._estimate(chosen, latent_hw, n_keys)
+        if spec.max_bytes is not None and self.estimate is not None and self.estimate.total > spec.max_bytes:
+            raise BudgetError(self.estimate.message(spec.max_bytes, spec))
+
+        procs = dict(self._originals)
+        for info in chosen:
+            key = f"{info.name}.processor"
+            procs[key] = CaptureProcessor(self, info, self._originals[key])
+            self.installed[info.name] = info
+        self.denoiser.set_attn_processor(procs)
+
+    def _setup_rows(self, batch: int) -> None:
+        info, tr, spec = self.call_info or {}, self.trace, self.spec
+        prompts = info.get("prompt")
+        n_img = info.get("num_images_per_prompt", 1)
+        per_half = len(prompts) * n_img if prompts else None
+        if per_half and batch == 2 * per_half:
+            cfg = True
+        elif per_half and batch == per_half:
+            cfg = False
+        else:
+            cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and batch % 2 == 0
+            per_half = batch // 2 if cfg else batch
+            n_img = n_img if prompts and per_half == len(prompts) * n_img else 1
+        if not cfg and spec.cfg != "cond":
+            raise CaptureError(
+                f"cfg={spec.cfg!r} needs a classifier-free-guidance batch, but this run has none "
+                "(guidance_scale <= 1): use cfg='cond'"
+            )
+        halves = {"cond": ["cond"], "uncond": ["uncond"], "both": ["uncond", "cond"]}[spec.cfg]
+        rows, ids = [], []
+        for half in halves:
+            offset = per_half if (cfg and half == "cond") else 0
+            for i in range(per_half):
+                rows.append(Row(half=half, prompt=i // n_img, image=i % n_img))
+                ids.append(offset + i)
+        tr.rows, self._row_ids = rows, ids
+        tr.images_per_prompt = n_img
+        tr.prompts = list(prompts) if prompts else []
+        neg = info.get("negative_prompt")
+        if cfg and prompts:
+            if neg is None:
+                neg = [""] * len(prompts)
+            elif len(neg) == 1 and len(prompts) > 1:
+                neg = neg * len(prompts)
+            tr.negative_prompts = list(neg)
+
+    def _setup_tokens(self, context: torch.Tensor | None) -> None:
+        tr = self.trace
+        tokenizer = getattr(self.pipe, "tokenizer", None) if self.pipe is not None else None
+        if tokenizer is None or not tr.prompts:
+            return
+        tr.tokenizations["cond"] = [tokenize(p, tokenizer) for p in tr.prompts]
+        if tr.negative_prompts is not None:
+            tr.tokenizations["uncond"] = [tokenize(p, tokenizer) for p in tr.negative_prompts]
+        n_slots = len(tr.tokenizations["cond"][0].ids)
+        if context is not None and context.shape[1] > n_slots:  # SD3: CLIP slots, then T5's
+            extra = context.shape[1] - n_slots
+            t5 = getattr(self.pipe, "tokenizer_3", None)
+            tr.key_labels = [f"<t5:{i}>" for i in range(extra)]
+            if t5 is not None:
+                ids = t5(tr.prompts[0], padding="max_length", max_length=extra, truncation=True).input_ids
+                tr.key_labels = [f"t5:{s}" for s in t5.convert_ids_to_tokens(ids)]
+
+    def _estimate(self, chosen: list[LayerInfo], latent_hw, n_keys: int) -> Estimate | None:
+        spec = self.spec
+        n_steps = len(self.kept_steps) if self.kept_steps is not None else self.n_steps_expected
+        if n_steps is None:
+            return None
+        item = torch.empty((), dtype=spec.dtype).element_size()
+        per_layer = {}
+        for info in chosen:
+            if info.factor is None:
+                continue
+            h, w = info.map_size(latent_hw)
+            n = h * w
+            per_row_step = 0
+            kinds = set(info.kinds()) & set(spec.kinds)
+            if "cross" in kinds:
+                per_row_step += n * n_keys
+            if "self" in kinds:
+                per_row_step += n * n
+            per_layer[info.name] = n_steps * len(self._row_ids) * spec.heads_kept(info.heads) * per_row_step * item
+        return Estimate(total=sum(per_layer.values()), per_layer=per_layer, steps=n_steps)
+
+    def _check_running_budget(self) -> None:
+        mb = self.spec.max_bytes
+        if mb is not None and self.estimate is None and self.trace.nbytes > mb:
+            raise BudgetError(
+                f"the capture passed max_bytes={mb} after {len(self.trace.steps)} steps ({self.trace.nbytes} bytes); "
+                "capture fewer layers or steps, or average heads"
+            )
+
+    # ------------------------------------------------------------------ called by processors
+    def rows_index(self, batch: int, device: torch.device) -> torch.Tensor:
+        key = (batch, device)
+        if key not in self._rows_cache:
+            ids = self._row_ids if max(self._row_ids, default=-1) < batch else list(range(batch))
+            self._rows_cache[key] = torch.tensor(ids, device=device)
+        return self._rows_cache[key]
+
+    def store(self, kind: str, info: LayerInfo, probs: torch.Tensor) -> None:
+        """Keep ``probs`` ``(rows, heads, n, keys)`` of one layer at the current step."""
+        tr, spec = self.trace, self.spec
+        if info.name not in tr._sizes:
+            tr._sizes[info.name] = infer_map_size(probs.shape[2], tr.latent_size)
+        if spec.heads == "mean":
+            probs = probs.mean(dim=1, keepdim=True)
+        elif self._head_sel is not None:
+            probs = probs.index_select(1, self._head_sel.to(probs.device))
+        tr._append(kind, info.name, probs.to(device=spec.device, dtype=spec.dtype))
+
+
+def trace(
+    pipe,
+    *,
+    cross: bool = True,
+    self_attn: bool = False,
+    layers=None,
+    steps=None,
+    heads="mean",
+    cfg: str = "cond",
+    dtype: torch.dtype = torch.float16,
+    device="cpu",
+    max_bytes: int | None = None,
+    prompt=None,
+) -> Recorder:
+    """Capture attention maps while ``pipe`` runs; ``with trace(pipe) as tr:`` gives an ``AttentionTrace``.
+
+    Args:
+        pipe: a diffusers pipeline (SD 1.x/2.x, SDXL, SD3, img2img, ...) or its denoiser.
+        cross: capture cross-attention (pixel → prompt token).
+        self_attn: capture self-attention (pixel → pixel); large: ``(h·w)²`` per map.
+        layers: ``None`` (all), a diffusers module path or glob (``"up_blocks.*"``), an int map side
+            (``16``), a list of these, or a predicate on the name.
+        steps: ``None`` (all) or step indices in sampling order (negative from the end).
+        heads: ``"mean"`` (average heads), ``"all"``, or a list of head indices to keep.
+        cfg: which classifier-free-guidance half to keep: ``"cond"``, ``"uncond"`` or ``"both"``.
+        dtype, device: how the maps are stored.
+        max_bytes: memory budget; an over-budget capture raises ``BudgetError`` (a ``ValueError``) with
+            the estimate before the denoiser's first forward.
+        prompt: the prompt(s), when the pipeline is called with ``prompt_embeds`` or the denoiser is
+            traced directly.
+
+    Example::
+
+        with sdlens.trace(pipe, layers=16) as tr:
+            pipe("a red circle on the left", num_inference_steps=20)
+        tr.word_map("circle").shape   # the image's (H, W)
+    """
+    spec = CaptureSpec(
+        cross=cross,
+        self_attn=self_attn,
+        layers=layers,
+        steps=steps,
+        heads=heads,
+        cfg=cfg,
+        dtype=dtype,
+        device=device,
+        max_bytes=max_bytes,
+    )
+    return Recorder(pipe, spec, prompt=prompt)
+
+
+__all__ = ["trace", "Recorder"]

@@ -1,0 +1,187 @@
+"""What a trace captures: kinds, layers, steps, heads, CFG half, storage, memory budget.
+
+The spec is checked when ``sdlens.trace`` is entered (names, patterns, types) and resolved against
+the actual run at the denoiser's first call (map sizes, step count, batch), where the memory the
+capture will take is estimated and compared with the budget *before* any attention is computed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .layers import LayerInfo
+
+LayerSelector = None | str | int | Sequence[str | int] | Callable[[str], bool]
+CFG_CHOICES = ("cond", "uncond", "both")
+
+
+class CaptureError(ValueError):
+    """A capture spec or a trace query that cannot be satisfied; the message lists valid choices."""
+
+
+class BudgetError(CaptureError):
+    """The capture would take more memory than ``max_bytes`` allows."""
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def select_layers(
+    selector: LayerSelector,
+    names: Sequence[str],
+    sizes: dict[str, tuple[int, int]] | None = None,
+    *,
+    what: str = "layers",
+) -> list[str]:
+    """Names in ``names`` (order kept) chosen by ``selector``.
+
+    ``selector`` is ``None`` (all), a name or glob pattern (``"up_blocks.*attn2"``), an ``int`` map
+    side (``16`` picks layers whose map is 16 pixels high or wide; needs ``sizes``), a list of those,
+    or a predicate on the name. Anything that matches nothing raises, listing what exists.
+    """
+    if selector is None:
+        return list(names)
+    if callable(selector) and not isinstance(selector, str):
+        chosen = [n for n in names if selector(n)]
+        if not chosen:
+            raise CaptureError(f"the {what} predicate matched no layer; layers are: {list(names)}")
+        return chosen
+    items = [selector] if isinstance(selector, (str, int)) else list(selector)
+    chosen: set[str] = set()
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, int)):
+            raise CaptureError(
+                f"{what} must be None, a name or glob pattern, an int map size, a list of these, or a "
+                f"predicate; got {item!r}"
+            )
+        if isinstance(item, int):
+            if sizes is None:
+                raise CaptureError(f"{what}: map sizes are not known yet, cannot select by size {item}")
+            hits = [n for n in names if item in sizes[n]]
+            if not hits:
+                avail = sorted({s for n in names for s in sizes[n]}, reverse=True)
+                raise CaptureError(f"no layer has map size {item}; sizes are {avail}")
+        else:
+            hits = [n for n in names if n == item or fnmatch.fnmatchcase(n, item)]
+            if not hits:
+                raise CaptureError(f"{what}: {item!r} matches no layer; layers are: {list(names)}")
+        chosen.update(hits)
+    return [n for n in names if n in chosen]
+
+
+def select_steps(selector: None | int | Sequence[int], n_steps: int, *, what: str = "steps") -> list[int]:
+    """Step indices (sampling order, from 0) chosen by ``selector``; negative indices count from the end."""
+    if selector is None:
+        return list(range(n_steps))
+    items = [selector] if isinstance(selector, int) else list(selector)
+    out = []
+    for s in items:
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise CaptureError(f"{what} must be ints (step indices from 0); got {s!r}")
+        t = s + n_steps if s < 0 else s
+        if not 0 <= t < n_steps:
+            raise CaptureError(f"step {s} is out of range: this run has steps 0..{n_steps - 1}")
+        out.append(t)
+    return sorted(set(out))
+
+
+@dataclass
+class CaptureSpec:
+    """The arguments of ``sdlens.trace``, validated."""
+
+    cross: bool = True
+    self_attn: bool = False
+    layers: LayerSelector = None
+    steps: None | int | Sequence[int] = None
+    heads: str | Sequence[int] = "mean"
+    cfg: str = "cond"
+    dtype: torch.dtype = torch.float16
+    device: str | torch.device = "cpu"
+    max_bytes: int | None = None
+    record_latents: bool = False
+    kinds: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not (self.cross or self.self_attn):
+            raise CaptureError("nothing to capture: set cross=True and/or self_attn=True")
+        self.kinds = tuple(k for k, on in (("cross", self.cross), ("self", self.self_attn)) if on)
+        if self.cfg not in CFG_CHOICES:
+            raise CaptureError(f"cfg={self.cfg!r} is not valid; choose one of {CFG_CHOICES}")
+        if isinstance(self.heads, str):
+            if self.heads not in ("mean", "all"):
+                raise CaptureError(f"heads={self.heads!r} is not valid; use 'mean', 'all' or a list of head indices")
+        else:
+            heads = list(self.heads)
+            if not heads or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in heads):
+                raise CaptureError(f"heads must be 'mean', 'all' or a non-empty list of head indices; got {self.heads!r}")
+            self.heads = heads
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise CaptureError(f"dtype must be a floating torch dtype (torch.float16, torch.float32, ...); got {self.dtype!r}")
+        if self.max_bytes is not None and (not isinstance(self.max_bytes, (int, float)) or self.max_bytes <= 0):
+            raise CaptureError(f"max_bytes must be a positive number of bytes or None; got {self.max_bytes!r}")
+        self.device = torch.device(self.device)
+        if self.steps is not None:
+            select_steps(self.steps, 10**9)  # type check now; range is checked when the run's length is known
+
+    def heads_kept(self, n_heads: int) -> int:
+        """How many heads a layer with ``n_heads`` heads stores (1 when averaged)."""
+        if self.heads == "mean":
+            return 1
+        if self.heads == "all":
+            return n_heads
+        bad = [h for h in self.heads if h >= n_heads]
+        if bad:
+            raise CaptureError(f"heads {bad} do not exist: layers have heads 0..{n_heads - 1}")
+        return len(self.heads)
+
+    def candidate_layers(self, layers: Sequence[LayerInfo]) -> list[LayerInfo]:
+        """Layers that can give one of the requested kinds, filtered by name selectors (not sizes)."""
+        able = [info for info in layers if set(info.kinds()) & set(self.kinds)]
+        if not able:
+            raise CaptureError(f"this model has no layer with {' or '.join(self.kinds)}-attention")
+        sel = self.layers
+        if isinstance(sel, int) or (isinstance(sel, Sequence) and not isinstance(sel, str) and any(isinstance(s, int) for s in sel)):
+            return able  # by size: resolved at the first call
+        keep = set(select_layers(sel, [info.name for info in able]))
+        return [info for info in able if info.name in keep]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The capture's size, computed from the spec and the run before the first step."""
+
+    total: int
+    per_layer: dict[str, int]
+    steps: int
+
+    def message(self, max_bytes: int, spec: CaptureSpec) -> str:
+        top = sorted(self.per_layer.items(), key=lambda kv: -kv[1])[:3]
+        tips = [
+            "capture fewer layers (layers='up_blocks.*' or a map size such as layers=16)",
+            "capture fewer steps (steps=[0, 10, 20])",
+        ]
+        if spec.heads != "mean":
+            tips.append("average the heads (heads='mean')")
+        if spec.self_attn:
+            tips.append("capture self-attention only at small maps (layers=8 or 16)")
+        if spec.cfg == "both":
+            tips.append("keep one CFG half (cfg='cond')")
+        if spec.dtype.itemsize > 2:
+            tips.append("store in float16")
+        return (
+            f"the capture would take about {_fmt_bytes(self.total)} ({self.total} bytes) for {self.steps} steps, "
+            f"over max_bytes={_fmt_bytes(max_bytes)}. Largest: "
+            + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in top)
+            + ". To reduce it: "
+            + "; ".join(tips)
+            + "."
+        )

@@ -1,0 +1,36 @@
+"""Turning per-layer attention grids into maps over the image.
+
+Layers see the image at different resolutions (64/32/16/8 for SD 1.5 at 512 px); to combine them
+each grid is upsampled to one output size first, then averaged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def upsample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling of a ``(h, w)`` grid to ``size`` ``(H, W)``; float32.
+
+    Bilinear interpolation of non-negative values stays non-negative, so a probability map stays one.
+    """
+    g = grid.float()
+    if tuple(g.shape) == tuple(size):
+        return g
+    return F.interpolate(g[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+def average_upsampled(grids: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Mean of ``grids`` (each ``(h_i, w_i)``) after upsampling each to ``size``: ``(H, W)`` float32."""
+    if not grids:
+        raise ValueError("no maps to average: the selection of layers/steps is empty")
+    return torch.stack([upsample(g, size) for g in grids]).mean(0)
+
+
+def normalize(m: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Min–max normalise a map to [0, 1] (a constant map becomes all zeros)."""
+    lo, hi = m.min(), m.max()
+    return (m - lo) / (hi - lo).clamp_min(eps)

@@ -1,0 +1,253 @@
+"""Prompt -> CLIP tokens -> words: which of the text encoder's 77 slots belong to which word.
+
+Cross-attention has one key per token *slot* (77 for Stable Diffusion 1.x), but people think
+in words. CLIP's byte-pair encoding splits some words into several tokens ("photorealistic"
+-> "photo" "realistic"), splits punctuation off ("circle," -> "circle" ","), and fills the
+slots after the prompt with a start token, an end token and padding. `tokenize` records all of
+that in a `Tokenization`, so a word's attention map can be built from exactly its slots.
+
+A "word" is a whitespace-separated piece of the prompt, as the tokenizer sees it after its
+own cleaning (Unicode NFC, lower case). A "token" is one CLIP BPE token.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["CLIP_TOKENIZER_DIR", "Tokenization", "load_clip_tokenizer", "tokenize"]
+
+CLIP_TOKENIZER_DIR: Path = Path(__file__).resolve().parent / "data" / "clip_tokenizer"
+"""The shipped tokenizer files of openai/clip-vit-large-patch14 (the SD 1.x text tokenizer)."""
+
+DEFAULT_MAX_LENGTH = 77  # CLIP's context length; used when a tokenizer does not declare one
+
+# What CLIP's tokenizer treats as a word boundary: Unicode whitespace. Python's str.split()
+# would also split on the separators U+001C..U+001F, which CLIP keeps as (byte) tokens.
+_WHITESPACE = re.compile(r"[^\S\x1c-\x1f]+")
+_END_OF_WORD = "</w>"
+
+
+@functools.lru_cache(maxsize=1)
+def load_clip_tokenizer() -> PreTrainedTokenizerBase:
+    """CLIP ViT-L/14's tokenizer, loaded offline from the files shipped in `CLIP_TOKENIZER_DIR`.
+
+    It gives the same ids as the tokenizer of Stable Diffusion 1.x pipelines: start 49406,
+    end 49407, padding with the end token, 77 slots. The result is cached; do not modify it.
+    """
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
+
+
+@dataclass(frozen=True)
+class Tokenization:
+    """How one prompt fills the text encoder's slots, and which slots belong to which word.
+
+    Attributes:
+        prompt: the prompt as given.
+        ids: token ids of every slot, padded to the tokenizer's length (77 for CLIP).
+        tokens: a display string per slot: "<start>", the BPE token without its "</w>"
+            end-of-word marker, "<end>" or "<pad>".
+        kinds: per slot, one of "start", "word", "end", "pad".
+        words: the prompt's whitespace-separated words as the tokenizer sees them (cleaned,
+            lower case); only words that reached the slots (a word cut by truncation is kept
+            with the slots it got).
+        word_tokens: for each word, the slot indices of its tokens.
+        token_word: for each slot, the index of its word, or None (start, end, padding).
+        truncated: True when some of the prompt did not fit in the slots.
+    """
+
+    prompt: str
+    ids: list[int]
+    tokens: list[str]
+    kinds: list[str]
+    words: list[str]
+    word_tokens: list[list[int]]
+    token_word: list[int | None]
+    truncated: bool
+
+    @property
+    def n_real(self) -> int:
+        """Number of slots that carry the prompt: the start token, the word tokens and the end token."""
+        return sum(kind != "pad" for kind in self.kinds)
+
+    def word_index(self, word: str, occurrence: int | None = None) -> int:
+        """Index into `words` of `word`.
+
+        Matching ignores case, and falls back to ignoring punctuation at the ends of words, so
+        "circle" finds "circle,". When the word occurs more than once, `occurrence` (0, 1, ...)
+        picks one; leaving it out is then an error.
+        """
+        matches = self._matches(word)
+        if not matches:
+            raise ValueError(f"{word!r} is not a word of this prompt; its words are {self.words}")
+        if occurrence is None:
+            if len(matches) > 1:
+                choices = ", ".join(
+                    f"occurrence={k} -> word {i} (slots {self.word_tokens[i]})" for k, i in enumerate(matches)
+                )
+                raise ValueError(
+                    f"{word!r} occurs {len(matches)} times in the prompt; pick one with {choices}"
+                )
+            return matches[0]
+        if not 0 <= occurrence < len(matches):
+            raise ValueError(
+                f"occurrence={occurrence} is out of range: {word!r} occurs {len(matches)} time(s), "
+                f"so occurrence must be in 0..{len(matches) - 1}"
+            )
+        return matches[occurrence]
+
+    def _matches(self, word: str) -> list[int]:
+        for key in (str.lower, _strip_punctuation):
+            wanted = key(word.strip())
+            matches = [i for i, w in enumerate(self.words) if key(w) == wanted]
+            if matches:
+                return matches
+        return []
+
+
+def tokenize(
+    prompt: str,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    max_length: int | None = None,
+) -> Tokenization:
+    """Tokenize `prompt` as a Stable Diffusion pipeline does, and align the tokens with the words.
+
+    Args:
+        prompt: the text prompt.
+        tokenizer: any Hugging Face tokenizer with CLIP's byte-pair encoding, such as a pipeline's
+            `tokenizer` or SDXL's `tokenizer_2` (which pads with "!"); default `load_clip_tokenizer()`.
+        max_length: number of slots; default the tokenizer's `model_max_length` (77 for CLIP).
+
+    Example:
+        >>> t = tokenize("A photorealistic red circle, a red square")
+        >>> t.tokens[:8]
+        ['<start>', 'a', 'photo', 'realistic', 'red', 'circle', ',', 'a']
+        >>> t.kinds[:2], t.kinds[10:12], len(t.ids)
+        (['start', 'word'], ['end', 'pad'], 77)
+        >>> t.words
+        ['a', 'photorealistic', 'red', 'circle,', 'a', 'red', 'square']
+        >>> t.word_tokens[t.word_index("photorealistic")], t.word_tokens[t.word_index("circle")]
+        ([2, 3], [5, 6])
+        >>> t.word_index("red", occurrence=1)
+        5
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, not {type(prompt).__name__}")
+    tokenizer = load_clip_tokenizer() if tokenizer is None else tokenizer
+    if max_length is None:
+        max_length = tokenizer.model_max_length
+        if not 2 < max_length <= 100_000:  # "no limit" is stored as a huge number
+            max_length = DEFAULT_MAX_LENGTH
+    if max_length < 2:
+        raise ValueError(f"max_length must leave room for the start and end tokens, got {max_length}")
+
+    # The slots, exactly as a pipeline encodes the prompt.
+    encoded = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True)
+    ids: list[int] = list(encoded["input_ids"])
+
+    # CLIP's pre-tokenizer never joins characters across whitespace, so tokenizing each word on its
+    # own gives the same tokens, in order; check that below rather than trust it.
+    pieces = [p for p in _WHITESPACE.split(prompt) if p]
+    per_piece: list[list[int]] = (
+        tokenizer(pieces, add_special_tokens=False, verbose=False)["input_ids"] if pieces else []
+    )
+    n_word_slots = sum(len(p) for p in per_piece)
+    kept = min(n_word_slots, max_length - 2)
+    n_real = kept + 2
+    flat = [i for piece in per_piece for i in piece]
+    if (
+        ids[0] != tokenizer.bos_token_id
+        or ids[1 : n_real - 1] != flat[:kept]
+        or ids[n_real - 1] != tokenizer.eos_token_id
+        or any(i != tokenizer.pad_token_id for i in ids[n_real:])
+    ):
+        raise RuntimeError(
+            f"could not align the tokens of {prompt!r} with its words: is {type(tokenizer).__name__} "
+            "a CLIP BPE tokenizer that adds start and end tokens?"
+        )
+
+    bpe = tokenizer.convert_ids_to_tokens(ids)
+    tokens = (
+        ["<start>"]
+        + [_readable(t) for t in bpe[1 : n_real - 1]]
+        + ["<end>"]
+        + ["<pad>"] * (max_length - n_real)
+    )
+    kinds = ["start"] + ["word"] * kept + ["end"] + ["pad"] * (max_length - n_real)
+
+    words: list[str] = []
+    word_tokens: list[list[int]] = []
+    token_word: list[int | None] = [None] * max_length
+    slot = 1
+    for piece_ids in per_piece:
+        slots = [s for s in range(slot, slot + len(piece_ids)) if s < n_real - 1]
+        slot += len(piece_ids)
+        if not slots:  # empty (cleaned away) or past the end
+            continue
+        for s in slots:
+            token_word[s] = len(words)
+        words.append(_readable(tokenizer.convert_ids_to_tokens(piece_ids)))
+        word_tokens.append(slots)
+
+    return Tokenization(
+        prompt=prompt,
+        ids=ids,
+        tokens=tokens,
+        kinds=kinds,
+        words=words,
+        word_tokens=word_tokens,
+        token_word=token_word,
+        truncated=n_word_slots > kept,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """CLIP's (and GPT-2's) stand-in character -> byte table, the inverse of the BPE byte alphabet."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    moved = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(moved)})
+    return table
+
+
+def _readable(bpe_tokens: str | list[Any]) -> str:
+    """The text that BPE tokens stand for, without end-of-word markers.
+
+    Bytes that do not form whole UTF-8 characters (a character split across tokens) are shown
+    as escapes such as "\\xf0".
+    """
+    if isinstance(bpe_tokens, str):
+        bpe_tokens = [bpe_tokens]
+    decoder = _byte_decoder()
+    data = bytearray()
+    for token in bpe_tokens:
+        text = str(token).removesuffix(_END_OF_WORD)
+        for char in text:
+            if char in decoder:
+                data.append(decoder[char])
+            else:  # not a byte stand-in (e.g. a special token's text): keep it as it is
+                data.extend(char.encode("utf-8"))
+    return data.decode("utf-8", errors="backslashreplace")
+
+
+def _strip_punctuation(word: str) -> str:
+    """Lower-case `word` without the non-alphanumeric characters at its ends ("Circle," -> "circle")."""
+    start, end = 0, len(word)
+    while start < end and not word[start].isalnum():
+        start += 1
+    while end > start and not word[end - 1].isalnum():
+        end -= 1
+    return word[start:end].lower()

@@ -1,0 +1,198 @@
+"""Reading an image back into objects, and scoring an image against a caption.
+
+The analyzer knows the world's rules and nothing else, so it works the same on clean renders and on
+a model's (blurry, noisy) samples:
+
+1. colour: every pixel takes the nearest palette colour (the four object colours or the background);
+2. objects: the connected regions of one colour (4-neighbours), ignoring blobs smaller than 1% of the image;
+3. shape: the ideal circle, square and triangle are drawn into the blob's bounding box, and the one
+   that overlaps the blob best (intersection over union) wins. A square fills its box, a circle
+   π/4 ≈ 0.785 of it, a triangle 0.5, so the three are far apart;
+4. position: the blob's centroid is left/right of the centre if it is further from the centre
+   horizontally than vertically, else top/bottom.
+
+>>> from sdlens.world import parse_caption, render
+>>> image = render(parse_caption("a red circle on the left")).image
+>>> [(d.color, d.shape, d.position) for d in analyze(image)]
+[('red', 'circle', 'left')]
+>>> score(image, "a red square on the left")["all"]
+False
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdlens.world.render import signed_distance
+from sdlens.world.scene import BACKGROUND, COLORS, SHAPES, Obj, Scene, parse_caption
+
+PALETTE_NAMES: tuple[str, ...] = ("background", *COLORS)
+PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.float64)  # (5, 3) RGB 0..255
+MIN_AREA_FRACTION = 0.01  # blobs smaller than this fraction of the image are noise, not objects
+
+
+@dataclass(frozen=True, eq=False)
+class Detected:
+    """One object found in an image.
+
+    mask:         (H, W) bool, the object's pixels
+    centroid:     (x, y) in unit coordinates (x to the right, y downwards, 0..1)
+    area:         number of pixels
+    shape_scores: intersection over union of the blob with each ideal shape
+    """
+
+    color: str
+    shape: str
+    position: str
+    mask: np.ndarray
+    centroid: tuple[float, float]
+    area: int
+    shape_scores: dict[str, float] = field(default_factory=dict)
+
+
+def to_rgb(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A uint8 (H, W, 3) image or a float (3, H, W) image in [-1, 1] → float (H, W, 3) in 0..255."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    image = np.asarray(image)
+    if image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
+        return image.astype(np.float64)
+    if np.issubdtype(image.dtype, np.floating) and image.ndim == 3 and image.shape[0] == 3:
+        return np.clip((image.transpose(1, 2, 0).astype(np.float64) + 1.0) * 127.5, 0.0, 255.0)
+    raise ValueError(
+        f"expected a uint8 (H, W, 3) image or a float (3, H, W) image in [-1, 1], "
+        f"got dtype {image.dtype} and shape {tuple(image.shape)}"
+    )
+
+
+def segment(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) float 0..255 → (H, W) int, the index in PALETTE_NAMES of each pixel's nearest colour."""
+    distances = ((rgb[:, :, None, :] - PALETTE[None, None, :, :]) ** 2).sum(-1)  # (H, W, 5)
+    return distances.argmin(-1)
+
+
+def connected_components(labels: np.ndarray) -> np.ndarray:
+    """Give every 4-connected region of equal, non-zero label its own id.
+
+    labels: (H, W) int, 0 is background. Returns (H, W) int: for a foreground pixel, the smallest
+    flat index (row * W + col) of its region; for a background pixel, its own flat index.
+
+    Each round, every pixel takes the smallest id among itself and its same-label neighbours, then
+    looks its id up again ("pointer jumping": the pixel an id names holds an id at least as small),
+    until nothing changes. It needs a few dozen rounds for objects of tens of pixels.
+    """
+    h, w = labels.shape
+    ids = np.arange(h * w).reshape(h, w)
+    padded_labels = np.pad(labels, 1, constant_values=-1)  # (H + 2, W + 2); -1 matches nothing
+    foreground = labels > 0
+    neighbours = [(0, 1), (2, 1), (1, 0), (1, 2)]  # up, down, left, right, as offsets into the padding
+    same = [(padded_labels[dy : dy + h, dx : dx + w] == labels) & foreground for dy, dx in neighbours]
+    while True:
+        padded_ids = np.pad(ids, 1, constant_values=h * w)
+        new = ids.copy()
+        for (dy, dx), same_label in zip(neighbours, same):
+            new = np.where(same_label, np.minimum(new, padded_ids[dy : dy + h, dx : dx + w]), new)
+        new = new.reshape(-1)[new]  # pointer jumping
+        if np.array_equal(new, ids):
+            return ids
+        ids = new
+
+
+def classify_shape(mask: np.ndarray) -> tuple[str, dict[str, float]]:
+    """The shape whose ideal form, drawn to fill the mask's bounding box, overlaps the mask best.
+
+    mask: (H, W) bool, one blob. Returns the shape's name and the intersection over union per shape.
+    """
+    rows, cols = np.nonzero(mask)
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    crop = mask[top:bottom, left:right]  # (h, w)
+    h, w = crop.shape
+    # pixel centres in box coordinates: -1 at one edge of the box, +1 at the other
+    u = ((np.arange(w) + 0.5) / w * 2 - 1)[None, :]  # (1, w)
+    v = ((np.arange(h) + 0.5) / h * 2 - 1)[:, None]  # (h, 1)
+    scores = {}
+    for shape in SHAPES:
+        ideal = signed_distance(shape, u, v, 1.0) < 0  # (h, w)
+        scores[shape] = float((crop & ideal).sum() / (crop | ideal).sum())
+    return max(scores, key=scores.__getitem__), scores
+
+
+def position_of(x: float, y: float) -> str:
+    """Which position region a point (unit coordinates) is in: the larger offset from the centre decides."""
+    dx, dy = x - 0.5, y - 0.5
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "top" if dy < 0 else "bottom"
+
+
+def analyze(image: np.ndarray | torch.Tensor, min_area_fraction: float = MIN_AREA_FRACTION) -> list[Detected]:
+    """The objects in an image, largest first.
+
+    image: uint8 (H, W, 3), or float (3, H, W) in [-1, 1] (numpy or torch).
+    """
+    labels = segment(to_rgb(image))  # (H, W)
+    h, w = labels.shape
+    components = connected_components(labels)  # (H, W)
+    found = []
+    for component in np.unique(components[labels > 0]):
+        mask = components == component  # (H, W)
+        area = int(mask.sum())
+        if area < min_area_fraction * h * w:
+            continue
+        rows, cols = np.nonzero(mask)
+        centroid = ((cols.mean() + 0.5) / w, (rows.mean() + 0.5) / h)
+        shape, scores = classify_shape(mask)
+        color = PALETTE_NAMES[labels.reshape(-1)[component]]
+        found.append(Detected(color, shape, position_of(*centroid), mask, centroid, area, scores))
+    return sorted(found, key=lambda d: -d.area)
+
+
+def _match(objects: tuple[Obj, ...], detected: list[Detected]) -> list[Detected | None]:
+    """Pair each object of a caption with a detection.
+
+    First by colour (the largest blob of the object's colour); an object whose colour is missing
+    then takes a free detection at its position, else the largest free one, so that its shape and
+    position can still be judged.
+    """
+    matches: list[Detected | None] = []
+    for obj in objects:
+        matches.append(next((d for d in detected if d.color == obj.color), None))
+    for i, obj in enumerate(objects):
+        if matches[i] is None:
+            free = [d for d in detected if not any(d is m for m in matches)]
+            at_position = [d for d in free if d.position == obj.position]
+            matches[i] = (at_position or free or [None])[0]
+    return matches
+
+
+def score(image: np.ndarray | torch.Tensor, caption: str | Scene) -> dict[str, Any]:
+    """How well an image shows a caption.
+
+    Returns a dict with booleans ``color``, ``shape`` and ``position`` (true when every object of the
+    caption has it right), ``count`` (as many objects in the image as in the caption) and ``all``
+    (all four); ``objects``, one dict per caption object with its ``object``, matched ``detected``
+    (or None) and the three booleans; and ``detected``, everything the analyzer found.
+    """
+    scene = parse_caption(caption) if isinstance(caption, str) else caption
+    detected = analyze(image)
+    objects = []
+    for obj, det in zip(scene.objects, _match(scene.objects, detected)):
+        objects.append(
+            {
+                "object": obj,
+                "detected": det,
+                "color": det is not None and det.color == obj.color,
+                "shape": det is not None and det.shape == obj.shape,
+                "position": det is not None and det.position == obj.position,
+            }
+        )
+    result: dict[str, Any] = {key: all(o[key] for o in objects) for key in ("color", "shape", "position")}
+    result["count"] = len(detected) == len(scene.objects)
+    result["all"] = result["color"] and result["shape"] and result["position"] and result["count"]
+    result["objects"] = objects
+    result["detected"] = detected
+    return result

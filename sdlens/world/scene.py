@@ -1,0 +1,155 @@
+"""Scenes of the shapes world and the captions that describe them.
+
+A scene is one or two flat-coloured objects on a plain light-grey background. Each object has a
+shape, a colour and a position, all taken from a small vocabulary, so every caption the world can
+produce is known exactly and can be parsed back into the scene it came from:
+
+>>> scene = Scene((Obj("circle", "red", "left"), Obj("square", "blue", "right")))
+>>> caption(scene)
+'a red circle on the left and a blue square on the right'
+>>> parse_caption(caption(scene)) == scene
+True
+
+Two objects always have different colours and sit at opposite positions (left/right or
+top/bottom), so they never overlap and a colour names exactly one object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Pure, well separated colours (RGB, 0..255). The background is light grey rather than white so that
+# yellow stays easy to see; its nearest palette colour (yellow) is still 214 units away.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+}
+BACKGROUND: tuple[int, int, int] = (200, 200, 200)
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom")
+
+# The two pairs of positions a two-object scene may use; the objects of a pair never overlap.
+OPPOSITE: dict[str, str] = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+
+# How each position is said in a caption: "on the left", "at the top".
+POSITION_PHRASES: dict[str, str] = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+}
+
+# Probability that sample_scene(rng) (with n_objects=None) draws a two-object scene.
+TWO_OBJECT_PROB = 0.5
+
+
+def _check_name(kind: str, value: str, valid: tuple[str, ...] | list[str]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {kind} {value!r}; valid {kind}s are: {', '.join(valid)}")
+
+
+@dataclass(frozen=True)
+class Obj:
+    """One object of a scene, e.g. ``Obj("circle", "red", "left")``."""
+
+    shape: str
+    color: str
+    position: str
+
+    def __post_init__(self) -> None:
+        _check_name("shape", self.shape, SHAPES)
+        _check_name("colour", self.color, list(COLORS))
+        _check_name("position", self.position, POSITIONS)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One or two objects. Their order is the order the caption mentions them in.
+
+    Two objects must have different colours and opposite positions (left/right or top/bottom).
+    """
+
+    objects: tuple[Obj, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "objects", tuple(self.objects))  # accept a list, store a tuple
+        if not 1 <= len(self.objects) <= 2:
+            raise ValueError(f"a scene has 1 or 2 objects, got {len(self.objects)}")
+        if len(self.objects) == 2:
+            a, b = self.objects
+            if a.color == b.color:
+                raise ValueError(
+                    f"the two objects of a scene must have different colours, both are {a.color}"
+                )
+            if OPPOSITE[a.position] != b.position:
+                raise ValueError(
+                    f"the two objects of a scene must be at opposite positions (left/right or top/bottom), "
+                    f"got {a.position} and {b.position}"
+                )
+
+
+def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scene:
+    """A random scene. ``n_objects=None`` draws 2 objects with probability TWO_OBJECT_PROB (0.5), else 1.
+
+    Shapes, colours and positions are uniform; two objects get two different colours, a random
+    pair of opposite positions (left/right or top/bottom, either order) and independent shapes.
+    """
+    if n_objects is None:
+        n_objects = 2 if rng.random() < TWO_OBJECT_PROB else 1
+    if n_objects not in (1, 2):
+        raise ValueError(f"n_objects must be 1, 2 or None, got {n_objects}")
+    colors = rng.choice(list(COLORS), size=n_objects, replace=False)
+    shapes = rng.choice(SHAPES, size=n_objects)
+    if n_objects == 1:
+        positions = [rng.choice(POSITIONS)]
+    else:
+        pair = ("left", "right") if rng.random() < 0.5 else ("top", "bottom")
+        positions = list(pair) if rng.random() < 0.5 else list(reversed(pair))
+    return Scene(tuple(Obj(str(s), str(c), str(p)) for s, c, p in zip(shapes, colors, positions)))
+
+
+def caption(scene: Scene) -> str:
+    """The scene in words: ``"a red circle on the left and a blue square on the right"``."""
+    return " and ".join(f"a {o.color} {o.shape} {POSITION_PHRASES[o.position]}" for o in scene.objects)
+
+
+_PHRASE_TO_POSITION = {phrase: pos for pos, phrase in POSITION_PHRASES.items()}
+_GRAMMAR = "'a <colour> <shape> <on the left | on the right | at the top | at the bottom>', joined by ' and '"
+
+
+def _parse_object(words: list[str], text: str) -> Obj:
+    """``["a", "red", "circle", "on", "the", "left"]`` → ``Obj("circle", "red", "left")``."""
+    if len(words) != 6 or words[0] != "a":
+        raise ValueError(f"cannot parse {' '.join(words)!r} in caption {text!r}: expected {_GRAMMAR}")
+    _, color, shape, *place = words
+    _check_name("colour", color, list(COLORS))
+    _check_name("shape", shape, SHAPES)
+    phrase = " ".join(place)
+    if phrase not in _PHRASE_TO_POSITION:
+        raise ValueError(
+            f"unknown position phrase {phrase!r} in caption {text!r}; valid phrases are: "
+            f"{', '.join(_PHRASE_TO_POSITION)}"
+        )
+    return Obj(shape, color, _PHRASE_TO_POSITION[phrase])
+
+
+def parse_caption(text: str) -> Scene:
+    """The inverse of :func:`caption`. Case and extra spaces are ignored; a final full stop is allowed.
+
+    Raises ValueError naming the word that is wrong and the valid vocabulary.
+    """
+    words = text.strip().lower().removesuffix(".").split()
+    parts: list[list[str]] = [[]]
+    for word in words:
+        if word == "and":
+            parts.append([])
+        else:
+            parts[-1].append(word)
+    if len(parts) > 2:
+        raise ValueError(f"a caption describes 1 or 2 objects, {text!r} has {len(parts)}")
+    return Scene(tuple(_parse_object(part, text) for part in parts))

@@ -1,0 +1,323 @@
+"""sdlens.trace on tiny random-weight pipelines of every family: fidelity, bookkeeping, restoration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from pipelines import FAMILIES, sd1, sd15_layout, sd15_layout_unet
+
+import sdlens
+from sdlens.capture import BudgetError, CaptureError, attention_layers
+
+PROMPT = "a red circle on the left"
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def run(pipe, prompt=PROMPT, steps=3, **kw):
+    kw.setdefault("height", 64)
+    kw.setdefault("width", 64)
+    return pipe(prompt, num_inference_steps=steps, generator=gen(), output_type="np", **kw).images
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    return request.param, FAMILIES[request.param]()
+
+
+# ---------------------------------------------------------------- the model stays untouched
+def test_traced_image_equals_untraced(family):
+    name, pipe = family
+    before = dict(pipe.unet.attn_processors if name != "sd3" else pipe.transformer.attn_processors)
+    plain = run(pipe)
+    with sdlens.trace(pipe, self_attn=True, dtype=torch.float32) as tr:
+        traced = run(pipe)
+    assert abs(plain - traced).max() <= 1e-4
+    after = pipe.unet.attn_processors if name != "sd3" else pipe.transformer.attn_processors
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert len(tr.steps) == 3 and tr.num_steps == 3
+    # every captured layer has one map per step, per kind
+    for kind in ("cross", "self"):
+        for layer in tr.layers_of(kind):
+            m = tr.maps(layer, kind)
+            h, w = tr.map_size(layer)
+            assert m.shape[:5] == (3, 1, 1, h, w)
+
+
+def test_rows_sum_to_one(family):
+    name, pipe = family
+    with sdlens.trace(pipe, self_attn=True, heads="all", dtype=torch.float32) as tr:
+        run(pipe)
+    assert tr.layers_of("cross")
+    for layer in tr.layers_of("cross"):
+        cross = tr.maps(layer, "cross").sum(-1)
+        selfs = tr.maps(layer, "self").sum(-1) if layer in tr.layers_of("self") else None
+        if name == "sd3":  # joint attention: one softmax over image and text keys
+            torch.testing.assert_close(cross + selfs, torch.ones_like(cross), atol=1e-5, rtol=0)
+            assert (cross < 1).all()
+        else:
+            torch.testing.assert_close(cross, torch.ones_like(cross), atol=1e-5, rtol=0)
+    for layer in tr.layers_of("self"):
+        if name != "sd3":
+            s = tr.maps(layer, "self").sum(-1)
+            torch.testing.assert_close(s, torch.ones_like(s), atol=1e-5, rtol=0)
+
+
+class _RecordingReference(AttnProcessor):
+    """diffusers' own explicit-softmax processor, keeping the probabilities it computes."""
+
+    def __init__(self, store, name):
+        self.store, self.name = store, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(hidden_states if encoder_hidden_states is None else encoder_hidden_states))
+        self.store.setdefault(self.name, []).append(attn.get_attention_scores(q, k, attention_mask))
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def test_maps_match_diffusers_explicit_attention():
+    pipe = sd1()
+    with sdlens.trace(pipe, heads="all", cfg="both", dtype=torch.float32) as tr:
+        run(pipe, steps=2)
+    ref: dict = {}
+    names = [k for k in pipe.unet.attn_processors if k.endswith("attn2.processor")]
+    original = dict(pipe.unet.attn_processors)
+    procs = dict(original)
+    for k in names:
+        procs[k] = _RecordingReference(ref, k.removesuffix(".processor"))
+    pipe.unet.set_attn_processor(procs)
+    try:
+        run(pipe, steps=2)
+    finally:
+        pipe.unet.set_attn_processor(dict(original))
+    for layer, probs in ref.items():
+        expected = torch.stack(probs)  # (steps, batch·heads, n, 77)
+        ours = tr.maps(layer, "cross")  # (steps, rows, heads, h, w, 77); rows = uncond, cond
+        ours = ours.flatten(3, 4).flatten(1, 2)
+        torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- SD 1.5's layout
+def test_sd15_layout_has_16_cross_layers_at_four_sizes():
+    unet = sd15_layout_unet(width=32, sample_size=64)
+    cross = [i for i in attention_layers(unet) if i.role == "cross"]
+    assert len(cross) == 16
+    sizes = {i.name: i.map_size((64, 64))[0] for i in cross}
+    assert {n: s for n, s in sizes.items() if n.startswith("down_blocks")} == {
+        f"down_blocks.{b}.attentions.{a}.transformer_blocks.0.attn2": 64 // 2**b for b in range(3) for a in range(2)
+    }
+    assert sizes["mid_block.attentions.0.transformer_blocks.0.attn2"] == 8
+    assert {n: s for n, s in sizes.items() if n.startswith("up_blocks")} == {
+        f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn2": 8 * 2**b for b in (1, 2, 3) for a in range(3)
+    }
+    assert all(i.heads == 8 for i in cross)
+
+
+def test_sd15_layout_run_at_small_latent():
+    pipe = sd15_layout(width=32, sample_size=16)
+    with sdlens.trace(pipe) as tr:
+        pipe(PROMPT, num_inference_steps=2, height=128, width=128, generator=gen(), output_type="latent")
+    assert len(tr.layers_of("cross")) == 16
+    assert sorted({tr.map_size(n)[0] for n in tr.layers}) == [2, 4, 8, 16]
+    assert tr.map_size("down_blocks.0.attentions.1.transformer_blocks.0.attn2") == (16, 16)
+    assert tr.map_size("up_blocks.3.attentions.2.transformer_blocks.0.attn2") == (16, 16)
+    assert tr.layers[0].startswith("down_blocks.0") and tr.layers[-1].startswith("up_blocks.3")
+
+
+# ---------------------------------------------------------------- batches, CFG halves, sizes
+def _latents(pipe, n, h=64, w=64, seed=1):
+    c = pipe.unet.config.in_channels
+    return torch.randn(n, c, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor, generator=gen(seed))
+
+
+def test_batched_prompts_match_single_runs():
+    pipe = sd1()
+    lat = _latents(pipe, 2)
+    prompts = ["a red circle on the left", "a blue square at the top"]
+    with sdlens.trace(pipe, dtype=torch.float32) as tr:
+        pipe(prompts, num_inference_steps=2, latents=lat, output_type="latent")
+    assert tr.prompts == prompts and [(r.prompt, r.half) for r in tr.rows] == [(0, "cond"), (1, "cond")]
+    assert tr.words(1) == ["a", "blue", "square", "at", "the", "top"]
+    for i, p in enumerate(prompts):
+        with sdlens.trace(pipe, dtype=torch.float32) as single:
+            pipe(p, num_inference_steps=2, latents=lat[i : i + 1], output_type="latent")
+        for layer in tr.layers:
+            torch.testing.assert_close(tr.maps(layer)[:, tr.row(i)], single.maps(layer)[:, 0], atol=1e-5, rtol=1e-4)
+
+
+def test_negative_prompt_is_the_uncond_half():
+    pipe = sd1()
+    lat = _latents(pipe, 1)
+    with sdlens.trace(pipe, cfg="both", steps=[0], dtype=torch.float32) as tr:
+        pipe("red", negative_prompt="blue", num_inference_steps=2, latents=lat, output_type="latent")
+    assert tr.negative_prompts == ["blue"]
+    assert tr.words(0, half="uncond") == ["blue"]
+    with sdlens.trace(pipe, steps=[0], dtype=torch.float32) as ref:
+        pipe("blue", negative_prompt="red", num_inference_steps=2, latents=lat, output_type="latent")
+    layer = tr.layers[0]
+    # at step 0 both halves see the same latent, so the uncond row of one run is the cond row of the other
+    torch.testing.assert_close(tr.maps(layer)[0, tr.row(0, half="uncond")], ref.maps(layer)[0, 0], atol=1e-5, rtol=1e-4)
+
+
+def test_no_cfg_batch_and_images_per_prompt_and_non_square():
+    pipe = sd1()
+    with sdlens.trace(pipe) as tr:
+        pipe(["a red circle", "a blue square"], num_images_per_prompt=2, guidance_scale=1.0,
+             num_inference_steps=2, height=64, width=96, generator=gen(), output_type="latent")
+    assert [(r.prompt, r.image, r.half) for r in tr.rows] == [(0, 0, "cond"), (0, 1, "cond"), (1, 0, "cond"), (1, 1, "cond")]
+    assert tr.image_size == (64, 96)
+    assert tr.map_size(tr.layers[0]) == (32, 48)
+    assert tr.word_map("square", prompt=1, image=1).shape == (64, 96)
+    with pytest.raises(CaptureError, match="cfg='cond'"):
+        with sdlens.trace(pipe, cfg="uncond"):
+            pipe("x", guidance_scale=1.0, num_inference_steps=1, output_type="latent")
+
+
+# ---------------------------------------------------------------- restoration
+def test_restores_on_exception_and_keyboard_interrupt_and_custom_processors():
+    pipe = sd1()
+    custom = AttnProcessor()  # a user's own processor must come back, and be used while tracing
+    pipe.unet.set_attn_processor(custom)
+    before = dict(pipe.unet.attn_processors)
+
+    def boom(exc):
+        def cb(p, i, t, kw):
+            raise exc
+        return cb
+
+    for exc in (RuntimeError("user code failed"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)):
+            with sdlens.trace(pipe):
+                pipe(PROMPT, num_inference_steps=2, callback_on_step_end=boom(exc), output_type="latent")
+        after = pipe.unet.attn_processors
+        assert all(after[k] is before[k] for k in before)
+        assert "encode_prompt" not in vars(pipe) and not pipe.unet._forward_pre_hooks
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+
+
+def test_nested_trace_is_an_error():
+    pipe = sd1()
+    with sdlens.trace(pipe):
+        with pytest.raises(CaptureError, match="already being traced"):
+            with sdlens.trace(pipe):
+                pass
+    with sdlens.trace(pipe):  # and the first one cleaned up
+        pass
+
+
+def test_uncaptured_layers_keep_their_processor():
+    pipe = sd1()
+    with sdlens.trace(pipe, layers="down_blocks.*"):
+        procs = pipe.unet.attn_processors
+        pipe(PROMPT, num_inference_steps=1, output_type="latent")
+        procs = pipe.unet.attn_processors
+    kinds = {k: type(v).__name__ for k, v in procs.items()}
+    assert kinds["down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"] == "CaptureProcessor"
+    assert kinds["up_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"] == "AttnProcessor2_0"
+    assert kinds["down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"] == "AttnProcessor2_0"
+
+
+def test_one_call_per_trace():
+    pipe = sd1()
+    with pytest.raises(CaptureError, match="one pipeline call"):
+        with sdlens.trace(pipe):
+            run(pipe, steps=1)
+            run(pipe, steps=1)
+
+
+# ---------------------------------------------------------------- spec: selection, budget
+def test_selection_by_pattern_size_predicate_steps_heads():
+    pipe = sd1()
+    with sdlens.trace(pipe, layers=16, steps=[0, -1], heads=[1]) as tr:
+        run(pipe, steps=4)
+    assert tr.steps == [0, 3] and len(tr.timesteps) == 2
+    assert all(tr.map_size(n) == (16, 16) for n in tr.layers) and tr.layers
+    assert tr.maps(tr.layers[0]).shape[2] == 1 and set(map(tuple, tr.head_indices.values())) == {(1,)}
+    with sdlens.trace(pipe, layers=lambda n: n.startswith("up_blocks.1")) as tr2:
+        run(pipe, steps=1)
+    assert tr2.layers and all(n.startswith("up_blocks.1") for n in tr2.layers)
+    with pytest.raises(CaptureError, match="layers are"):
+        sdlens.trace(pipe, layers="nope.*").__enter__()
+    with pytest.raises(CaptureError, match="sizes are"):
+        with sdlens.trace(pipe, layers=5):
+            run(pipe, steps=1)
+    with pytest.raises(CaptureError, match="steps 0..1"):
+        with sdlens.trace(pipe, steps=[7]):
+            run(pipe, steps=2)
+    with pytest.raises(CaptureError, match="'cond', 'uncond', 'both'"):
+        sdlens.trace(pipe, cfg="positive")
+    assert pipe.unet.attn_processors["down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"].__class__ is AttnProcessor2_0
+
+
+def test_budget_raises_before_the_first_forward_and_estimate_is_accurate():
+    pipe = sd1()
+    calls = []
+    h = pipe.unet.conv_in.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(BudgetError, match=r"about .* bytes.*To reduce it"):
+            with sdlens.trace(pipe, self_attn=True, max_bytes=10_000):
+                run(pipe, steps=3)
+        assert calls == []
+    finally:
+        h.remove()
+    with sdlens.trace(pipe, self_attn=True, cfg="both", heads="all", max_bytes=10**9) as tr:
+        run(pipe, steps=3)
+    rec_estimate = tr.nbytes
+    with sdlens.trace(pipe, self_attn=True, cfg="both", heads="all") as rec:
+        pass
+    del rec
+    # the recorder's own estimate, computed before step 0
+    r = sdlens.trace(pipe, self_attn=True, cfg="both", heads="all")
+    with r as tr2:
+        run(pipe, steps=3)
+    assert r.estimate is not None
+    assert abs(r.estimate.total - tr2.nbytes) <= 0.1 * tr2.nbytes
+    assert rec_estimate == tr2.nbytes
+
+
+# ---------------------------------------------------------------- words, tokens, save/load
+def test_word_and_token_maps(tmp_path):
+    pipe = sd1()
+    prompt = "a photorealistic red circle and a red square"
+    with sdlens.trace(pipe, heads="all", dtype=torch.float32) as tr:
+        run(pipe, prompt=prompt, steps=2)
+    tok = tr.tokenization()
+    wi = tr.words().index("photorealistic")
+    slots = tok.word_tokens[wi]
+    assert len(slots) > 1  # split into several BPE tokens
+    expected = torch.stack([tr.token_map(s) for s in slots]).mean(0)
+    torch.testing.assert_close(tr.word_map("photorealistic"), expected, atol=1e-6, rtol=1e-5)
+    with pytest.raises(CaptureError, match="occurrence"):
+        tr.word_map("red")
+    assert not torch.equal(tr.word_map("red", occurrence=0), tr.word_map("red", occurrence=1))
+    with pytest.raises(CaptureError, match="photorealistic"):
+        tr.word_map("dog")
+    # a word map upsamples the per-layer maps: at the layer's own size with one layer it is that layer's mean map
+    layer = tr.layers[0]
+    h, w = tr.map_size(layer)
+    m = tr.maps(layer)[:, 0, :, :, :, 1].mean(dim=(0, 1))
+    torch.testing.assert_close(tr.token_map(1, layers=layer, size=(h, w)), m, atol=1e-6, rtol=1e-5)
+
+
+def test_save_load_round_trip(tmp_path):
+    pipe = sd1()
+    with sdlens.trace(pipe, self_attn=True, cfg="both", heads="all") as tr:
+        pipe(["a red circle", "a blue square"], negative_prompt=["green", "green"], num_inference_steps=2,
+             generator=gen(), output_type="latent")
+    path = tr.save(tmp_path / "t.safetensors")
+    back = sdlens.load_trace(path)
+    assert back.prompts == tr.prompts and back.rows == tr.rows and back.steps == tr.steps
+    assert back.timesteps == tr.timesteps and back.layers == tr.layers and back.negative_prompts == ["green", "green"]
+    assert back.tokenizations == tr.tokenizations and back.image_size == tr.image_size
+    for kind, layer in tr.keys():
+        assert torch.equal(back.maps(layer, kind), tr.maps(layer, kind))
+    torch.testing.assert_close(back.word_map("square", prompt=1), tr.word_map("square", prompt=1))
+    assert back.nbytes == tr.nbytes
+    (tmp_path / "bad.safetensors").write_bytes(b"not a trace")
+    with pytest.raises(CaptureError, match="not a safetensors file"):
+        sdlens.load_trace(tmp_path / "bad.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "t.safetensors"]
