@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from einops import rearrange
 
@@ -73,8 +74,12 @@ class AttentionTrace:
         self.spec: dict = {}
         self._chunks: dict[tuple[str, str], list[torch.Tensor]] = {}
         self._data: dict[tuple[str, str], torch.Tensor] = {}
-        self.latents: torch.Tensor | None = None  # (steps, rows, c, h, w) x_t seen by each step, if recorded
+        # Recorded with record_latents=True; their "rows" are prompt × image (the latent is shared by both CFG halves).
+        self.latents: torch.Tensor | None = None  # (steps, rows, c, h, w) x_t seen by each step
         self.x0: torch.Tensor | None = None  # (steps, rows, c, h, w) predicted clean latents, if recorded
+        self.noise_levels: list[float] | None = None  # share of noise in x_t at each captured step
+        self.xt_images: np.ndarray | None = None  # uint8 (steps, rows, H, W, 3): x_t decoded
+        self.x0_images: np.ndarray | None = None  # uint8 (steps, rows, H, W, 3): x0 decoded
 
     # ------------------------------------------------------------------ filling (used by the recorder)
     def _append(self, kind: str, layer: str, probs: torch.Tensor) -> None:
@@ -130,6 +135,9 @@ class AttentionTrace:
         for extra in (self.latents, self.x0):
             if extra is not None:
                 n += extra.numel() * extra.element_size()
+        for images in (self.xt_images, self.x0_images):
+            if images is not None:
+                n += images.nbytes
         return n
 
     def tokens(self, prompt: int = 0, *, half: str = "cond") -> list[str]:
@@ -371,6 +379,7 @@ class AttentionTrace:
             "image_size": list(self.image_size) if self.image_size else None,
             "latent_size": list(self.latent_size) if self.latent_size else None,
             "spec": self.spec,
+            "noise_levels": self.noise_levels,
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -385,6 +394,9 @@ class AttentionTrace:
             tensors["extra/latents"] = self.latents.contiguous()
         if self.x0 is not None:
             tensors["extra/x0"] = self.x0.contiguous()
+        for name in ("xt_images", "x0_images"):
+            if getattr(self, name) is not None:
+                tensors[f"extra/{name}"] = torch.from_numpy(np.ascontiguousarray(getattr(self, name)))
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".sdlens-", suffix=".tmp", dir=path.parent)
         os.close(fd)
@@ -438,10 +450,11 @@ def load_trace(path: str | os.PathLike, device: str | torch.device = "cpu") -> A
     tr.image_size = tuple(meta["image_size"]) if meta["image_size"] else None
     tr.latent_size = tuple(meta["latent_size"]) if meta["latent_size"] else None
     tr.spec = meta["spec"]
+    tr.noise_levels = meta.get("noise_levels")
     for key, t in tensors.items():
         group, name = key.split("/", 1)
         if group == "extra":
-            setattr(tr, name, t)
+            setattr(tr, name, t.numpy() if name.endswith("_images") else t)
         else:
             tr._data[(group, name)] = t
     return tr

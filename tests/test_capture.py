@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-from pipelines import FAMILIES, sd1, sd15_layout, sd15_layout_unet
 
 import sdlens
 from sdlens.capture import BudgetError, CaptureError, attention_layers
+from sdlens.models.families import FAMILIES, sd1, sd15_layout, sd15_layout_unet
 
 PROMPT = "a red circle on the left"
 
@@ -321,3 +321,36 @@ def test_save_load_round_trip(tmp_path):
     with pytest.raises(CaptureError, match="not a safetensors file"):
         sdlens.load_trace(tmp_path / "bad.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "t.safetensors"]
+
+
+# ---------------------------------------------------------------- denoising record
+def test_record_latents_and_x0_formulas_match_the_schedulers():
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    from sdlens.capture.denoising import noise_level_and_x0
+
+    x, eps = torch.randn(1, 4, 8, 8, generator=gen(1)), torch.randn(1, 4, 8, 8, generator=gen(2))
+    for sched in (
+        DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False),
+        DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction", clip_sample=False),
+        EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction"),
+    ):
+        sched.set_timesteps(10)
+        t = sched.timesteps[3]
+        if isinstance(sched, EulerDiscreteScheduler):
+            sched._step_index = 3
+        out = sched.step(eps, t, x)
+        level, ours = noise_level_and_x0(sched, eps, t, x, None, 3)  # derived, not read from `out`
+        torch.testing.assert_close(ours, out.pred_original_sample, atol=1e-4, rtol=1e-4)
+        assert 0 < level < 1
+
+    pipe = sd1()
+    with sdlens.trace(pipe, record_latents=True, steps=[0, 2]) as tr:
+        img = run(pipe, steps=3)
+    assert tr.latents.shape == (2, 1, 4, 32, 32) and tr.x0.shape == tr.latents.shape
+    assert tr.xt_images.shape == (2, 1, 64, 64, 3) and tr.xt_images.dtype.name == "uint8"
+    assert tr.noise_levels[0] > tr.noise_levels[1]
+    torch.testing.assert_close(tr.latents[0, 0], torch.randn(1, 4, 32, 32, generator=gen())[0] * pipe.scheduler.init_noise_sigma)
+    assert "step" not in vars(pipe.scheduler)
+    assert img.shape == (1, 64, 64, 3)

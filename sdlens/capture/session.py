@@ -19,6 +19,7 @@ import torch
 
 from ..tokens import tokenize
 from ..trace import AttentionTrace, Row
+from .denoising import DenoisingRecorder
 from .layers import LayerInfo, attention_layers, denoiser_of, infer_map_size
 from .processor import CaptureProcessor
 from .spec import BudgetError, CaptureError, CaptureSpec, Estimate, select_layers, select_steps
@@ -65,6 +66,7 @@ class Recorder:
         self._handles: list = []
         self._patched_encode = False
         self.estimate: Estimate | None = None
+        self.denoising = DenoisingRecorder(self) if spec.record_latents else None
 
     # ------------------------------------------------------------------ enter / exit
     def __enter__(self) -> AttentionTrace:
@@ -80,13 +82,19 @@ class Recorder:
             if self.pipe is not None and hasattr(self.pipe, "encode_prompt") and "encode_prompt" not in vars(self.pipe):
                 self.pipe.encode_prompt = self._wrap_encode(self.pipe.encode_prompt)
                 self._patched_encode = True
+            if self.denoising is not None:
+                if getattr(self.pipe, "scheduler", None) is None:
+                    raise CaptureError("record_latents=True needs a pipeline with a scheduler, not a bare denoiser")
+                self.denoising.install(self.pipe.scheduler)
         except BaseException:
             self._restore()
             raise
         return self.trace
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self._restore()
+        if exc_type is None and self.denoising is not None:
+            self.denoising.finish(self.trace, self.pipe)
 
     def _restore(self) -> None:
         try:
@@ -96,6 +104,8 @@ class Recorder:
             for h in self._handles:
                 h.remove()
             self._handles.clear()
+            if self.denoising is not None:
+                self.denoising.uninstall()
             if self._patched_encode:
                 del self.pipe.encode_prompt
                 self._patched_encode = False
@@ -322,6 +332,7 @@ def trace(
     dtype: torch.dtype = torch.float16,
     device="cpu",
     max_bytes: int | None = None,
+    record_latents: bool = False,
     prompt=None,
 ) -> Recorder:
     """Capture attention maps while ``pipe`` runs; ``with trace(pipe) as tr:`` gives an ``AttentionTrace``.
@@ -338,6 +349,9 @@ def trace(
         dtype, device: how the maps are stored.
         max_bytes: memory budget; an over-budget capture raises ``BudgetError`` (a ``ValueError``) with
             the estimate before the denoiser's first forward.
+        record_latents: also keep, per captured step, x_t, the predicted clean latent x0, the noise
+            level and VAE-decoded previews of both (``tr.latents``, ``tr.x0``, ``tr.noise_levels``,
+            ``tr.xt_images``, ``tr.x0_images``).
         prompt: the prompt(s), when the pipeline is called with ``prompt_embeds`` or the denoiser is
             traced directly.
 
@@ -357,6 +371,7 @@ def trace(
         dtype=dtype,
         device=device,
         max_bytes=max_bytes,
+        record_latents=record_latents,
     )
     return Recorder(pipe, spec, prompt=prompt)
 

@@ -1,0 +1,77 @@
+"""Time of a traced generation over an untraced one, and the bytes the trace keeps.
+
+The model has Stable Diffusion 1.5's UNet layout (16 cross-attention layers, 8 heads, 768-d
+context), random weights. On the CPU a reduced width and latent keep the run short; with
+``--full`` (meant for a GPU) it is the full-size SD 1.5 UNet at 512 px, 50 steps, fp16.
+
+    python benchmarks/capture_overhead.py                       # CPU: width 64, 256 px, 10 steps
+    python benchmarks/capture_overhead.py --full --device cuda  # GPU: SD 1.5 UNet, 512 px, 50 steps
+
+Traced = cross-attention of all layers and all steps, heads averaged, conditional half, fp16 on the
+CPU (sdlens' defaults). Timings are the median of ``--repeats`` alternating runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import sdlens
+from sdlens.models.families import sd15_layout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="full-size SD 1.5 UNet at 512 px, 50 steps, fp16")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--width", type=int, default=64, help="first block width (SD 1.5: 320)")
+    ap.add_argument("--size", type=int, default=256, help="image side in pixels (latent = size / 8)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    if args.full:
+        args.width, args.size, args.steps = 320, 512, 50
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+
+    pipe = sd15_layout(width=args.width, sample_size=args.size // 8).to(args.device, dtype)
+    n_params = sum(p.numel() for p in pipe.unet.parameters())
+
+    def generate():
+        g = torch.Generator(args.device).manual_seed(0)
+        pipe("a red circle on the left", num_inference_steps=args.steps, height=args.size, width=args.size,
+             generator=g, output_type="latent")
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def timed(traced: bool) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        if traced:
+            with sdlens.trace(pipe) as tr:
+                generate()
+            nbytes = tr.nbytes
+        else:
+            generate()
+            nbytes = 0
+        return time.perf_counter() - t0, nbytes
+
+    timed(False)
+    timed(True)  # warm-up both paths
+    plain, traced = [], []
+    for _ in range(args.repeats):
+        plain.append(timed(False)[0])
+        t, nbytes = timed(True)
+        traced.append(t)
+    p, t = statistics.median(plain), statistics.median(traced)
+    print(f"model: SD 1.5 UNet layout, width {args.width} ({n_params / 1e6:.0f} M parameters), {args.size} px, "
+          f"{args.steps} steps, CFG batch 2, {str(dtype).removeprefix('torch.')}, device {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
+    print(f"untraced: {p:.3f} s   traced: {t:.3f} s   (median of {args.repeats})")
+    print(f"ratio traced/untraced: {t / p:.3f}")
+    print(f"bytes kept by the trace: {nbytes} ({nbytes / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
