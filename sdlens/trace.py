@@ -87,9 +87,9 @@ class AttentionTrace:
         if layer not in self.layers:
             self.layers.append(layer)
 
-    def _finalize(self) -> None:
+    def _finalize(self, device: str | torch.device = "cpu") -> None:
         for key, chunks in self._chunks.items():
-            self._data[key] = torch.stack(chunks) if len(chunks) else torch.empty(0)
+            self._data[key] = torch.stack(chunks).to(device) if len(chunks) else torch.empty(0)
         self._chunks = {}
 
     def _tensor(self, kind: str, layer: str) -> torch.Tensor:

@@ -113,7 +113,7 @@ class Recorder:
                 delattr(self.denoiser, _ACTIVE)
             self.installed = {}
             self.keeping = False
-            self.trace._finalize()
+            self.trace._finalize(self.spec.device)
 
     # ------------------------------------------------------------------ prompt bookkeeping
     def _wrap_encode(self, original):
@@ -317,7 +317,8 @@ class Recorder:
             probs = probs.mean(dim=1, keepdim=True)
         elif self._head_sel is not None:
             probs = probs.index_select(1, self._head_sel.to(probs.device))
-        tr._append(kind, info.name, probs.to(device=spec.device, dtype=spec.dtype))
+        # kept on the compute device while the run goes (no host sync per layer); moved at the end
+        tr._append(kind, info.name, probs.to(dtype=spec.dtype))
 
 
 def trace(

@@ -76,7 +76,13 @@ def sd1(seed: int = 0) -> StableDiffusionPipeline:
         text_encoder=CLIPTextModel(_clip_config()),
         tokenizer=load_clip_tokenizer(),
         unet=unet,
-        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False),
+        scheduler=DDIMScheduler(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            clip_sample=False,
+            steps_offset=1,
+        ),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -102,7 +108,11 @@ def sd2(seed: int = 0) -> StableDiffusionPipeline:
         norm_num_groups=4,
     )
     sched = EulerDiscreteScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction"
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="v_prediction",
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
         vae=_vae(),
@@ -146,7 +156,9 @@ def sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
         tokenizer=load_clip_tokenizer(),
         tokenizer_2=tok2,
         unet=unet,
-        scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        scheduler=EulerDiscreteScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
+        ),
         force_zeros_for_empty_prompt=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -194,7 +206,12 @@ def sd15_layout_unet(width: int = 32, sample_size: int = 64, seed: int = 0) -> U
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        down_block_types=(
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(w, 2 * w, 4 * w, 4 * w),
         layers_per_block=2,
@@ -218,7 +235,13 @@ def sd15_layout(width: int = 32, sample_size: int = 64, seed: int = 0) -> Stable
         text_encoder=CLIPTextModel(_clip_config(hidden=768, layers=1)),
         tokenizer=load_clip_tokenizer(),
         unet=unet,
-        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False),
+        scheduler=DDIMScheduler(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            clip_sample=False,
+            steps_offset=1,
+        ),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
