@@ -3,7 +3,7 @@
     >>> from sdlens.models.families import sd1
     >>> a = anatomy(sd1())
     >>> a.count("cross"), a.count("self")
-    (4, 4)
+    (7, 7)
 """
 
 from __future__ import annotations
