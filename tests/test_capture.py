@@ -354,3 +354,15 @@ def test_record_latents_and_x0_formulas_match_the_schedulers():
     torch.testing.assert_close(tr.latents[0, 0], torch.randn(1, 4, 32, 32, generator=gen())[0] * pipe.scheduler.init_noise_sigma)
     assert "step" not in vars(pipe.scheduler)
     assert img.shape == (1, 64, 64, 3)
+
+
+def test_img2img_counts_only_the_steps_it_runs():
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline(**sd1().components)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 64, 64)
+    r = sdlens.trace(pipe, steps=[-1])
+    with r as tr:
+        pipe(PROMPT, image=image, strength=0.5, num_inference_steps=10, generator=gen(), output_type="latent")
+    assert r.n_steps_expected == 5 and tr.num_steps == 5 and tr.steps == [4]

@@ -156,6 +156,10 @@ class Recorder:
             self._check_running_budget()
 
     def _expected_steps(self) -> int | None:
+        # diffusers pipelines set _num_timesteps = len(timesteps) just before their loop (img2img too)
+        n = getattr(self.pipe, "_num_timesteps", None)
+        if isinstance(n, int) and n > 0:
+            return n
         sched = getattr(self.pipe, "scheduler", None)
         ts = getattr(sched, "timesteps", None)
         if ts is None or not len(ts):
