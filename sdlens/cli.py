@@ -1,0 +1,220 @@
+"""The `sdlens` command. One small function per subcommand: `add_<name>(subparsers)` declares its
+options, `run_<name>(args)` does the work; `main` wires them.
+
+    sdlens train-tiny --out runs/tiny                  train the built-in model (GPU if present)
+    sdlens train-tiny --out runs/vae --stages vae      only a VAE, to share between UNet runs
+    sdlens train-tiny --out runs/a --vae-from runs/vae --text-layers 0 --unet-minutes 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+# --- train-tiny ------------------------------------------------------------------------------
+
+
+def add_train_tiny(subparsers) -> None:
+    from sdlens.models.configs import TEXT_MODES, TinyConfig
+    from sdlens.models.train import DEFAULT_BUDGETS, STAGES
+
+    d = TinyConfig()
+    p = subparsers.add_parser(
+        "train-tiny",
+        help="train the built-in tiny Stable Diffusion on the shapes world",
+        description="Train the tiny model (VAE, UNet, CLIP text encoder) on the shapes world and write a "
+        "StableDiffusionPipeline folder (float16 safetensors) that sdlens.load_pipeline(OUT) loads. "
+        "Runs on CUDA when present (bf16 autocast), else on the CPU.",
+    )
+    p.add_argument("--out", required=True, help="output folder (the pipeline, training.json, train/)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
+    p.add_argument(
+        "--stages",
+        type=lambda s: tuple(s.split(",")),
+        default=None,
+        help=f"comma-separated subset of {','.join(STAGES)} (default: those the config needs)",
+    )
+    p.add_argument(
+        "--vae-from",
+        default=None,
+        metavar="DIR",
+        help="reuse the trained VAE of another run (its --out folder) instead of training one",
+    )
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start the UNet and text encoder from the weights of an exported run (fresh optimiser)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--log-every", type=int, default=50, help="loss-log interval in steps")
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0, help="checkpoint interval")
+    p.add_argument(
+        "--keep-unused-tokens",
+        action="store_true",
+        help="export the token-embedding rows that no world caption uses (default: zeroed)",
+    )
+
+    g = p.add_argument_group("budgets (a stage stops at its steps or minutes, whichever comes first)")
+    for stage in STAGES:
+        b = DEFAULT_BUDGETS[stage]
+        g.add_argument(f"--{stage}-steps", type=int, default=None, help=f"default {b.steps}")
+        g.add_argument(f"--{stage}-minutes", type=float, default=None, help=f"default {b.minutes}")
+        g.add_argument(f"--{stage}-batch", type=int, default=None, help=f"default {b.batch_size}")
+        g.add_argument(f"--{stage}-lr", type=float, default=None, help=f"default {b.lr}")
+
+    m = p.add_argument_group("model (the variant knobs of TinyConfig)")
+    m.add_argument(
+        "--text-mode",
+        choices=sorted(TEXT_MODES),
+        default=d.text_mode,
+        help="; ".join(f"{k}: {v}" for k, v in TEXT_MODES.items()),
+    )
+    m.add_argument("--text-width", type=int, default=d.text_width)
+    m.add_argument("--text-layers", type=int, default=d.text_layers, help="0: embeddings + LayerNorm only")
+    m.add_argument("--text-heads", type=int, default=d.text_heads)
+    m.add_argument("--unet-channels", type=_int_tuple, default=d.unet_channels, help="e.g. 64,128,128")
+    m.add_argument("--unet-layers-per-block", type=int, default=d.unet_layers_per_block)
+    m.add_argument("--unet-head-dim", type=int, default=d.unet_head_dim, help="channels per attention head")
+    m.add_argument("--vae-channels", type=_int_tuple, default=d.vae_channels)
+    m.add_argument("--caption-dropout", type=float, default=d.caption_dropout)
+    m.add_argument("--snr-gamma", type=float, default=d.snr_gamma, help="min-SNR weighting; 0 turns it off")
+    p.set_defaults(func=run_train_tiny)
+
+
+def run_train_tiny(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from sdlens.models.configs import TinyConfig
+    from sdlens.models.train import DEFAULT_BUDGETS, STAGES, train_tiny
+
+    cfg = TinyConfig(
+        text_mode=args.text_mode,
+        text_width=args.text_width,
+        text_layers=args.text_layers,
+        text_heads=args.text_heads,
+        unet_channels=args.unet_channels,
+        unet_layers_per_block=args.unet_layers_per_block,
+        unet_head_dim=args.unet_head_dim,
+        vae_channels=args.vae_channels,
+        caption_dropout=args.caption_dropout,
+        snr_gamma=args.snr_gamma or None,
+    )
+    budgets = {}
+    for stage in STAGES:
+        b = DEFAULT_BUDGETS[stage]
+        steps, minutes = getattr(args, f"{stage}_steps"), getattr(args, f"{stage}_minutes")
+        if steps is not None or minutes is not None:  # given limits replace both defaults
+            b = replace(b, steps=steps, minutes=minutes)
+        batch, lr = getattr(args, f"{stage}_batch"), getattr(args, f"{stage}_lr")
+        budgets[stage] = replace(b, batch_size=batch or b.batch_size, lr=lr or b.lr)
+    out = train_tiny(
+        args.out,
+        cfg,
+        budgets=budgets,
+        stages=args.stages,
+        vae_from=args.vae_from,
+        seed=args.seed,
+        device=args.device,
+        resume=args.resume,
+        progress=not args.no_progress,
+        log_every=args.log_every,
+        checkpoint_minutes=args.checkpoint_minutes,
+        zero_unused_tokens=not args.keep_unused_tokens,
+        command=["sdlens", *sys.argv[1:]],
+        init_from=args.init_from,
+    )
+    print(out)
+    return 0
+
+
+# --- attend ----------------------------------------------------------------------------------
+
+
+def add_attend(subparsers) -> None:
+    p = subparsers.add_parser(
+        "attend",
+        help="generate an image and draw where each word of the prompt attends",
+        description="Generate one image with cross-attention traced and write into --out: image.png, "
+        "words.png (every word's map, and the start/end/padding slots with their share of the attention), "
+        "word-II-WORD.png (one overlay per word), steps.gif (the maps over the denoising steps) and "
+        "trace.safetensors (sdlens.load_trace). Arguments are checked before generating; a bad one "
+        "stops with one line and writes nothing.",
+    )
+    p.add_argument(
+        "prompt", help='the prompt, e.g. "a red circle on the left and a blue square on the right"'
+    )
+    p.add_argument(
+        "--model", default="tiny", help="'tiny' (the built-in model, default), a pipeline folder or a hub id"
+    )
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--size", default=None, help="image size: 64 or HEIGHTxWIDTH (default: the model's own)")
+    p.add_argument(
+        "--words",
+        nargs="+",
+        default=None,
+        metavar="WORD",
+        help="words to draw (default: all words of the prompt); commas also separate",
+    )
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: ./attend-PROMPT)")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--self-attn", action="store_true", help="also keep self-attention in the trace (larger)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_attend)
+
+
+def run_attend(args: argparse.Namespace) -> int:
+    from sdlens.viz.attend import AttendError, attend
+
+    words = None if args.words is None else [w for arg in args.words for w in arg.split(",") if w.strip()]
+    try:
+        attend(
+            args.prompt,
+            model=args.model,
+            steps=args.steps,
+            seed=args.seed,
+            guidance=args.guidance,
+            negative=args.negative,
+            size=args.size,
+            words=words,
+            out=args.out,
+            device=args.device,
+            self_attn=args.self_attn,
+            progress=not args.no_progress,
+        )
+    except AttendError as e:
+        print(f"sdlens attend: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# --- main ------------------------------------------------------------------------------------
+
+SUBCOMMANDS = [add_train_tiny, add_attend]  # each adds one subcommand; add attend, anatomy, edit here
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdlens", description="A lens on Stable Diffusion's attention.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Loading pipelines: the built-in tiny model, a folder made by `sdlens train-tiny`, or anything diffusers loads.
+
+>>> import sdlens
+>>> pipe = sdlens.load_pipeline()                          # doctest: +SKIP
+>>> image = pipe("a red circle on the left").images[0]     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+TINY_DIR: Path = Path(__file__).resolve().parent.parent / "data" / "tiny"
+"""Where the built-in model's weights are installed with the package (a StableDiffusionPipeline folder)."""
+
+# What `scheduler=` accepts by name: diffusers class names, or these short names.
+SCHEDULERS = {
+    "dpm": "DPMSolverMultistepScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+def load_pipeline(
+    name: str | os.PathLike = "tiny",
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    scheduler=None,
+    progress: bool | None = None,
+    **kwargs,
+):
+    """A diffusers pipeline, ready to call.
+
+    name:      "tiny" (default): the built-in model shipped in the package (`TINY_DIR`), 64x64
+               images, loaded with no network. A path to a folder: a `sdlens train-tiny` output or
+               any diffusers pipeline folder, loaded locally. Anything else (a hub id such as
+               "stable-diffusion-v1-5/stable-diffusion-v1-5") goes to
+               `diffusers.DiffusionPipeline.from_pretrained` with `kwargs`.
+    device:    where to put it; default "cuda" when available, else "cpu".
+    dtype:     torch.float32 (default) or torch.float16 (on a GPU; it runs on a CPU too, slowly).
+    scheduler: None keeps the pipeline's own; a name ("ddim", "dpm", "euler", "pndm", ... or a
+               diffusers class name), a scheduler class, or a scheduler instance replaces it,
+               built from the pipeline's noise-schedule config.
+    progress:  show the sampling progress bar; default: off for the tiny model (it takes about
+               a second), on otherwise.
+    """
+    from diffusers import DiffusionPipeline
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    is_tiny = isinstance(name, str) and name == "tiny"
+    if is_tiny:
+        if not (TINY_DIR / "model_index.json").exists():
+            raise FileNotFoundError(
+                f"the built-in model's weights are missing: {TINY_DIR} has no model_index.json. "
+                f"Train them with `sdlens train-tiny --out runs/tiny` and copy that folder's model files "
+                f"(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) to {TINY_DIR}, "
+                f"or load the folder directly with load_pipeline('runs/tiny')."
+            )
+        folder: Path | None = TINY_DIR
+    else:
+        folder = Path(name) if Path(name).is_dir() else None
+
+    if folder is not None:
+        if not (folder / "model_index.json").exists():
+            raise FileNotFoundError(
+                f"{folder} is not a diffusers pipeline folder (no model_index.json); "
+                f"`sdlens train-tiny --out {folder}` writes one"
+            )
+        kwargs.setdefault("local_files_only", True)
+        pipe = DiffusionPipeline.from_pretrained(folder, **{_DTYPE: dtype}, **kwargs)
+    else:
+        pipe = DiffusionPipeline.from_pretrained(str(name), **{_DTYPE: dtype}, **kwargs)
+
+    if scheduler is not None:
+        pipe.scheduler = _make_scheduler(scheduler, pipe.scheduler.config)
+    pipe = pipe.to(device)
+    if progress is None:
+        progress = not _is_small(pipe)
+    pipe.set_progress_bar_config(disable=not progress, leave=False, desc="sampling")
+    return pipe
+
+
+def _dtype_keyword() -> str:
+    """diffusers renamed from_pretrained's `torch_dtype` to `dtype` (0.36); use the name this version knows."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (present once `dtype` exists)
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
+
+
+_DTYPE = _dtype_keyword()
+
+
+def _is_small(pipe) -> bool:
+    """True for pipelines whose latents are at most 32x32 (the tiny model: 16x16): a run takes about a second."""
+    unet = getattr(pipe, "unet", None)
+    return unet is not None and int(getattr(unet.config, "sample_size", 64) or 64) <= 32
+
+
+def _make_scheduler(scheduler, config):
+    import diffusers
+
+    if isinstance(scheduler, str):
+        class_name = SCHEDULERS.get(scheduler.lower(), scheduler)
+        cls = getattr(diffusers, class_name, None)
+        if cls is None or not hasattr(cls, "from_config"):
+            raise ValueError(
+                f"unknown scheduler {scheduler!r}; use one of {', '.join(SCHEDULERS)}, a diffusers scheduler "
+                f"class name, a scheduler class or an instance"
+            )
+        return cls.from_config(config)
+    if isinstance(scheduler, type):
+        return scheduler.from_config(config)
+    return scheduler

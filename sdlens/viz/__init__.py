@@ -1,0 +1,72 @@
+"""Figures of a trace (matplotlib) and a GIF over the denoising steps.
+
+Every function returns a matplotlib Figure (Jupyter shows it; ``fig.savefig(path)`` writes it);
+functions that draw one panel accept ``ax=`` to draw into an existing axes.
+
+    import sdlens, sdlens.viz as viz
+    with sdlens.trace(pipe, self_attn=True, record_latents=True) as tr:
+        image = pipe("a red circle on the left").images[0]
+    viz.overlay(tr, "circle", image)            # one word over the image, colour bar, title
+    viz.word_grid(tr, image)                    # every word, and the start/end/padding slots
+    viz.step_strip(tr, "circle", image)         # the map over the denoising steps
+    viz.layer_grid(tr, "circle", image, by="size")
+    viz.self_attention_map(tr, (20, 12), image) # where one pixel attends
+    viz.self_attention_segments(tr, image, n_clusters=3)
+    viz.animate(tr, ["circle", "left"], "circle.gif")
+
+The pixels come from ``sdlens.viz.frames``, shared with the ``sdlens.widgets`` explorers.
+"""
+
+from .animation import animate, animation_frames
+from .frames import (
+    SPECIALS,
+    Frame,
+    Target,
+    as_rgb,
+    attention_share,
+    attention_shares,
+    denoising_frame,
+    overlay_frame,
+    resolve_target,
+    self_frame,
+    target_map,
+)
+from .heatmaps import head_grid, layer_grid, overlay, word_grid
+from .self_attention import (
+    kmeans,
+    pca_rgb,
+    segment,
+    self_attention_map,
+    self_attention_rows,
+    self_attention_segments,
+)
+from .steps import denoising, step_strip, word_over_steps
+
+__all__ = [
+    "SPECIALS",
+    "Frame",
+    "Target",
+    "animate",
+    "animation_frames",
+    "as_rgb",
+    "attention_share",
+    "attention_shares",
+    "denoising",
+    "denoising_frame",
+    "head_grid",
+    "kmeans",
+    "layer_grid",
+    "overlay",
+    "overlay_frame",
+    "pca_rgb",
+    "resolve_target",
+    "segment",
+    "self_attention_map",
+    "self_attention_rows",
+    "self_attention_segments",
+    "self_frame",
+    "step_strip",
+    "target_map",
+    "word_grid",
+    "word_over_steps",
+]

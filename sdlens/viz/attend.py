@@ -1,0 +1,300 @@
+"""What ``sdlens attend PROMPT`` does: generate one image with attention traced, and draw it.
+
+Everything that can be wrong with the arguments (a word not in the prompt, a model folder that is
+not there, a size the model cannot take) is checked before the image is generated, and raises
+``AttendError`` with one line saying what to do. The files are written into a temporary folder
+beside ``out`` and moved into place at the end, so a failed run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+STOP_WORDS = frozenset("a an the on in at of and or to with is are under over above below".split())
+
+
+class AttendError(ValueError):
+    """An argument of ``sdlens attend`` that cannot work; the message is one line for the user."""
+
+
+def slug(text: str, max_len: int = 40) -> str:
+    """A file-name-safe form of ``text``: lower case, ``a-z0-9`` and dashes.
+
+    >>> slug("A red circle, on the LEFT!")
+    'a-red-circle-on-the-left'
+    """
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:max_len].rstrip("-") or "prompt"
+
+
+def parse_size(text: str | int | None) -> tuple[int, int] | None:
+    """An image size from ``--size``: one number, or height x width; None stays None.
+
+    >>> parse_size("64"), parse_size("64x96")
+    ((64, 64), (64, 96))
+    """
+    if text is None:
+        return None
+    if isinstance(text, int):
+        return (text, text)
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[x×,]\s*(\d+)\s*)?", str(text))
+    if not m:
+        raise AttendError(f"--size {text!r} is not a size: give one number (64) or height x width (64x96)")
+    h = int(m.group(1))
+    return (h, int(m.group(2)) if m.group(2) else h)
+
+
+def check_model_name(model: str) -> None:
+    """Raise ``AttendError`` for a model that is certainly not loadable, before loading anything."""
+    from ..models.load import TINY_DIR
+
+    if model == "tiny":
+        if not (TINY_DIR / "model_index.json").exists():
+            raise AttendError(
+                f"the built-in model is not installed ({TINY_DIR} has no model_index.json): "
+                "pass --model FOLDER or a hub id, or train it with `sdlens train-tiny`"
+            )
+        return
+    path = Path(model).expanduser()
+    looks_local = (
+        path.exists()
+        or model.startswith((".", "/", "~"))
+        or model.count("/") > 1
+        or "\\" in model
+        or (model.count("/") == 1 and Path(model.split("/")[0]).is_dir())
+    )
+    if not looks_local:
+        return  # a hub id: diffusers decides
+    if not path.is_dir():
+        raise AttendError(f"no model folder {model!r}: give a diffusers pipeline folder, a hub id, or 'tiny'")
+    if not (path / "model_index.json").exists():
+        raise AttendError(f"{model!r} is not a diffusers pipeline folder (it has no model_index.json)")
+
+
+def size_multiple(pipe) -> int:
+    """The number that image sides must be a multiple of for ``pipe`` (8, the VAE factor, the patch size)."""
+    vae = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    patch = int(getattr(getattr(denoiser, "config", None), "patch_size", None) or 1)
+    return math.lcm(8, vae * patch)
+
+
+def default_size(pipe) -> tuple[int, int]:
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    s = getattr(denoiser.config, "sample_size", 64)
+    s = s if isinstance(s, int) else s[0]
+    side = s * int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    return (side, side)
+
+
+def check_size(pipe, size: tuple[int, int] | None) -> tuple[int, int]:
+    size = size or default_size(pipe)
+    k = size_multiple(pipe)
+    h, w = size
+    if h <= 0 or w <= 0 or h % k or w % k:
+        raise AttendError(
+            f"--size {h}x{w} does not fit this model: height and width must be positive multiples of {k} "
+            f"(its own size is {'x'.join(map(str, default_size(pipe)))})"
+        )
+    return size
+
+
+def check_words(pipe, prompt: str, words: Sequence[str] | None) -> list[int]:
+    """Word indices of ``words`` in the prompt (all words when None); a word not in it raises."""
+    from ..tokens import tokenize
+
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        raise AttendError("this pipeline has no CLIP tokenizer, so its prompts' words cannot be found")
+    tok = tokenize(prompt, tokenizer)
+    if words is None:
+        return list(range(len(tok.words)))
+    out = []
+    for w in words:
+        try:
+            tok.word_index(w, 0)
+        except ValueError:
+            raise AttendError(f"{w!r} is not a word of the prompt; its words are: {' '.join(tok.words)}") from None
+        k = 0
+        while True:  # every occurrence of the word
+            try:
+                i = tok.word_index(w, k)
+            except ValueError:
+                break
+            if i not in out:
+                out.append(i)
+            k += 1
+    return out
+
+
+@contextmanager
+def _quiet_loading():
+    """No loading bars or advice (``pip install accelerate``) from diffusers and transformers while loading."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    saved = [(m, m.get_verbosity(), m.is_progress_bar_enabled()) for m in (dlog, tlog)]
+    for m, _, _ in saved:
+        m.set_verbosity_error()
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, level, bar in saved:
+            m.set_verbosity(level)
+            if bar:
+                m.enable_progress_bar()
+
+
+def load(model: str, device: str | None, progress: bool):
+    from ..models.load import load_pipeline
+
+    check_model_name(model)
+    try:
+        with _quiet_loading():
+            pipe = load_pipeline(model, device=device)
+    except Exception as e:  # diffusers/hub errors: report in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AttendError(f"could not load model {model!r}: {first}") from None
+    pipe.set_progress_bar_config(disable=not progress, desc="sampling", leave=False)
+    return pipe
+
+
+def attend(
+    prompt: str,
+    *,
+    model: str = "tiny",
+    steps: int = 25,
+    seed: int = 0,
+    guidance: float = 7.5,
+    negative: str | None = None,
+    size=None,
+    words: Sequence[str] | None = None,
+    out: str | os.PathLike | None = None,
+    device: str | None = None,
+    self_attn: bool = False,
+    progress: bool = True,
+    pipe=None,
+    log: Callable[[str], None] = print,
+) -> list[Path]:
+    """Generate ``prompt`` with attention traced; write the image, word maps, GIF and trace into ``out``.
+
+    Returns the paths written (in ``out``):
+
+    - ``image.png``: the generated image;
+    - ``words.png``: the image and one map per word, with the start/end/padding slots and each
+      one's share of the attention;
+    - ``word-II-WORD.png``: one overlay per word (``II``: its index in the prompt's words);
+    - ``steps.gif``: the maps over the denoising steps (beside the image being denoised when the
+      trace records it);
+    - ``trace.safetensors``: the trace, for ``sdlens.load_trace``.
+    """
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise AttendError("the prompt is empty")
+    if steps < 1:
+        raise AttendError(f"--steps {steps}: need at least 1 step")
+    if guidance < 0:
+        raise AttendError(f"--guidance {guidance}: must be >= 0 (1 turns classifier-free guidance off)")
+    size = parse_size(size)
+    out = Path(out) if out is not None else Path(f"attend-{slug(prompt)}")
+    if out.exists() and not out.is_dir():
+        raise AttendError(f"--out {str(out)!r} is a file, not a folder")
+    if pipe is None:
+        pipe = load(model, device, progress)
+    height, width = check_size(pipe, size)
+    chosen = check_words(pipe, prompt, words)
+
+    trace, image = generate(pipe, prompt, steps=steps, seed=seed, guidance=guidance, negative=negative,
+                            size=(height, width), self_attn=self_attn)
+    return write_outputs(trace, image, out, chosen, gif_words=_gif_words(trace, chosen, words), log=log)
+
+
+def generate(pipe, prompt, *, steps, seed, guidance, negative, size, self_attn=False):
+    """One traced generation: ``(trace, PIL image)``."""
+    import torch
+
+    from .. import trace as sdtrace
+
+    kw = dict(self_attn=self_attn)
+    if "record_latents" in inspect.signature(sdtrace).parameters:
+        kw["record_latents"] = True
+    device = getattr(pipe, "device", torch.device("cpu"))
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with sdtrace(pipe, **kw) as tr:
+        result = pipe(
+            prompt,
+            negative_prompt=negative,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=size[0],
+            width=size[1],
+            generator=generator,
+        )
+    return tr, result.images[0]
+
+
+def _gif_words(trace, chosen: list[int], given) -> list[int]:
+    if given is not None:
+        return chosen[:6]
+    words = trace.words()
+    content = [i for i in chosen if words[i].strip(",.;:!?").lower() not in STOP_WORDS]
+    return (content or chosen)[:6]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_outputs(trace, image, out: Path, words: list[int], *, gif_words=None, log=print) -> list[Path]:
+    """Write the pictures and the trace into a temporary folder, then move them into ``out``."""
+    from .animation import animate
+    from .heatmaps import overlay, word_grid
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".sdlens-attend-", dir=out.parent))
+    try:
+        names = []
+
+        def save_fig(fig, name):
+            fig.savefig(tmp / name, dpi=120)
+            names.append(name)
+
+        image.save(tmp / "image.png")
+        names.append("image.png")
+        save_fig(word_grid(trace, image, words=words), "words.png")
+        all_words = trace.words()
+        for i in words:
+            save_fig(overlay(trace, i, image), f"word-{i:02d}-{slug(all_words[i], 24)}.png")
+        animate(trace, gif_words or words, tmp / "steps.gif", image, side=128)
+        names.append("steps.gif")
+        trace.save(tmp / "trace.safetensors")
+        names.append("trace.safetensors")
+        mask = _umask()  # mkdtemp/mkstemp make private files; these are for the user to share
+        for name in names:
+            os.chmod(tmp / name, 0o666 & ~mask)
+        os.chmod(tmp, 0o777 & ~mask)
+        if not out.exists():
+            os.replace(tmp, out)
+        else:
+            for name in names:
+                os.replace(tmp / name, out / name)
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    paths = [out / n for n in names]
+    for p in paths:
+        log(str(p))
+    return paths

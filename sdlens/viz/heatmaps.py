@@ -1,0 +1,190 @@
+"""Cross-attention heat maps on the image: one word, all words, per layer or map size, per head."""
+
+from __future__ import annotations
+
+from ._figure import colorbar, draw_frame, figure_and_ax, panel_grid, show_rgb, wrap
+from .frames import (
+    as_rgb,
+    attention_shares,
+    color_range,
+    format_share,
+    heads_in,
+    heat_frame,
+    image_size_of,
+    layers_label,
+    map_sizes,
+    overlay_frame,
+    prompt_targets,
+    resolve_target,
+    short_layer_name,
+    size_label,
+    target_map,
+)
+
+
+def scale_note(scale) -> str:
+    """A few words for a suptitle saying how the panels are coloured."""
+    if scale == "each":
+        return ""
+    if scale == "shared":
+        return " · one colour scale"
+    if scale == "absolute":
+        return " · one colour scale from 0"
+    return " · fixed colour scale"
+
+
+def overlay(
+    trace,
+    word,
+    image=None,
+    *,
+    prompt: int = 0,
+    steps=None,
+    layers=None,
+    heads=None,
+    alpha: float = 0.6,
+    cmap: str = "jet",
+    scale="each",
+    title: str | None = None,
+    colorbar: bool = True,
+    ax=None,
+):
+    """The cross-attention map of ``word`` over ``image``, with a colour bar and the word as title.
+
+    ``word``: a word, a word index, ``"<start>"``, ``"<end>"``, ``"<pad>"`` or ``("slot", i)``.
+    ``steps``, ``layers``, ``heads``: as ``AttentionTrace.word_map`` (default: averaged over all).
+    ``scale``: ``"each"`` (colours span the map's min..max) or a number / pair of bounds.
+    The colour bar shows attention probabilities. Returns the Figure.
+
+    Example::
+
+        fig = sdlens.viz.overlay(tr, "circle", image)
+        fig.savefig("circle.png")
+    """
+    fig, ax = figure_and_ax(ax)
+    frame = overlay_frame(
+        trace, word, image, prompt=prompt, steps=steps, layers=layers, heads=heads, alpha=alpha, cmap=cmap, scale=scale
+    )
+    draw_frame(ax, frame, title if title is not None else frame.label, bar=colorbar)
+    return fig
+
+
+def word_grid(
+    trace,
+    image=None,
+    *,
+    prompt: int = 0,
+    words=None,
+    specials: bool = True,
+    steps=None,
+    layers=None,
+    heads=None,
+    alpha: float = 0.6,
+    cmap: str = "jet",
+    scale="each",
+    ncols: int | None = None,
+):
+    """The image, then one overlay per word of the prompt, then (``specials``) its start, end and padding slots.
+
+    Every panel's title gives the share of the attention mass its slots take (the padding slots
+    are summed). In Stable Diffusion the start slot usually takes most of it; ``scale="absolute"``
+    (0..the largest value) or ``"shared"`` (one min..max) put every panel on one colour scale with
+    one colour bar, so that this is visible in the colours too. With ``scale="each"`` (default)
+    each panel spans its own min..max (each map's shape) and has its own colour bar.
+    """
+    targets = prompt_targets(trace, prompt, words=words, specials=specials)
+    size = image_size_of(trace, image)
+    sel = dict(prompt=prompt, steps=steps, layers=layers, heads=heads)
+    heats = [target_map(trace, t, size=size, **sel) for t in targets]
+    ranges = [None] * len(heats) if scale == "each" else color_range(heats, scale)
+    frames = [heat_frame(h, image, t.label, alpha=alpha, cmap=cmap, vrange=r) for h, t, r in zip(heats, targets, ranges)]
+    first = 1 if image is not None else 0
+    fig, axes = panel_grid(len(frames) + first, ncols, extra_width=0.6 if scale != "each" else 0.0)
+    if image is not None:
+        show_rgb(axes[0], as_rgb(image), wrap(trace.prompts[prompt], 28) if trace.prompts else "image")
+    shares = attention_shares(trace, targets, **sel)
+    for ax, frame, t, share in zip(axes[first:], frames, targets, shares):
+        draw_frame(ax, frame, f"{t.label}\n{format_share(share)} of attention", bar=scale == "each", bar_label=None)
+    if scale != "each" and frames:
+        colorbar(fig, frames[0], axes[first:], "attention (one scale)")
+    what = layers_label(trace, layers)
+    fig.suptitle(f"cross-attention per word · {what}{scale_note(scale)}", fontsize=10)
+    return fig
+
+
+def layer_grid(
+    trace,
+    word,
+    image=None,
+    *,
+    by: str = "layer",
+    prompt: int = 0,
+    steps=None,
+    heads=None,
+    alpha: float = 0.6,
+    cmap: str = "jet",
+    scale="each",
+    ncols: int | None = None,
+):
+    """The map of ``word`` in each cross-attention layer (``by="layer"``) or each map size (``by="size"``).
+
+    Shows where in the network a word's map is sharp: low-resolution layers give blobs, high
+    resolution layers give outlines. Titles name the layer (``down1.0 · 16×16``) or the size.
+    """
+    if by == "layer":
+        selections = [(name, f"{short_layer_name(name)} · {size_label(trace.map_size(name))}") for name in trace.layers_of("cross")]
+    elif by == "size":
+        selections = [(s, layers_label(trace, s)) for s in map_sizes(trace)]
+    else:
+        raise ValueError(f"by={by!r}: use 'layer' or 'size'")
+    t = resolve_target(trace, word, prompt)
+    size = image_size_of(trace, image)
+    heats = [target_map(trace, t, prompt=prompt, steps=steps, layers=sel, heads=heads, size=size) for sel, _ in selections]
+    ranges = [None] * len(heats) if scale == "each" else color_range(heats, scale)
+    fig, axes = panel_grid(len(heats), ncols, extra_width=0.6 if scale != "each" else 0.0)
+    frames = []
+    for ax, h, (_, label), r in zip(axes, heats, selections, ranges):
+        frames.append(heat_frame(h, image, label, alpha=alpha, cmap=cmap, vrange=r))
+        draw_frame(ax, frames[-1], label, bar=scale == "each", bar_label=None)
+    if scale != "each":
+        colorbar(fig, frames[0], axes, "attention (one scale)")
+    fig.suptitle(f"{t.label!r} per {'layer' if by == 'layer' else 'map size'}{scale_note(scale)}", fontsize=10)
+    return fig
+
+
+def head_grid(
+    trace,
+    word,
+    layer,
+    image=None,
+    *,
+    prompt: int = 0,
+    steps=None,
+    alpha: float = 0.6,
+    cmap: str = "jet",
+    scale="each",
+    ncols: int | None = None,
+):
+    """The map of ``word`` in each kept head of ``layer`` (a layer name, or an int map size), after their mean.
+
+    Needs a trace captured with ``heads="all"`` (or a list of heads).
+    """
+    if trace.head_indices is None:
+        raise ValueError("heads were averaged during capture: trace with sdlens.trace(pipe, heads='all') to see heads")
+    heads = heads_in(trace, layer)
+    if not heads:
+        raise ValueError(f"no head is kept in every layer of {layers_label(trace, layer)}")
+    t = resolve_target(trace, word, prompt)
+    size = image_size_of(trace, image)
+    sels = [(None, "mean of heads")] + [(h, f"head {h}") for h in heads]
+    heats = [target_map(trace, t, prompt=prompt, steps=steps, layers=layer, heads=h, size=size) for h, _ in sels]
+    ranges = [None] * len(heats) if scale == "each" else color_range(heats, scale)
+    fig, axes = panel_grid(len(heats), ncols, extra_width=0.6 if scale != "each" else 0.0)
+    frames = []
+    for ax, h, (_, label), r in zip(axes, heats, sels, ranges):
+        frames.append(heat_frame(h, image, label, alpha=alpha, cmap=cmap, vrange=r))
+        draw_frame(ax, frames[-1], label, bar=scale == "each", bar_label=None)
+    if scale != "each":
+        colorbar(fig, frames[0], axes, "attention (one scale)")
+    fig.suptitle(f"{t.label!r} per head · {layers_label(trace, layer)}{scale_note(scale)}", fontsize=10)
+    return fig

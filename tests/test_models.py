@@ -1,0 +1,232 @@
+"""The built-in model: its architecture, a few-step training run end to end, export, loading, resuming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdlens.models import configs
+from sdlens.models.configs import TinyConfig
+
+# A smoke run: every stage a few steps on small batches, on the CPU.
+SMOKE = ["--device", "cpu", "--no-progress", "--log-every", "1", "--vae-batch", "4", "--unet-batch", "4"]
+
+
+def run_cli(*args: str) -> None:
+    from sdlens.cli import main
+
+    assert main(["train-tiny", *args]) == 0
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A pipeline folder from a 3-step VAE + 3-step UNet run of the default config."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    run_cli("--out", str(out), "--vae-steps", "3", "--unet-steps", "3", *SMOKE)
+    return out
+
+
+def cross_attention_calls(unet, cfg: TinyConfig) -> list[tuple[str, int]]:
+    """(layer name, query count) of every cross-attention call in one UNet forward."""
+    calls = []
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, name=name: calls.append((name, out.shape[1])))
+        for name, m in unet.named_modules()
+        if name.endswith("attn2")
+    ]
+    try:
+        with torch.no_grad():
+            s = cfg.latent_size
+            unet(
+                torch.randn(1, cfg.latent_channels, s, s),
+                10,
+                encoder_hidden_states=torch.randn(1, 77, cfg.text_width),
+            )
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def test_architecture_matches_the_issue():
+    cfg = TinyConfig()
+    calls = cross_attention_calls(configs.build_unet(cfg), cfg)
+    sides = [int(n**0.5) for _, n in calls]
+    assert sides == configs.cross_attention_sizes(cfg) == [16, 16, 8, 8, 8, 8, 8, 16, 16, 16]
+    assert len(calls) == 10 and set(sides) == {16, 8}
+    assert all(
+        name.startswith(("down_blocks.0", "down_blocks.1", "up_blocks.1", "up_blocks.2")) for name, _ in calls
+    )
+
+    vae = configs.build_vae(cfg)
+    with torch.no_grad():
+        latents = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    assert latents.shape == (1, 4, 16, 16)
+
+    text = configs.build_text_encoder(cfg)
+    assert text.config.vocab_size == 49408 and text.config.max_position_embeddings == 77
+    assert text.config.eos_token_id == 49407
+    with torch.no_grad():
+        assert text(torch.tensor([[49406, 320, 49407] + [49407] * 74])).last_hidden_state.shape == (1, 77, 64)
+
+
+@pytest.mark.parametrize("layers_per_block,transformer_layers", [(1, 1), (2, 2)])
+def test_cross_attention_sizes_follow_the_config(layers_per_block, transformer_layers):
+    cfg = TinyConfig(
+        unet_layers_per_block=layers_per_block,
+        unet_transformer_layers=transformer_layers,
+        unet_channels=(32, 64, 64),
+    )
+    sides = [int(n**0.5) for _, n in cross_attention_calls(configs.build_unet(cfg), cfg)]
+    assert sides == configs.cross_attention_sizes(cfg)
+
+
+def test_text_encoder_without_layers_keeps_each_token_in_its_slot():
+    cfg = TinyConfig(text_layers=0)
+    text = configs.build_text_encoder(cfg).eval()
+    a = torch.tensor([[49406, 320, 736, 49407] + [49407] * 73])
+    b = a.clone()
+    b[0, 2] = 1746  # change one word: only its slot may change
+    with torch.no_grad():
+        diff = (text(a).last_hidden_state - text(b).last_hidden_state).abs().sum(-1)[0]
+    assert diff[2] > 0 and torch.count_nonzero(diff) == 1
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="text_mode"):
+        TinyConfig(text_mode="bert")
+    with pytest.raises(ValueError, match="text_layers"):
+        TinyConfig(text_mode="clip", text_layers=0)
+    assert TinyConfig.from_dict(TinyConfig().to_dict()) == TinyConfig()
+
+
+def test_default_export_is_float16_and_small(tmp_path):
+    """The default config, exported untrained: float16 safetensors, at most 30 MB in all."""
+    from safetensors import safe_open
+
+    from sdlens.models.train import export_pipeline
+    from sdlens.tokens import load_clip_tokenizer
+
+    cfg = TinyConfig()
+    export_pipeline(
+        tmp_path,
+        cfg,
+        configs.build_vae(cfg),
+        configs.build_text_encoder(cfg),
+        configs.build_unet(cfg),
+        load_clip_tokenizer(),
+    )
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    total = sum(p.stat().st_size for p in files)
+    assert total <= 30e6, f"{total / 1e6:.1f} MB"
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    assert {p.parent.name for p in weights} == {"unet", "vae", "text_encoder"}
+    for p in weights:
+        with safe_open(str(p), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}, p
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["safety_checker"] == [None, None]
+
+
+def test_smoke_run_loads_and_generates(trained):
+    from sdlens.models import load_pipeline
+
+    for sub in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "training.json"):
+        assert (trained / sub).exists(), sub
+    log = [json.loads(line) for line in (trained / "train" / "log.jsonl").read_text().splitlines()]
+    assert [(e["stage"], e["step"]) for e in log] == [
+        ("vae", 1),
+        ("vae", 2),
+        ("vae", 3),
+        ("unet", 1),
+        ("unet", 2),
+        ("unet", 3),
+    ]
+    assert all(e["loss"] > 0 for e in log)
+
+    pipe = load_pipeline(trained, device="cpu")
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert pipe.vae.config.scaling_factor != 1.0  # set from the latents' spread
+    table = pipe.text_encoder.get_input_embeddings().weight  # (49408, 64)
+    assert (
+        torch.count_nonzero(table[1000]) == 0 and torch.count_nonzero(table[320]) > 0
+    )  # loaded, not re-initialised
+    image = pipe(
+        "a red circle on the left",
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert image.shape == (1, 64, 64, 3)
+
+    pipe16 = load_pipeline(trained, device="cpu", dtype=torch.float16, scheduler="ddim")
+    assert pipe16.unet.dtype == torch.float16 and type(pipe16.scheduler).__name__ == "DDIMScheduler"
+
+
+def test_resume_continues_from_the_checkpoint(trained, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_cli("--out", str(out), "--vae-steps", "3", "--unet-steps", "5", *SMOKE)
+    run_cli("--out", str(out), "--vae-steps", "3", "--unet-steps", "5", "--resume", *SMOKE)
+    log = [json.loads(line) for line in (out / "train" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if e["stage"] == "unet"] == [1, 2, 3, 4, 5]  # 4 and 5 are new
+    assert [e["step"] for e in log if e["stage"] == "vae"] == [1, 2, 3]  # nothing left to train
+    state = torch.load(out / "train" / "checkpoints" / "unet.pt", weights_only=True)
+    assert state["step"] == 5
+    record = json.loads((out / "training.json").read_text())
+    assert record["stages"]["unet"]["steps_this_run"] == 2 and len(record["earlier_runs"]) == 1
+
+
+def test_vae_from_and_clip_stage(trained, tmp_path):
+    """A UNet run reusing another run's VAE; the tiny-CLIP stage on its own."""
+    out = tmp_path / "frozen"
+    run_cli(
+        "--out",
+        str(out),
+        "--vae-from",
+        str(trained),
+        "--unet-steps",
+        "2",
+        "--text-mode",
+        "frozen",
+        "--text-layers",
+        "0",
+        *SMOKE,
+    )
+    assert (out / "unet").exists() and not (out / "train" / "checkpoints" / "vae.pt").exists()
+    a = (trained / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == a
+
+    clip = tmp_path / "clip"
+    run_cli(
+        "--out",
+        str(clip),
+        "--stages",
+        "clip",
+        "--text-mode",
+        "clip",
+        "--text-layers",
+        "1",
+        "--clip-steps",
+        "2",
+        "--clip-batch",
+        "8",
+        *SMOKE,
+    )
+    assert (clip / "train" / "text_encoder" / "config.json").exists()
+
+
+def test_missing_builtin_weights_say_how_to_make_them(monkeypatch, tmp_path):
+    from sdlens.models import load
+
+    monkeypatch.setattr(load, "TINY_DIR", tmp_path / "tiny")
+    with pytest.raises(FileNotFoundError, match="sdlens train-tiny") as info:
+        load.load_pipeline()
+    assert str(tmp_path / "tiny") in str(info.value)
