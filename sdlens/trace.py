@@ -88,6 +88,7 @@ class AttentionTrace:
             self.layers.append(layer)
 
     def _finalize(self, device: str | torch.device = "cpu") -> None:
+        self.all_timesteps = [float(t) for t in self.all_timesteps]  # GPU timesteps are read once, here
         for key, chunks in self._chunks.items():
             self._data[key] = torch.stack(chunks).to(device) if len(chunks) else torch.empty(0)
         self._chunks = {}
@@ -259,10 +260,10 @@ class AttentionTrace:
             if bad:
                 raise CaptureError(f"slot(s) {bad} out of range: {kind} keys are 0..{n_keys - 1}")
             hsel = self._pick_heads(heads, name)
-            x = t[sidx][:, r]  # (steps, heads, n, k)
+            x = t[:, r][..., list(slots)][sidx]  # (steps, heads, n, slots): pick before copying
             if hsel is not None:
                 x = x[:, hsel]
-            x = x[..., list(slots)].float().mean(dim=(0, 1, 3))  # (n,)
+            x = x.float().mean(dim=(0, 1, 3))  # (n,)
             h, w = self.map_size(name)
             per_layer.append(rearrange(x, "(h w) -> h w", h=h, w=w))
         return _maps.average_upsampled(per_layer, out)
@@ -325,13 +326,38 @@ class AttentionTrace:
         for name in names:
             h, w = self.map_size(name)
             qi = int(y * h / img_h) * w + int(x * w / img_w)
-            t = self._tensor("self", name)[sidx][:, r]  # (steps, heads, n, n)
+            t = self._tensor("self", name)[:, r, :, qi][sidx]  # (steps, heads, n): one query row
             hsel = self._pick_heads(heads, name)
             if hsel is not None:
                 t = t[:, hsel]
-            row = t[:, :, qi, :].float().mean(dim=(0, 1))
+            row = t.float().mean(dim=(0, 1))
             per_layer.append(rearrange(row, "(h w) -> h w", h=h, w=w))
         return _maps.average_upsampled(per_layer, out)
+
+    def self_matrix(
+        self, layer: str, *, prompt: int = 0, image: int = 0, half: str = "cond", steps=None, heads=None
+    ) -> torch.Tensor:
+        """Self-attention of one layer averaged over steps and heads: ``(n, n)`` float32, n = h·w.
+
+        Row i is where query pixel i (row-major on the layer's ``map_size``) attends.
+        """
+        r = self.row(prompt, image, half)
+        sidx = self._pick_steps(steps)
+        t = self._tensor("self", layer)[:, r][sidx]  # (steps, heads, n, n)
+        hsel = self._pick_heads(heads, layer)
+        if hsel is not None:
+            t = t[:, hsel]
+        return t.float().mean(dim=(0, 1))
+
+    def preview_row(self, prompt: int = 0, image: int = 0) -> int:
+        """Index into the rows of ``latents``/``x0``/``xt_images``/``x0_images`` (prompt × image order)."""
+        n_prompts = max(1, len(self.prompts))
+        if not (0 <= prompt < n_prompts and 0 <= image < self.images_per_prompt):
+            raise CaptureError(
+                f"no preview for prompt={prompt}, image={image}: prompts 0..{n_prompts - 1}, "
+                f"images 0..{self.images_per_prompt - 1}"
+            )
+        return prompt * self.images_per_prompt + image
 
     # ------------------------------------------------------------------ misc
     def _check_kind(self, kind: str) -> None:
@@ -400,6 +426,9 @@ class AttentionTrace:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".sdlens-", suffix=".tmp", dir=path.parent)
         os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a trace is an ordinary file
         try:
             save_file(tensors, tmp, metadata={"sdlens": json.dumps(self._metadata())})
             os.replace(tmp, path)  # never leave a half-written trace behind

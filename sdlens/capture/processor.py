@@ -78,15 +78,23 @@ def attention_probs(
 ) -> torch.Tensor:
     """Softmax attention ``(b, heads, n, k)`` in float32, computed in query chunks.
 
-    ``mask`` is an additive bias broadcastable to ``(b, heads, n, k)``.
+    ``mask`` is an additive bias broadcastable to ``(b, heads, n, k)``. Scores are formed in float32
+    (half-precision scores would cost probabilities ~1% of their value); few ops per chunk, since this
+    runs for every captured layer at every step.
     """
     b, h, n, _ = q.shape
     kk = k.shape[2]
-    chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * kk))
-    out = torch.empty(b, h, n, kk, dtype=torch.float32, device=q.device)
+    q = q.float() * scale
     kt = k.float().transpose(-1, -2)
+    chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * kk))
+    if chunk >= n:  # the common case: one chunk
+        scores = q @ kt
+        if mask is not None:
+            scores = scores + mask.float()
+        return scores.softmax(dim=-1)
+    out = torch.empty(b, h, n, kk, dtype=torch.float32, device=q.device)
     for s in range(0, n, chunk):
-        scores = (q[:, :, s : s + chunk].float() @ kt) * scale
+        scores = q[:, :, s : s + chunk] @ kt
         if mask is not None:
             scores = scores + (mask if mask.shape[2] == 1 else mask[:, :, s : s + chunk]).float()
         out[:, :, s : s + chunk] = scores.softmax(dim=-1)
@@ -119,16 +127,14 @@ class CaptureProcessor:
 
     def record(self, attn, hidden_states, context, mask, temb) -> None:
         rec, role = self.recorder, self.info.role
-        rows = rec.rows_index(hidden_states.shape[0], hidden_states.device)
-        hidden_states = hidden_states.index_select(0, rows)
-        if context is not None:
-            context = context.index_select(0, rows)
-        if temb is not None:
-            temb = temb.index_select(0, rows)
+        pick = rec.row_picker(hidden_states.shape[0])  # the kept CFG rows: a slice (a view) when contiguous
+        hidden_states = pick(hidden_states)
+        context = None if context is None else pick(context)
+        temb = None if temb is None else pick(temb)
         q, k, n_img_keys = queries_and_keys(attn, role, hidden_states, context, temb)
         bias = None
         if mask is not None and role == "cross":
-            full = attn.prepare_attention_mask(mask, k.shape[2], q.shape[0])
+            full = attn.prepare_attention_mask(pick(mask), k.shape[2], q.shape[0])
             bias = full.view(q.shape[0], attn.heads, -1, k.shape[2])
         scale = attn.scale if getattr(attn, "scale", None) is not None else q.shape[-1] ** -0.5
         probs = attention_probs(q, k, scale, bias)

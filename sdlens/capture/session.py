@@ -60,7 +60,7 @@ class Recorder:
         self.n_steps_expected: int | None = None
         self.installed: dict[str, LayerInfo] = {}
         self._originals: dict | None = None
-        self._rows_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._pickers: dict[int, object] = {}
         self._row_ids: list[int] = []
         self._head_sel: torch.Tensor | None = None
         self._handles: list = []
@@ -147,8 +147,12 @@ class Recorder:
             self._setup(sample, context)
         elif self.n_steps_expected is not None and self.step >= self.n_steps_expected and self.spec.steps is None:
             self.n_steps_expected = None  # more calls than the scheduler said (e.g. a 2nd-order solver)
-        t = timestep.flatten()[0].item() if torch.is_tensor(timestep) else float(timestep)
-        self.trace.all_timesteps.append(float(t))
+        if torch.is_tensor(timestep):
+            t = timestep.detach().flatten()[0]
+            t = t if t.device.type != "cpu" else float(t)  # no GPU sync per step: read at the end
+        else:
+            t = float(timestep)
+        self.trace.all_timesteps.append(t)
         self.trace.num_steps = self.step + 1
         self.keeping = self.kept_steps is None or self.step in self.kept_steps
         if self.keeping:
@@ -305,12 +309,17 @@ class Recorder:
             )
 
     # ------------------------------------------------------------------ called by processors
-    def rows_index(self, batch: int, device: torch.device) -> torch.Tensor:
-        key = (batch, device)
-        if key not in self._rows_cache:
+    def row_picker(self, batch: int):
+        """A function selecting the kept rows of a batch of ``batch`` rows (cached per batch size)."""
+        if batch not in self._pickers:
             ids = self._row_ids if max(self._row_ids, default=-1) < batch else list(range(batch))
-            self._rows_cache[key] = torch.tensor(ids, device=device)
-        return self._rows_cache[key]
+            if ids == list(range(ids[0], ids[0] + len(ids))):
+                sl = slice(ids[0], ids[0] + len(ids))
+                self._pickers[batch] = lambda x: x[sl]
+            else:
+                index = torch.tensor(ids)
+                self._pickers[batch] = lambda x: x.index_select(0, index.to(x.device))
+        return self._pickers[batch]
 
     def store(self, kind: str, info: LayerInfo, probs: torch.Tensor) -> None:
         """Keep ``probs`` ``(rows, heads, n, keys)`` of one layer at the current step."""
