@@ -196,7 +196,59 @@ def run_attend(args: argparse.Namespace) -> int:
 
 # --- main ------------------------------------------------------------------------------------
 
-SUBCOMMANDS = [add_train_tiny, add_attend]  # each adds one subcommand; add attend, anatomy, edit here
+# --- anatomy ---------------------------------------------------------------------------------
+
+RANDOM_FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "sd15")
+
+
+def add_anatomy(subparsers) -> None:
+    p = subparsers.add_parser(
+        "anatomy",
+        help="where the transformers are in a model: attention layers, heads, map sizes, shares",
+        description="List a pipeline's attention layers (diffusers module paths), their role (self, cross or "
+        "SD3's joint), heads, map size at an image size, parameters, and the share of parameters and "
+        "FLOPs that attention takes; then the text encoders.",
+    )
+    p.add_argument("--model", default="tiny",
+                   help="'tiny' (built-in), a local diffusers folder, a hub id, or random:FAMILY with FAMILY one of "
+                   + ", ".join(RANDOM_FAMILIES) + " (random weights, real layout; sd15 is SD 1.5's full-size UNet)")
+    p.add_argument("--size", default=None, help="image size HxW or N (default: the model's own)")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one denoiser call on zeros)")
+    p.set_defaults(func=run_anatomy)
+
+
+def run_anatomy(args: argparse.Namespace) -> int:
+    from sdlens.anatomy import anatomy
+
+    if args.model.startswith("random:"):
+        from sdlens.models import families
+
+        fam = args.model.split(":", 1)[1]
+        if fam not in RANDOM_FAMILIES:
+            print(f"sdlens anatomy: error: unknown family {fam!r}; choose one of {', '.join(RANDOM_FAMILIES)}",
+                  file=sys.stderr)
+            return 2
+        pipe = families.sd15_layout(width=320) if fam == "sd15" else families.FAMILIES[fam]()
+    else:
+        import sdlens
+
+        try:
+            pipe = sdlens.load_pipeline(args.model)
+        except (OSError, ValueError) as e:
+            print(f"sdlens anatomy: error: cannot load model {args.model!r}: {e}".splitlines()[0], file=sys.stderr)
+            return 2
+    height = width = None
+    if args.size:
+        try:
+            height, width = (int(v) for v in (args.size.lower().split("x") * 2)[:2])
+        except ValueError:
+            print(f"sdlens anatomy: error: --size {args.size!r} is not N or HxW (e.g. 64 or 64x96)", file=sys.stderr)
+            return 2
+    print(anatomy(pipe, height, width, flops=not args.no_flops))
+    return 0
+
+
+SUBCOMMANDS = [add_train_tiny, add_attend, add_anatomy]  # each adds one subcommand
 
 
 def build_parser() -> argparse.ArgumentParser:
