@@ -9,10 +9,11 @@ huge temporary.
 
 from __future__ import annotations
 
-import functools
+import inspect
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 
 if TYPE_CHECKING:
@@ -24,8 +25,20 @@ CHUNK_ELEMENTS = 1 << 25
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``(b, n, heads·d)`` → ``(b, heads, n, d)``."""
-    return rearrange(x, "b n (h d) -> b h n d", h=heads)
+    """``(b, n, heads·d)`` → ``(b, heads, n, d)``.
+
+    A view and a transpose rather than einops: this runs for every captured layer at every step,
+    and einops' pattern handling costs as much as the two ops themselves.
+    """
+    b, n, _ = x.shape
+    return x.view(b, n, heads, -1).transpose(1, 2)
+
+
+def _project(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)``, skipping nn.Module's call machinery for a plain Linear (hot path)."""
+    if type(linear) is torch.nn.Linear:
+        return F.linear(x, linear.weight, linear.bias)
+    return linear(x)  # e.g. a LoRA-wrapped projection: call it as the model does
 
 
 def _image_tokens(attn, hidden_states: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
@@ -48,11 +61,11 @@ def queries_and_keys(
     joint processor; the returned int is the number of image keys (0 for plain cross-attention).
     """
     x = _image_tokens(attn, hidden_states, temb)
-    q = _heads(attn.to_q(x), attn.heads)
+    q = _heads(_project(attn.to_q, x), attn.heads)
     if getattr(attn, "norm_q", None) is not None:
         q = attn.norm_q(q)
     if role == "joint":
-        k_img = _heads(attn.to_k(x), attn.heads)
+        k_img = _heads(_project(attn.to_k, x), attn.heads)
         if getattr(attn, "norm_k", None) is not None:
             k_img = attn.norm_k(k_img)
         if context is None:
@@ -67,7 +80,7 @@ def queries_and_keys(
         src = context
     else:
         src = x
-    k = _heads(attn.to_k(src), attn.heads)
+    k = _heads(_project(attn.to_k, src), attn.heads)
     if getattr(attn, "norm_k", None) is not None:
         k = attn.norm_k(k)
     return q, k, (k.shape[2] if role == "self" else 0)
@@ -113,7 +126,8 @@ class CaptureProcessor:
         def call(attn, hidden_states, *args, **kwargs):
             return self(attn, hidden_states, *args, **kwargs)
 
-        self.__call__ = functools.wraps(original.__call__)(call)
+        call.__signature__ = inspect.signature(original.__call__)  # computed once, not per call
+        self.__call__ = call
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
         out = self.original(attn, hidden_states, *args, **kwargs)
