@@ -7,6 +7,12 @@ context), random weights. On the CPU a reduced width and latent keep the run sho
     python benchmarks/capture_overhead.py                       # CPU: width 64, 256 px, 10 steps
     python benchmarks/capture_overhead.py --full --device cuda  # GPU: SD 1.5 UNet, 512 px, 50 steps
 
+    python benchmarks/capture_overhead.py --width 8 --size 64 --steps 20   # dispatch-bound
+
+The last one makes the model so small that Python and op dispatch, not arithmetic, set the time:
+a proxy for a GPU run whose kernels are fast (our guess at why the full-size fp16 run on an H100
+showed more overhead than the CPU runs do; see notes/tiny_model.md).
+
 Traced = cross-attention of all layers and all steps, heads averaged, conditional half, fp16 on the
 CPU (sdlens' defaults). Timings are the median of ``--repeats`` alternating runs after a warm-up.
 """

@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 
 from .. import maps as _maps
-from ..capture.spec import select_layers, select_steps
+from ..capture.spec import select_layers
 from ._figure import draw_frame, figure_and_ax, new_figure, show_rgb
 from .frames import as_rgb, blend, image_size_of, layers_label, map_sizes, self_frame
 
@@ -68,22 +68,9 @@ def self_attention_rows(
             f"the chosen layers have different map sizes {sorted(grids)}: pick layers of one size, "
             f"e.g. layers={max(max(g) for g in grids)}"
         )
-    wanted = select_steps(steps, trace.num_steps)
-    missing = [s for s in wanted if s not in trace.steps]
-    if missing:
-        raise ValueError(f"steps {missing} were not captured; captured steps are {trace.steps}")
-    pos = [trace.steps.index(s) for s in wanted]
-    r = trace.row(prompt, image)
     total = None
-    for n in chosen:
-        m = trace.maps(n, "self")[pos][:, r]  # (steps, heads, h, w, keys)
-        if heads is not None:
-            if trace.head_indices is None:
-                raise ValueError("heads were averaged during capture; trace with heads='all' to pick heads")
-            kept = trace.head_indices[n]
-            items = [heads] if isinstance(heads, int) else list(heads)
-            m = m[:, [kept.index(h) for h in items]]
-        a = rearrange(m.float().mean(dim=(0, 1)).cpu(), "h w k -> (h w) k")
+    for n in chosen:  # each (h·w, h·w), averaged over steps and heads by the trace
+        a = trace.self_matrix(n, prompt=prompt, image=image, steps=steps, heads=heads).cpu()
         total = a if total is None else total + a
     return total / len(chosen), next(iter(grids))
 
