@@ -366,3 +366,14 @@ def test_img2img_counts_only_the_steps_it_runs():
     with r as tr:
         pipe(PROMPT, image=image, strength=0.5, num_inference_steps=10, generator=gen(), output_type="latent")
     assert r.n_steps_expected == 5 and tr.num_steps == 5 and tr.steps == [4]
+
+
+def test_latents_only_trace_installs_no_processor():
+    pipe = sd1()
+    with sdlens.trace(pipe, cross=False, record_latents=True) as tr:
+        procs = dict(pipe.unet.attn_processors)
+        run(pipe, steps=2)
+    assert tr.latents.shape[0] == 2 and tr.layers == [] and tr.kinds == ()
+    assert all(type(p).__name__ == "AttnProcessor2_0" for p in procs.values())
+    with pytest.raises(CaptureError, match="nothing to capture"):
+        sdlens.trace(pipe, cross=False)

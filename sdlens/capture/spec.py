@@ -111,8 +111,8 @@ class CaptureSpec:
     kinds: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        if not (self.cross or self.self_attn):
-            raise CaptureError("nothing to capture: set cross=True and/or self_attn=True")
+        if not (self.cross or self.self_attn or self.record_latents):
+            raise CaptureError("nothing to capture: set cross=True, self_attn=True and/or record_latents=True")
         self.kinds = tuple(k for k, on in (("cross", self.cross), ("self", self.self_attn)) if on)
         if self.cfg not in CFG_CHOICES:
             raise CaptureError(f"cfg={self.cfg!r} is not valid; choose one of {CFG_CHOICES}")
@@ -145,6 +145,8 @@ class CaptureSpec:
 
     def candidate_layers(self, layers: Sequence[LayerInfo]) -> list[LayerInfo]:
         """Layers that can give one of the requested kinds, filtered by name selectors (not sizes)."""
+        if not self.kinds:  # only the denoising itself (record_latents) is recorded
+            return []
         able = [info for info in layers if set(info.kinds()) & set(self.kinds)]
         if not able:
             raise CaptureError(f"this model has no layer with {' or '.join(self.kinds)}-attention")

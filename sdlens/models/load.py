@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,9 +78,11 @@ def load_pipeline(
                 f"`sdlens train-tiny --out {folder}` writes one"
             )
         kwargs.setdefault("local_files_only", True)
-        pipe = DiffusionPipeline.from_pretrained(folder, **{_DTYPE: dtype}, **kwargs)
-    else:
-        pipe = DiffusionPipeline.from_pretrained(str(name), **{_DTYPE: dtype}, **kwargs)
+    if is_tiny:
+        # a 25 MB model needs no accelerate; without this, diffusers advises installing it on every load
+        kwargs.setdefault("low_cpu_mem_usage", False)
+    with _quiet_loading(progress):
+        pipe = DiffusionPipeline.from_pretrained(str(folder or name), **{_DTYPE: dtype}, **kwargs)
 
     if scheduler is not None:
         pipe.scheduler = _make_scheduler(scheduler, pipe.scheduler.config)
@@ -87,6 +91,30 @@ def load_pipeline(
         progress = not _is_small(pipe)
     pipe.set_progress_bar_config(disable=not progress, leave=False, desc="sampling")
     return pipe
+
+
+@contextlib.contextmanager
+def _quiet_loading(progress: bool | None):
+    """Hide the loading bars and library advice (accelerate, torchvision) that clutter a notebook cell."""
+    import diffusers
+    import transformers
+
+    d_level, t_level = diffusers.logging.get_verbosity(), transformers.logging.get_verbosity()
+    diffusers.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    if not progress:
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        diffusers.logging.set_verbosity(d_level)
+        transformers.logging.set_verbosity(t_level)
+        if not progress:
+            diffusers.utils.logging.enable_progress_bar()
+            transformers.utils.logging.enable_progress_bar()
 
 
 def _dtype_keyword() -> str:
