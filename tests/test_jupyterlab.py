@@ -43,7 +43,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 START_TIMEOUT = 60  # seconds for JupyterLab to answer
-RUN_TIMEOUT = 120  # seconds for "Run All Cells" to bring up the explorer
+RUN_TIMEOUT = 300  # seconds for "Run All Cells" to bring up the explorer (~20 s on a quiet 2-core CPU)
 CHANGE_TIMEOUT = 30  # seconds for the picture to change after the slider moves
 
 
