@@ -56,6 +56,13 @@ def _vae(latent_channels=4, **kw) -> AutoencoderKL:
     )
 
 
+def _sd_ddim() -> DDIMScheduler:
+    """SD 1.x's noise schedule with a DDIM sampler."""
+    return DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1
+    )
+
+
 def sd1(seed: int = 0) -> StableDiffusionPipeline:
     """SD 1.x family: CrossAttn blocks at two resolutions, 2 heads, 32-d context."""
     torch.manual_seed(seed)
@@ -76,13 +83,7 @@ def sd1(seed: int = 0) -> StableDiffusionPipeline:
         text_encoder=CLIPTextModel(_clip_config()),
         tokenizer=load_clip_tokenizer(),
         unet=unet,
-        scheduler=DDIMScheduler(
-            beta_schedule="scaled_linear",
-            beta_start=0.00085,
-            beta_end=0.012,
-            clip_sample=False,
-            steps_offset=1,
-        ),
+        scheduler=_sd_ddim(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -235,13 +236,7 @@ def sd15_layout(width: int = 32, sample_size: int = 64, seed: int = 0) -> Stable
         text_encoder=CLIPTextModel(_clip_config(hidden=768, layers=1)),
         tokenizer=load_clip_tokenizer(),
         unet=unet,
-        scheduler=DDIMScheduler(
-            beta_schedule="scaled_linear",
-            beta_start=0.00085,
-            beta_end=0.012,
-            clip_sample=False,
-            steps_offset=1,
-        ),
+        scheduler=_sd_ddim(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
