@@ -275,7 +275,7 @@ class Recorder:
             extra = context.shape[1] - n_slots
             t5 = getattr(self.pipe, "tokenizer_3", None)
             tr.key_labels = [f"<t5:{i}>" for i in range(extra)]
-            if t5 is not None:
+            if t5 is not None and len(tr.prompts) == 1:  # labels are shared by all rows: name them for one prompt only
                 ids = t5(tr.prompts[0], padding="max_length", max_length=extra, truncation=True).input_ids
                 tr.key_labels = [f"t5:{s}" for s in t5.convert_ids_to_tokens(ids)]
 
