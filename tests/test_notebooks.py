@@ -109,15 +109,21 @@ def run_notebook(nb, cwd: Path = NOTEBOOK_DIR, timeout: int = TIMEOUT_PER_CELL) 
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
         "PYDEVD_DISABLE_FILE_VALIDATION": "1",
     }
+    km = kernel_manager()
     client = NotebookClient(
         nb,
-        km=kernel_manager(),
+        km=km,
         timeout=timeout,
         allow_errors=False,
         resources={"metadata": {"path": str(cwd)}},
     )
     start = time.perf_counter()
-    client.execute(env=env, cwd=str(cwd))
+    try:
+        client.execute(env=env, cwd=str(cwd))
+    finally:
+        # nbclient leaves a kernel manager it was given running: stop the kernel ourselves
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
     return time.perf_counter() - start
 
 
