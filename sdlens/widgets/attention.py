@@ -91,17 +91,7 @@ class AttentionExplorer(Explorer):
                 self._holding -= 1
 
     def _layers_changed(self, change) -> None:
-        head = self.controls["head"]
-        if self.trace.head_indices is None:
-            return
-        heads = heads_in(self.trace, layers_value(change["new"]))
-        self._holding += 1
-        try:
-            keep = head.value if head.value in heads else ALL
-            head.options = head_options(heads)
-            head.value = keep
-        finally:
-            self._holding -= 1
+        self._refresh_heads(layers_value(change["new"]), "cross")
 
     # -------------------------------------------------------------- settings and picture
     def settings(self) -> dict:

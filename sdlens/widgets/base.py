@@ -22,7 +22,7 @@ import ipywidgets as W
 import numpy as np
 from PIL import Image
 
-from ..viz.frames import colorize, map_sizes, short_layer_name, size_label, upscale
+from ..viz.frames import colorize, heads_in, map_sizes, short_layer_name, size_label, upscale
 
 ALL = "all"  # dropdown value: no selection (average over everything)
 
@@ -105,6 +105,26 @@ class Explorer:
             self._holding -= 1
         if not self._holding:
             self.redraw()
+
+    def _refresh_heads(self, layers, kind: str) -> None:
+        """Offer the heads of the chosen layers, keeping the current head where it still exists."""
+        if self.trace.head_indices is None:
+            return
+        head = self.controls["head"]
+        heads = heads_in(self.trace, layers, kind)
+        with self.hold_silently():
+            keep = head.value if head.value in heads else ALL
+            head.options = head_options(heads)
+            head.value = keep
+
+    @contextmanager
+    def hold_silently(self):
+        """Change controls without any redraw (the caller's own change redraws)."""
+        self._holding += 1
+        try:
+            yield self
+        finally:
+            self._holding -= 1
 
     def _changed(self, change) -> None:
         if not self._holding:

@@ -77,17 +77,7 @@ class SelfAttentionExplorer(Explorer):
                 self._holding -= 1
 
     def _layers_changed(self, change) -> None:
-        if self.trace.head_indices is None:
-            return
-        head = self.controls["head"]
-        heads = heads_in(self.trace, layers_value(change["new"]), "self")
-        self._holding += 1
-        try:
-            keep = head.value if head.value in heads else ALL
-            head.options = head_options(heads)
-            head.value = keep
-        finally:
-            self._holding -= 1
+        self._refresh_heads(layers_value(change["new"]), "self")
 
     def settings(self) -> dict:
         """The current settings as keyword arguments of ``viz.self_attention_map`` / ``viz.self_frame``."""
