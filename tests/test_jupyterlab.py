@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -43,6 +44,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 START_TIMEOUT = 60  # seconds for JupyterLab to answer
+KERNEL_TIMEOUT = 120  # seconds for the kernel to start and connect to the page
 RUN_TIMEOUT = 300  # seconds for "Run All Cells" to bring up the explorer (~20 s on a quiet 2-core CPU)
 CHANGE_TIMEOUT = 30  # seconds for the picture to change after the slider moves
 
@@ -183,6 +185,16 @@ def _settled_image_bytes(page, img, quiet: float = 1.0, timeout: float = 30.0) -
             raise TimeoutError("the explorer's picture kept changing")
 
 
+def _accept_kernel_dialog(page, wait: float = 3.0) -> None:
+    """Press "Select" if JupyterLab asks which kernel to use (it keeps the one already chosen)."""
+    dialog = page.locator(".jp-Dialog").filter(has_text="Select Kernel")
+    try:
+        dialog.wait_for(state="visible", timeout=wait * 1000)
+    except Exception:
+        return  # no dialog: the cells are running
+    dialog.locator("button.jp-mod-accept").click()
+
+
 def test_start_here_explorer_in_jupyterlab(jupyterlab_server, tmp_path: Path) -> None:
     """Run All on "Start here" in JupyterLab; the attention explorer renders; its step slider changes the picture."""
     from playwright.sync_api import sync_playwright
@@ -198,12 +210,22 @@ def test_start_here_explorer_in_jupyterlab(jupyterlab_server, tmp_path: Path) ->
         try:
             page.goto(url)
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=START_TIMEOUT * 1000)
-            # the kernel must be there before running: the toolbar's kernel name shows it
-            page.wait_for_selector(".jp-NotebookPanel-toolbar .jp-KernelName", timeout=START_TIMEOUT * 1000)
+            # The kernel must be connected before running. The toolbar's kernel name shows up at once
+            # (it comes from the notebook's metadata); only the status bar's "| Idle" says the
+            # browser holds a live kernel. Running earlier makes JupyterLab ask "Select Kernel"
+            # and leave every cell unrun.
+            page.locator(".jp-StatusBar-Widget").get_by_text(re.compile(r"\|\s*Idle")).first.wait_for(
+                timeout=KERNEL_TIMEOUT * 1000)
 
-            # Run → Run All Cells
+            # Run → Run All Cells; should the kernel dialog still appear, accept the notebook's kernel.
             page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
             page.locator(".lm-Menu-itemLabel").get_by_text("Run All Cells", exact=True).click()
+            _accept_kernel_dialog(page)
+            # Execution has begun once some input prompt reads [*] or [n].
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.jp-InputPrompt')].some(e => /\\[(\\*|\\d+)\\]/.test(e.textContent))",
+                timeout=KERNEL_TIMEOUT * 1000,
+            )
 
             # The explorer: the widget tree whose dropdown is labelled "word" and whose slider is labelled "step".
             explorer = page.locator(".jp-OutputArea-output .widget-vbox").filter(
