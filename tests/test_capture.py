@@ -101,6 +101,63 @@ def test_maps_match_diffusers_explicit_attention():
         torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)
 
 
+def test_fused_and_delegating_paths_agree():
+    """Default SDPA layers run fused (output op for op, probabilities from its own q/k); a custom
+    processor is delegated to and q/k recomputed: the same maps either way."""
+    pipe = sd1()
+    seen: dict[str, bool] = {}
+
+    def traced_maps():
+        with sdlens.trace(pipe, self_attn=True, heads="all", cfg="both", dtype=torch.float32) as tr:
+            run(pipe, steps=2)
+            for name, proc in pipe.unet.attn_processors.items():  # installed at the first step
+                if type(proc).__name__ == "CaptureProcessor":
+                    seen[name] = proc.fused
+        return {(kind, layer): tr.maps(layer, kind) for kind in ("cross", "self") for layer in tr.layers_of(kind)}
+
+    fused = traced_maps()
+    assert seen and all(seen.values())
+    original = dict(pipe.unet.attn_processors)
+    pipe.unet.set_attn_processor(AttnProcessor())  # explicit softmax: not AttnProcessor2_0, so delegated
+    try:
+        seen.clear()
+        delegated = traced_maps()
+        assert seen and not any(seen.values())
+    finally:
+        pipe.unet.set_attn_processor(dict(original))
+    assert fused.keys() == delegated.keys() and len(fused) > 0
+    for key in fused:
+        torch.testing.assert_close(fused[key], delegated[key], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("boolean", [False, True])
+def test_sdpa_forward_is_diffusers_sdpa_processor_with_a_mask(boolean):
+    from diffusers.models.attention_processor import Attention
+
+    from sdlens.capture.processor import attention_probs, sdpa_forward
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=16, heads=4, dim_head=8).eval()
+    x, ctx = torch.randn(2, 10, 32), torch.randn(2, 7, 16)
+    keep = torch.ones(2, 1, 7, dtype=torch.bool)
+    keep[0, :, 5:] = False  # the first row may not look at its last two keys
+    mask = keep if boolean else (~keep).float() * -10000.0  # the UNet passes an additive (b, 1, keys) bias
+    with torch.no_grad():
+        expected = AttnProcessor2_0()(attn, x, ctx, mask)
+        out, q, k, bias = sdpa_forward(attn, x, ctx, mask, None)
+        probs = attention_probs(q, k, q.shape[-1] ** -0.5, bias)  # (2, 4, 10, 7)
+        # reference: diffusers' explicit softmax on an additive mask
+        additive = (~keep).float() * -10000.0
+        ref = attn.get_attention_scores(
+            attn.head_to_batch_dim(attn.to_q(x)), attn.head_to_batch_dim(attn.to_k(ctx)),
+            attn.prepare_attention_mask(additive, 7, 2),
+        ).view(2, 4, 10, 7)
+    assert torch.equal(out, expected)
+    torch.testing.assert_close(probs, ref, atol=1e-6, rtol=1e-5)
+    assert probs[0, :, :, 5:].max() < 1e-6 and probs[1, :, :, 5:].min() > 0
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 10))
+
+
 # ---------------------------------------------------------------- SD 1.5's layout
 def test_sd15_layout_has_16_cross_layers_at_four_sizes():
     unet = sd15_layout_unet(width=32, sample_size=64)
@@ -277,6 +334,43 @@ def test_budget_raises_before_the_first_forward_and_estimate_is_accurate():
     assert r.estimate is not None
     assert abs(r.estimate.total - tr2.nbytes) <= 0.1 * tr2.nbytes
     assert rec_estimate == tr2.nbytes
+
+
+def test_self_layers_pick_self_attention_apart_from_cross_attention():
+    pipe = sd1()
+    with sdlens.trace(pipe, self_attn=True) as full:
+        run(pipe, steps=2)
+    small = min(full.map_size(n)[0] for n in full.layers_of("self"))
+    r = sdlens.trace(pipe, self_attn=True, self_layers=small, cfg="both", heads="all")
+    with r as tr:
+        run(pipe, steps=2)
+    assert tr.layers_of("cross") == full.layers_of("cross")  # layers=None: every cross layer
+    assert tr.layers_of("self") == [n for n in full.layers_of("self") if full.map_size(n)[0] == small]
+    assert 0 < len(tr.layers_of("self")) < len(full.layers_of("self"))
+    assert r.estimate is not None and r.estimate.total == tr.nbytes
+    # a name selector for each kind
+    with sdlens.trace(pipe, self_attn=True, layers="up_blocks.*", self_layers="down_blocks.*") as tr:
+        run(pipe, steps=1)
+    assert tr.layers_of("cross") and all(n.startswith("up_blocks") for n in tr.layers_of("cross"))
+    assert tr.layers_of("self") and all(n.startswith("down_blocks") for n in tr.layers_of("self"))
+    # clear errors, nothing installed
+    with pytest.raises(CaptureError, match="needs self_attn=True"):
+        sdlens.trace(pipe, self_layers=16)
+    with pytest.raises(CaptureError, match="cross=False"):
+        sdlens.trace(pipe, cross=False, self_attn=True, layers=16, self_layers=16)
+    with pytest.raises(CaptureError, match="self_layers: 'nope' matches no layer"):
+        sdlens.trace(pipe, self_attn=True, self_layers="nope").__enter__()
+    with pytest.raises(CaptureError, match="self_layers: no layer has map size 5"):
+        with sdlens.trace(pipe, self_attn=True, self_layers=5):
+            run(pipe, steps=1)
+    assert all(type(p) is AttnProcessor2_0 for p in pipe.unet.attn_processors.values())
+
+
+def test_budget_message_points_to_self_layers():
+    pipe = sd1()
+    with pytest.raises(BudgetError, match="self_layers=8 or 16"):
+        with sdlens.trace(pipe, self_attn=True, max_bytes=1000):
+            run(pipe, steps=1)
 
 
 # ---------------------------------------------------------------- words, tokens, save/load

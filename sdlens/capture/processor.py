@@ -1,10 +1,17 @@
 """The attention processor that records attention probabilities.
 
-It *delegates* the layer's output to the processor that was installed before (diffusers' SDPA
-processor, or whatever custom processor the user had), so a traced run computes exactly the same
-image, and it recomputes only what is needed for the maps: queries and keys of the CFG rows being
-kept, then an explicit softmax, in query chunks so that large self-attention maps never need one
-huge temporary.
+Two paths, both giving exactly the image an untraced run gives:
+
+- **fused**, for layers whose original processor is diffusers' ``AttnProcessor2_0`` (the default):
+  the layer's own computation, op for op (so the output is bit-identical), which keeps the queries
+  and keys it made and turns those of the kept CFG rows into probabilities. Nothing is projected
+  twice.
+- **delegating**, for any other processor (a user's custom one, SD3's joint processor, ...): the
+  original processor computes the output; the queries and keys of the kept rows are recomputed
+  for the maps.
+
+Probabilities come from an explicit float32 softmax, in query chunks so that large self-attention
+maps never need one huge temporary. Steps that are not kept run the original processor untouched.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
 from einops import rearrange
 
 if TYPE_CHECKING:
@@ -35,10 +43,19 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _project(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)``, skipping nn.Module's call machinery for a plain Linear (hot path)."""
-    if type(linear) is torch.nn.Linear:
+    """``linear(x)``, skipping nn.Module's call machinery for a plain, unhooked Linear (hot path).
+
+    A wrapped projection (LoRA), a hooked one, or one whose ``forward`` was replaced (accelerate's
+    offloading moves weights in such hooks) is called as the model calls it.
+    """
+    if (
+        type(linear) is torch.nn.Linear
+        and not linear._forward_pre_hooks
+        and not linear._forward_hooks
+        and "forward" not in linear.__dict__
+    ):
         return F.linear(x, linear.weight, linear.bias)
-    return linear(x)  # e.g. a LoRA-wrapped projection: call it as the model does
+    return linear(x)
 
 
 def _image_tokens(attn, hidden_states: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
@@ -91,12 +108,15 @@ def attention_probs(
 ) -> torch.Tensor:
     """Softmax attention ``(b, heads, n, k)`` in float32, computed in query chunks.
 
-    ``mask`` is an additive bias broadcastable to ``(b, heads, n, k)``. Scores are formed in float32
-    (half-precision scores would cost probabilities ~1% of their value); few ops per chunk, since this
-    runs for every captured layer at every step.
+    ``mask`` is an additive bias, or a boolean mask (True: may attend) as SDPA takes, broadcastable
+    to ``(b, heads, n, k)``. Scores are formed in float32 (half-precision scores would cost
+    probabilities ~1% of their value); few ops per chunk, since this runs for every captured layer
+    at every step.
     """
     b, h, n, _ = q.shape
     kk = k.shape[2]
+    if mask is not None and mask.dtype == torch.bool:  # SDPA's boolean masks: True = may attend
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
     q = q.float() * scale
     kt = k.float().transpose(-1, -2)
     chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * kk))
@@ -114,6 +134,59 @@ def attention_probs(
     return out
 
 
+def sdpa_forward(
+    attn, hidden_states: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None,
+    temb: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """diffusers' ``AttnProcessor2_0`` step for step, also returning what it attended with.
+
+    Returns the layer's output (exactly the original processor's), the per-head queries
+    ``(b, heads, n, d)`` and keys ``(b, heads, k, d)``, and the additive mask ``(b, heads, 1 | n, k)``
+    SDPA was given (or None). SDPA scales scores by ``d ** -0.5``, whatever ``attn.scale`` says.
+    """
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        b, c, h, w = hidden_states.shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    b, seq, _ = hidden_states.shape if context is None else context.shape
+    if mask is not None:
+        mask = attn.prepare_attention_mask(mask, seq, b)
+        mask = mask.view(b, attn.heads, -1, mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    if context is None:
+        context = hidden_states
+    elif attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    key = attn.to_k(context)
+    value = attn.to_v(context)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
+    out = attn.to_out[0](out)
+    out = attn.to_out[1](out)
+    if input_ndim == 4:
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+    if attn.residual_connection:
+        out = out + residual
+    out = out / attn.rescale_output_factor
+    return out, query, key, mask
+
+
+_CALL_ARGS = ("encoder_hidden_states", "attention_mask", "temb")
+
+
 class CaptureProcessor:
     """Wraps a layer's original processor; records that layer's attention while its step is kept."""
 
@@ -128,15 +201,27 @@ class CaptureProcessor:
 
         call.__signature__ = inspect.signature(original.__call__)  # computed once, not per call
         self.__call__ = call
+        # diffusers' default SDPA processor is re-run op for op (see sdpa_forward); joint (SD3)
+        # layers and any other processor are delegated to.
+        self.fused = type(original) is AttnProcessor2_0 and info.role in ("cross", "self")
+        self.kinds = recorder.kinds_at.get(info.name, recorder.spec.kinds)  # what is kept at this layer
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
-        out = self.original(attn, hidden_states, *args, **kwargs)
-        if self.recorder.keeping:
-            context = kwargs.get("encoder_hidden_states", args[0] if len(args) > 0 else None)
-            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-            temb = kwargs.get("temb", args[2] if len(args) > 2 else None)
+        if not self.recorder.keeping:
+            return self.original(attn, hidden_states, *args, **kwargs)
+        context = kwargs.get("encoder_hidden_states", args[0] if len(args) > 0 else None)
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        temb = kwargs.get("temb", args[2] if len(args) > 2 else None)
+        if self.fused and len(args) <= 3 and all(k in _CALL_ARGS for k in kwargs):
+            out, q, k, bias = sdpa_forward(attn, hidden_states, context, mask, temb)
             with torch.no_grad():
-                self.record(attn, hidden_states, context, mask, temb)
+                pick = self.recorder.row_picker(q.shape[0])
+                self.keep(pick(q.detach()), pick(k.detach()), q.shape[-1] ** -0.5,
+                          None if bias is None else pick(bias), 0)
+            return out
+        out = self.original(attn, hidden_states, *args, **kwargs)
+        with torch.no_grad():
+            self.record(attn, hidden_states, context, mask, temb)
         return out
 
     def record(self, attn, hidden_states, context, mask, temb) -> None:
@@ -151,11 +236,17 @@ class CaptureProcessor:
             full = attn.prepare_attention_mask(pick(mask), k.shape[2], q.shape[0])
             bias = full.view(q.shape[0], attn.heads, -1, k.shape[2])
         scale = attn.scale if getattr(attn, "scale", None) is not None else q.shape[-1] ** -0.5
+        self.keep(q, k, scale, bias, n_img_keys)
+
+    def keep(self, q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
+             n_img_keys: int) -> None:
+        """Store the probabilities of the kept rows' queries ``(rows, heads, n, d)`` over keys ``(rows, heads, k, d)``."""
+        rec, role = self.recorder, self.info.role
         probs = attention_probs(q, k, scale, bias)
         if role == "joint":
             parts = {"self": probs[..., :n_img_keys], "cross": probs[..., n_img_keys:]}
         else:
             parts = {role: probs}
         for kind, p in parts.items():
-            if kind in rec.spec.kinds:
+            if kind in self.kinds:
                 rec.store(kind, self.info, p)

@@ -22,9 +22,18 @@ from ..trace import AttentionTrace, Row
 from .denoising import DenoisingRecorder
 from .layers import LayerInfo, attention_layers, denoiser_of, infer_map_size
 from .processor import CaptureProcessor
-from .spec import BudgetError, CaptureError, CaptureSpec, Estimate, select_layers, select_steps
+from .spec import BudgetError, CaptureError, CaptureSpec, Estimate, select_steps
 
 _ACTIVE = "_sdlens_recorder"  # attribute set on a denoiser while it is traced
+
+
+def _describe(selector):
+    """A layer selector as JSON can hold it (a predicate becomes a placeholder)."""
+    if isinstance(selector, (str, int, type(None))):
+        return selector
+    if isinstance(selector, (list, tuple)):
+        return list(selector)
+    return "<predicate>"
 
 
 def _as_list(x) -> list | None:
@@ -47,7 +56,8 @@ class Recorder:
         self.trace.spec = {
             "cross": spec.cross,
             "self_attn": spec.self_attn,
-            "layers": spec.layers if isinstance(spec.layers, (str, int, list, tuple, type(None))) else "<predicate>",
+            "layers": _describe(spec.layers),
+            "self_layers": _describe(spec.self_layers),
             "steps": spec.steps if spec.steps is None or isinstance(spec.steps, int) else list(spec.steps),
             "heads": spec.heads,
             "cfg": spec.cfg,
@@ -59,6 +69,7 @@ class Recorder:
         self.kept_steps: set[int] | None = None
         self.n_steps_expected: int | None = None
         self.installed: dict[str, LayerInfo] = {}
+        self.kinds_at: dict[str, tuple[str, ...]] = {}
         self._originals: dict | None = None
         self._pickers: dict[int, object] = {}
         self._row_ids: list[int] = []
@@ -183,16 +194,9 @@ class Recorder:
 
         # layers: map sizes are known now, so size selectors can be resolved
         sizes = {info.name: info.map_size(latent_hw) for info in self.candidates if info.factor is not None}
-        names = [info.name for info in self.candidates]
-        sel = spec.layers
-        by_size = isinstance(sel, int) or (
-            isinstance(sel, (list, tuple)) and any(isinstance(s, int) and not isinstance(s, bool) for s in sel)
-        )
-        if by_size:
-            known = [n for n in names if n in sizes]
-            names = select_layers(sel, known, sizes)
-        chosen = [info for info in self.candidates if info.name in names]
-        tr._sizes.update({n: sizes[n] for n in names if n in sizes})
+        self.kinds_at = spec.resolve(self.candidates, sizes)  # layer -> the kinds kept there
+        chosen = [info for info in self.candidates if info.name in self.kinds_at]
+        tr._sizes.update({n: sizes[n] for n in self.kinds_at if n in sizes})
         tr.heads = {info.name: info.heads for info in chosen}
 
         if spec.heads == "all":
@@ -292,7 +296,7 @@ class Recorder:
             h, w = info.map_size(latent_hw)
             n = h * w
             per_row_step = 0
-            kinds = set(info.kinds()) & set(spec.kinds)
+            kinds = set(self.kinds_at.get(info.name, ()))
             if "cross" in kinds:
                 per_row_step += n * n_keys
             if "self" in kinds:
@@ -340,6 +344,7 @@ def trace(
     cross: bool = True,
     self_attn: bool = False,
     layers=None,
+    self_layers=None,
     steps=None,
     heads="mean",
     cfg: str = "cond",
@@ -357,6 +362,10 @@ def trace(
         self_attn: capture self-attention (pixel → pixel); large: ``(h·w)²`` per map.
         layers: ``None`` (all), a diffusers module path or glob (``"up_blocks.*"``), an int map side
             (``16``), a list of these, or a predicate on the name.
+        self_layers: the self-attention layers, chosen the same ways, when they should differ from
+            the cross-attention ones (self-attention maps grow as ``(h·w)²``: ``self_layers=16``
+            keeps only the small ones); ``layers`` then picks only cross-attention layers. ``None``:
+            ``layers`` picks both.
         steps: ``None`` (all) or step indices in sampling order (negative from the end).
         heads: ``"mean"`` (average heads), ``"all"``, or a list of head indices to keep.
         cfg: which classifier-free-guidance half to keep: ``"cond"``, ``"uncond"`` or ``"both"``.
@@ -379,6 +388,7 @@ def trace(
         cross=cross,
         self_attn=self_attn,
         layers=layers,
+        self_layers=self_layers,
         steps=steps,
         heads=heads,
         cfg=cfg,

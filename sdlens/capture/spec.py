@@ -69,7 +69,7 @@ def select_layers(
             hits = [n for n in names if item in sizes[n]]
             if not hits:
                 avail = sorted({s for n in names for s in sizes[n]}, reverse=True)
-                raise CaptureError(f"no layer has map size {item}; sizes are {avail}")
+                raise CaptureError(f"{what}: no layer has map size {item}; sizes are {avail}")
         else:
             hits = [n for n in names if n == item or fnmatch.fnmatchcase(n, item)]
             if not hits:
@@ -101,6 +101,7 @@ class CaptureSpec:
     cross: bool = True
     self_attn: bool = False
     layers: LayerSelector = None
+    self_layers: LayerSelector = None
     steps: None | int | Sequence[int] = None
     heads: str | Sequence[int] = "mean"
     cfg: str = "cond"
@@ -114,6 +115,13 @@ class CaptureSpec:
         if not (self.cross or self.self_attn or self.record_latents):
             raise CaptureError("nothing to capture: set cross=True, self_attn=True and/or record_latents=True")
         self.kinds = tuple(k for k, on in (("cross", self.cross), ("self", self.self_attn)) if on)
+        if self.self_layers is not None and not self.self_attn:
+            raise CaptureError("self_layers= picks self-attention layers: it needs self_attn=True")
+        if self.self_layers is not None and not self.cross and self.layers is not None:
+            raise CaptureError(
+                "with self_layers= given, layers= picks only cross-attention layers, but cross=False: "
+                "drop layers= (or use it alone, without self_layers=)"
+            )
         if self.cfg not in CFG_CHOICES:
             raise CaptureError(f"cfg={self.cfg!r} is not valid; choose one of {CFG_CHOICES}")
         if isinstance(self.heads, str):
@@ -143,6 +151,16 @@ class CaptureSpec:
             raise CaptureError(f"heads {bad} do not exist: layers have heads 0..{n_heads - 1}")
         return len(self.heads)
 
+    def selectors(self) -> dict[str, LayerSelector]:
+        """The layer selector of each captured kind.
+
+        Without ``self_layers`` one selector (``layers``) picks layers of both kinds; with it,
+        ``layers`` picks the cross-attention layers and ``self_layers`` the self-attention ones.
+        """
+        if self.self_layers is None:
+            return {kind: self.layers for kind in self.kinds}
+        return {kind: (self.self_layers if kind == "self" else self.layers) for kind in self.kinds}
+
     def candidate_layers(self, layers: Sequence[LayerInfo]) -> list[LayerInfo]:
         """Layers that can give one of the requested kinds, filtered by name selectors (not sizes)."""
         if not self.kinds:  # only the denoising itself (record_latents) is recorded
@@ -150,11 +168,53 @@ class CaptureSpec:
         able = [info for info in layers if set(info.kinds()) & set(self.kinds)]
         if not able:
             raise CaptureError(f"this model has no layer with {' or '.join(self.kinds)}-attention")
-        sel = self.layers
-        if isinstance(sel, int) or (isinstance(sel, Sequence) and not isinstance(sel, str) and any(isinstance(s, int) for s in sel)):
-            return able  # by size: resolved at the first call
-        keep = set(select_layers(sel, [info.name for info in able]))
+        keep: set[str] = set()
+        for sel, kinds, what in self._groups():
+            pool = [info.name for info in able if set(info.kinds()) & kinds]
+            if not pool:
+                raise CaptureError(f"this model has no layer with {' or '.join(sorted(kinds))}-attention")
+            if by_size(sel):
+                keep.update(pool)  # by size: resolved at the first call, when map sizes are known
+            else:
+                keep.update(select_layers(sel, pool, what=what))
         return [info for info in able if info.name in keep]
+
+    def _groups(self) -> list[tuple[LayerSelector, set[str], str]]:
+        """(selector, the kinds it picks layers for, its argument's name): one group, or two when
+        ``self_layers`` is given."""
+        if self.self_layers is None:
+            return [(self.layers, set(self.kinds), "layers")]
+        groups = [(self.self_layers, {"self"}, "self_layers")]
+        if self.cross:
+            groups.insert(0, (self.layers, {"cross"}, "layers"))
+        return groups
+
+    def resolve(
+        self, candidates: Sequence[LayerInfo], sizes: dict[str, tuple[int, int]]
+    ) -> dict[str, tuple[str, ...]]:
+        """The kinds kept at each chosen layer, in model order, once map sizes are known."""
+        kinds_at: dict[str, set[str]] = {}
+        for sel, kinds, what in self._groups():
+            pool = [info for info in candidates if set(info.kinds()) & kinds]
+            names = [info.name for info in pool]
+            if by_size(sel):
+                names = select_layers(sel, [n for n in names if n in sizes], sizes, what=what)
+            else:
+                names = select_layers(sel, names, what=what)
+            for info in pool:
+                if info.name in names:
+                    kinds_at.setdefault(info.name, set()).update(set(info.kinds()) & kinds)
+        return {info.name: tuple(k for k in self.kinds if k in kinds_at[info.name])
+                for info in candidates if kinds_at.get(info.name)}
+
+
+def by_size(sel: LayerSelector) -> bool:
+    """Whether a selector names map sizes (an int, or a list holding one)."""
+    if isinstance(sel, bool):
+        return False
+    if isinstance(sel, int):
+        return True
+    return isinstance(sel, (list, tuple)) and any(isinstance(s, int) and not isinstance(s, bool) for s in sel)
 
 
 @dataclass(frozen=True)
@@ -174,7 +234,7 @@ class Estimate:
         if spec.heads != "mean":
             tips.append("average the heads (heads='mean')")
         if spec.self_attn:
-            tips.append("capture self-attention only at small maps (layers=8 or 16)")
+            tips.append("capture self-attention only at small maps (self_layers=8 or 16; layers= then picks the cross-attention layers)")
         if spec.cfg == "both":
             tips.append("keep one CFG half (cfg='cond')")
         if spec.dtype.itemsize > 2:
