@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,9 @@ DEFAULT_MAX_LENGTH = 77  # CLIP's context length; used when a tokenizer does not
 # would also split on the separators U+001C..U+001F, which CLIP keeps as (byte) tokens.
 _WHITESPACE = re.compile(r"[^\S\x1c-\x1f]+")
 _END_OF_WORD = "</w>"
+
+
+_LABEL = re.compile(r"(.+) \((\d+)\)")  # "red (2)": the 2nd "red" of a prompt
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,23 +82,42 @@ class Tokenization:
         """Number of slots that carry the prompt: the start token, the word tokens and the end token."""
         return sum(kind != "pad" for kind in self.kinds)
 
+    @property
+    def word_labels(self) -> list[str]:
+        """A name for each word that tells repeats apart: ``"red"``, or ``"red (1)"``, ``"red (2)"``
+        for a word the prompt holds twice. ``word_index`` accepts these names."""
+        counts = Counter(self.words)
+        seen: Counter = Counter()
+        labels = []
+        for w in self.words:
+            seen[w] += 1
+            labels.append(w if counts[w] == 1 else f"{w} ({seen[w]})")
+        return labels
+
     def word_index(self, word: str, occurrence: int | None = None) -> int:
-        """Index into `words` of `word`.
+        """Index into `words` of `word`, a word of the prompt or one of `word_labels`.
 
         Matching ignores case, and falls back to ignoring punctuation at the ends of words, so
         "circle" finds "circle,". When the word occurs more than once, `occurrence` (0, 1, ...)
-        picks one; leaving it out is then an error.
+        or a label (``"red (2)"``) picks one; leaving both out is then an error.
         """
-        matches = self._matches(word)
+        matches = self.word_indices(word)
         if not matches:
-            raise ValueError(f"{word!r} is not a word of this prompt; its words are {self.words}")
+            labelled = _LABEL.fullmatch(word.strip())
+            if labelled and occurrence is None:
+                base = self.word_indices(labelled[1])
+                k = int(labelled[2])
+                if len(base) > 1 and 1 <= k <= len(base):
+                    return base[k - 1]
+            raise ValueError(f"{word!r} is not a word of this prompt; its words are {self.word_labels}")
         if occurrence is None:
             if len(matches) > 1:
-                choices = ", ".join(
-                    f"occurrence={k} -> word {i} (slots {self.word_tokens[i]})" for k, i in enumerate(matches)
-                )
+                labels = self.word_labels
+                choices = ", ".join(f"{labels[i]!r} (word {i}, slots {self.word_tokens[i]})" for i in matches[:5])
+                choices += ", ..." if len(matches) > 5 else ""
                 raise ValueError(
-                    f"{word!r} occurs {len(matches)} times in the prompt; pick one with {choices}"
+                    f"{word!r} occurs {len(matches)} times in the prompt; name one: {choices}, "
+                    "or give its word index"
                 )
             return matches[0]
         if not 0 <= occurrence < len(matches):
@@ -104,7 +127,8 @@ class Tokenization:
             )
         return matches[occurrence]
 
-    def _matches(self, word: str) -> list[int]:
+    def word_indices(self, word: str) -> list[int]:
+        """Indices into `words` of every occurrence of `word` (case and end punctuation ignored)."""
         for key in (str.lower, _strip_punctuation):
             wanted = key(word.strip())
             matches = [i for i, w in enumerate(self.words) if key(w) == wanted]

@@ -280,8 +280,9 @@ class AttentionTrace:
     def word_map(self, word: str | int, *, prompt: int = 0, occurrence: int | None = None, half: str = "cond", **kw):
         """Cross-attention map of a prompt word (mean of its BPE tokens' maps): ``(H, W)``.
 
-        ``word`` is a word of the prompt (``trace.words(prompt)``) or its index in that list; a word
-        that occurs twice needs ``occurrence=``. Other keywords as ``slot_map``.
+        ``word`` is a word of the prompt (``trace.words(prompt)``), its label (``"red (2)"`` for the
+        second "red", see ``Tokenization.word_labels``) or its index in that list; a word that
+        occurs twice needs a label, an index or ``occurrence=``. Other keywords as ``slot_map``.
         """
         tok = self.tokenization(prompt, half=half)
         if isinstance(word, bool):
@@ -294,7 +295,9 @@ class AttentionTrace:
             try:
                 wi = tok.word_index(word, occurrence)
             except ValueError as e:
-                raise CaptureError(str(e)) from None
+                n = len(tok.word_indices(word))
+                hint = f", or pass occurrence=0..{n - 1}" if n > 1 and occurrence is None else ""
+                raise CaptureError(f"{e}{hint}") from None
         return self.slot_map(tok.word_tokens[wi], kind="cross", prompt=prompt, half=half, **kw)
 
     def self_map(

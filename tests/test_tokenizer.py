@@ -347,11 +347,17 @@ def test_multi_token_word_and_punctuation():
     assert t.ids[0] == BOS and t.ids[9:] == [EOS] * 68
 
 
-def test_repeated_words_need_an_occurrence():
+def test_repeated_words_need_an_occurrence_or_a_label():
     t = tokenize("a red circle and a red square")
     with pytest.raises(ValueError, match="occurs 2 times") as err:
         t.word_index("red")
-    assert "occurrence=0" in str(err.value) and "occurrence=1" in str(err.value)
+    assert "'red (1)' (word 1, slots [2])" in str(err.value) and "'red (2)' (word 5, slots [6])" in str(err.value)
+    assert t.word_labels == ["a (1)", "red (1)", "circle", "and", "a (2)", "red (2)", "square"]
+    assert t.word_index("red (1)") == 1 and t.word_index("RED (2)") == 5
+    with pytest.raises(ValueError, match="not a word"):
+        t.word_index("red (3)")
+    with pytest.raises(ValueError, match="not a word"):
+        t.word_index("circle (1)")  # "circle" occurs once: its label has no number
     assert t.word_index("red", occurrence=0) == 1
     assert t.word_index("red", occurrence=1) == 5
     with pytest.raises(ValueError, match="out of range"):

@@ -119,19 +119,13 @@ def check_words(pipe, prompt: str, words: Sequence[str] | None) -> list[int]:
         return list(range(len(tok.words)))
     out = []
     for w in words:
-        try:
-            tok.word_index(w, 0)
-        except ValueError:
-            raise AttendError(f"{w!r} is not a word of the prompt; its words are: {' '.join(tok.words)}") from None
-        k = 0
-        while True:  # every occurrence of the word
+        found = tok.word_indices(w)  # every occurrence of the word
+        if not found:
             try:
-                i = tok.word_index(w, k)
+                found = [tok.word_index(w)]  # a label such as "red (2)"
             except ValueError:
-                break
-            if i not in out:
-                out.append(i)
-            k += 1
+                raise AttendError(f"{w!r} is not a word of the prompt; its words are: {' '.join(tok.words)}") from None
+        out += [i for i in found if i not in out]
     return out
 
 
