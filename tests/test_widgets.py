@@ -122,6 +122,29 @@ def test_attention_explorer_options(saved):
     shows(ex, drawn(viz.overlay(avg, "a")))
 
 
+def test_attention_explorer_repeated_words():
+    """A word the prompt holds twice is offered, and accepted, as "red (1)" / "red (2)"."""
+    pipe = sd1()
+    with sdlens.trace(pipe) as tr:
+        pipe("a red circle and a red square", num_inference_steps=2, height=64, width=64,
+             generator=torch.Generator().manual_seed(0))
+    ex = AttentionExplorer(tr, word="red (2)")
+    labels = [label for label, _ in ex.controls["word"].options]
+    assert labels[:7] == ["a (1)", "red (1)", "circle", "and", "a (2)", "red (2)", "square"]
+    assert ex.controls["word"].value == 5
+    shows(ex, drawn(viz.overlay(tr, "red (2)")))
+    assert np.array_equal(viz.overlay(tr, "red (2)").axes[0].images[0].get_array(),
+                          viz.overlay(tr, 5).axes[0].images[0].get_array())
+    assert AttentionExplorer(tr, word=1).controls["word"].value == 1
+    assert AttentionExplorer(tr, word="<pad>").controls["word"].value == "<pad>"
+    with pytest.raises(ValueError, match="'red \\(1\\)' \\(word 1"):
+        AttentionExplorer(tr, word="red")
+    with pytest.raises(ValueError, match="not a word"):
+        AttentionExplorer(tr, word="triangle")
+    with pytest.raises(ValueError, match="not one of the explorer's choices"):
+        AttentionExplorer(tr, word=99)
+
+
 def test_self_attention_explorer_shows_what_self_attention_map_draws(saved):
     tr, image = saved
     ex = SelfAttentionExplorer(tr, image)

@@ -22,7 +22,7 @@ import ipywidgets as W
 import numpy as np
 from PIL import Image
 
-from ..viz.frames import colorize, heads_in, map_sizes, short_layer_name, size_label, upscale
+from ..viz.frames import as_rgb, colorize, heads_in, map_sizes, short_layer_name, size_label, upscale
 
 ALL = "all"  # dropdown value: no selection (average over everything)
 
@@ -150,6 +150,73 @@ class Explorer:
 
     def _repr_mimebundle_(self, **kwargs):
         return self.ui._repr_mimebundle_(**kwargs)
+
+
+class MapExplorer(Explorer):
+    """An explorer of one kind of attention map (``kind``: ``"cross"`` or ``"self"``).
+
+    Adds the controls both map explorers share — ``step`` (with ``play``), ``all_steps``,
+    ``layers``, ``head`` and ``alpha`` — and their logic: moving the step slider unticks the
+    average, choosing layers offers only their heads.
+    """
+
+    kind = "cross"
+
+    def __init__(self, trace, image, *, prompt: int, cmap: str, scale, display_size: int) -> None:
+        super().__init__(display_size)
+        self.trace, self.prompt, self.cmap, self.scale = trace, prompt, cmap, scale
+        self.base = None if image is None else as_rgb(image)
+
+    def _add_map_controls(self, alpha: float) -> None:
+        c, trace = self.controls, self.trace
+        c.update(step_controls(trace))
+        c["layers"] = W.Dropdown(options=layer_options(trace, self.kind), value=ALL, description="layers")
+        c["head"] = W.Dropdown(options=head_options(heads_in(trace, None, self.kind)), value=ALL,
+                               description="head", disabled=trace.head_indices is None)
+        c["alpha"] = W.FloatSlider(value=alpha, min=0.0, max=1.0, step=0.05, description="opacity")
+        c["step"].observe(self._step_moved, names="value")
+        c["layers"].observe(self._layers_changed, names="value")
+        self.bar = colorbar_strip(self.cmap)
+
+    def _step_moved(self, change) -> None:
+        if self.controls["all_steps"].value:  # looking at one step means not averaging over them
+            with self.hold_silently():
+                self.controls["all_steps"].value = False
+
+    def _layers_changed(self, change) -> None:
+        self._refresh_heads(layers_value(change["new"]), self.kind)
+
+    def view_settings(self) -> dict:
+        """The settings of the shared controls, as keyword arguments of the viz functions."""
+        c = self.controls
+        head = c["head"].value
+        return dict(
+            prompt=self.prompt,
+            steps=None if c["all_steps"].value else [c["step"].value],
+            layers=layers_value(c["layers"].value),
+            heads=None if head == ALL else head,
+            alpha=c["alpha"].value,
+            cmap=self.cmap,
+            scale=self.scale,
+        )
+
+    def settings(self) -> dict:
+        raise NotImplementedError
+
+    def frame(self):
+        raise NotImplementedError
+
+    def render(self) -> np.ndarray:
+        self._frame = self.frame()  # describe() reads its label and colour range
+        return self._frame.rgb
+
+    def cached_frame(self, make):
+        """``make(trace, target, base, **settings)`` of the current settings (the first one being the
+        target: a word or a pixel), remembered while scrubbing."""
+        s = self.settings()
+        key = ("frame", *(tuple(v) if isinstance(v, list) else v for v in s.values()))
+        target = s.pop(next(iter(s)))
+        return self.cached(key, lambda: make(self.trace, target, self.base, **s))
 
 
 # -------------------------------------------------------------- shared controls

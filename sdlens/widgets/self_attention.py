@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import ipywidgets as W
 
-from ..viz.frames import as_rgb, heads_in, image_size_of, layers_label, self_frame, step_label
-from .base import ALL, Explorer, colorbar_strip, head_options, layer_options, layers_value, step_controls
+from ..viz.frames import image_size_of, layers_label, self_frame, step_label
+from .base import MapExplorer
 
 
-class SelfAttentionExplorer(Explorer):
+class SelfAttentionExplorer(MapExplorer):
     """Pick a query pixel (sliders ``y``, ``x``; or a click, when ``ipyevents`` is installed), a step, a layer.
 
     Controls (``.controls``): ``y``, ``x`` (in the image's pixels), ``step`` (with ``play``),
@@ -16,6 +16,8 @@ class SelfAttentionExplorer(Explorer):
     ``viz.self_frame`` of those settings: the same pixels as
     ``viz.self_attention_map(trace, **explorer.settings())``. Needs a trace with ``self_attn=True``.
     """
+
+    kind = "self"
 
     def __init__(
         self,
@@ -29,24 +31,15 @@ class SelfAttentionExplorer(Explorer):
         scale="each",
         display_size: int = 320,
     ) -> None:
-        super().__init__(display_size)
         if "self" not in trace.kinds:
             raise ValueError("this trace has no self-attention: trace with sdlens.trace(pipe, self_attn=True)")
-        self.trace, self.prompt, self.cmap, self.scale = trace, prompt, cmap, scale
-        self.base = None if image is None else as_rgb(image)
+        super().__init__(trace, image, prompt=prompt, cmap=cmap, scale=scale, display_size=display_size)
         self.size = image_size_of(trace, self.base)
         y0, x0 = pixel if pixel is not None else (self.size[0] // 2, self.size[1] // 2)
         c = self.controls
         c["y"] = W.IntSlider(value=y0, min=0, max=self.size[0] - 1, description="pixel y")
         c["x"] = W.IntSlider(value=x0, min=0, max=self.size[1] - 1, description="pixel x")
-        c.update(step_controls(trace))
-        c["layers"] = W.Dropdown(options=layer_options(trace, "self"), value=ALL, description="layers")
-        c["head"] = W.Dropdown(options=head_options(heads_in(trace, None, "self")), value=ALL, description="head",
-                               disabled=trace.head_indices is None)
-        c["alpha"] = W.FloatSlider(value=alpha, min=0.0, max=1.0, step=0.05, description="opacity")
-        c["step"].observe(self._step_moved, names="value")
-        c["layers"].observe(self._layers_changed, names="value")
-        self.bar = colorbar_strip(cmap)
+        self._add_map_controls(alpha)
         self._click_events = self._attach_click()
         self._start()
 
@@ -68,41 +61,13 @@ class SelfAttentionExplorer(Explorer):
             self.controls["y"].value = min(max(y, 0), h - 1)
             self.controls["x"].value = min(max(x, 0), w - 1)
 
-    def _step_moved(self, change) -> None:
-        if self.controls["all_steps"].value:
-            self._holding += 1
-            try:
-                self.controls["all_steps"].value = False
-            finally:
-                self._holding -= 1
-
-    def _layers_changed(self, change) -> None:
-        self._refresh_heads(layers_value(change["new"]), "self")
-
     def settings(self) -> dict:
         """The current settings as keyword arguments of ``viz.self_attention_map`` / ``viz.self_frame``."""
-        c = self.controls
-        head = c["head"].value
-        return dict(
-            pixel=(c["y"].value, c["x"].value),
-            prompt=self.prompt,
-            steps=None if c["all_steps"].value else [c["step"].value],
-            layers=layers_value(c["layers"].value),
-            heads=None if head == ALL else head,
-            alpha=c["alpha"].value,
-            cmap=self.cmap,
-            scale=self.scale,
-        )
+        return dict(pixel=(self.controls["y"].value, self.controls["x"].value), **self.view_settings())
 
     def frame(self):
         """The current ``Frame`` (``viz.self_frame`` of ``settings()``)."""
-        s = self.settings()
-        key = ("frame", *(tuple(v) if isinstance(v, list) else v for v in s.values()))
-        return self.cached(key, lambda: self_frame(self.trace, s.pop("pixel"), self.base, **s))
-
-    def render(self):
-        self._frame = self.frame()
-        return self._frame.rgb
+        return self.cached_frame(self_frame)
 
     def describe(self) -> str:
         s, f = self.settings(), self._frame
