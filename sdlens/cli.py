@@ -82,6 +82,8 @@ def add_train_tiny(subparsers) -> None:
     m.add_argument("--vae-channels", type=_int_tuple, default=d.vae_channels)
     m.add_argument("--caption-dropout", type=float, default=d.caption_dropout)
     m.add_argument("--snr-gamma", type=float, default=d.snr_gamma, help="min-SNR weighting; 0 turns it off")
+    m.add_argument("--two-object-prob", type=float, default=d.two_object_prob,
+                   help="share of training scenes with two objects (the rest have one)")
     p.set_defaults(func=run_train_tiny)
 
 
@@ -102,6 +104,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         vae_channels=args.vae_channels,
         caption_dropout=args.caption_dropout,
         snr_gamma=args.snr_gamma or None,
+        two_object_prob=args.two_object_prob,
     )
     budgets = {}
     for stage in STAGES:

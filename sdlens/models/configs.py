@@ -106,6 +106,8 @@ class TinyConfig:
             )
         if self.image_size % self.latent_factor:
             raise ValueError(f"image_size {self.image_size} is not a multiple of {self.latent_factor}")
+        if not 0.0 <= self.two_object_prob <= 1.0:
+            raise ValueError(f"two_object_prob must be between 0 and 1, got {self.two_object_prob}")
 
     @property
     def latent_factor(self) -> int:
