@@ -100,6 +100,8 @@ def test_config_validation():
         TinyConfig(text_mode="bert")
     with pytest.raises(ValueError, match="text_layers"):
         TinyConfig(text_mode="clip", text_layers=0)
+    with pytest.raises(ValueError, match="two_object_prob must be between 0 and 1, got 1.5"):
+        TinyConfig(two_object_prob=1.5)
     assert TinyConfig.from_dict(TinyConfig().to_dict()) == TinyConfig()
 
 
