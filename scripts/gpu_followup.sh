@@ -29,7 +29,7 @@ if [[ "${SDLENS_GPU_DRY:-0}" == 1 ]]; then
   : "${DEVICE:=cpu}" "${UNET_MINUTES:=0.05}" "${UNET_BATCH:=4}" "${QUALITY_N:=2}" "${OVERHEAD_ARGS:=--width 8 --size 64 --steps 2 --repeats 1}"
 fi
 : "${DEVICE:=cuda}" "${UNET_MINUTES:=5.5}" "${UNET_BATCH:=512}" "${UNET_LR:=5e-4}" "${QUALITY_N:=40}"
-: "${OVERHEAD_ARGS:=--full}" "${FROM:=$REPO/sdlens/data/tiny}" "${TWO_OBJECT_PROB:=0.5}"
+: "${OVERHEAD_ARGS:=--full}" "${FROM:=$REPO/sdlens/data/tiny}" "${TWO_OBJECT_PROB:=0.7}" "${TEXT_MODE:=frozen}"
 
 WORK="$(mktemp -d /tmp/sdlens_followup.XXXXXX)"
 mkdir -p "$OUT"
@@ -47,7 +47,7 @@ stamp "overhead: exit ${PIPESTATUS[0]}"
 # 2. training, then quality
 timeout $(( $("$PY" -c "import math,sys; print(math.ceil(float(sys.argv[1]) * 60))" "$UNET_MINUTES") + 150 )) \
   "$PY" -m sdlens.cli train-tiny --out "$WORK/model" --init-from "$FROM" --vae-from "$FROM" \
-  --text-mode joint --text-layers 1 --unet-minutes "$UNET_MINUTES" --unet-batch "$UNET_BATCH" \
+  --text-mode "$TEXT_MODE" --text-layers 1 --unet-minutes "$UNET_MINUTES" --unet-batch "$UNET_BATCH" \
   --unet-lr "$UNET_LR" --two-object-prob "$TWO_OBJECT_PROB" --device "$DEVICE" --no-progress --log-every 200 \
   > "$WORK/train.log" 2>&1
 stamp "training: exit $?"
