@@ -19,11 +19,8 @@
 #   SDLENS_GPU_DRY=1 OUT=/tmp/followup_dry bash scripts/gpu_followup.sh
 set -uo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OUT="${OUT:?set OUT to the folder that should receive the results}"
-PY="${PYTHON:-$(command -v python || command -v python3)}"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# shellcheck source=scripts/_gpu_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_gpu_env.sh"   # REPO, OUT, PY, offline env
 
 if [[ "${SDLENS_GPU_DRY:-0}" == 1 ]]; then
   : "${DEVICE:=cpu}" "${UNET_MINUTES:=0.05}" "${UNET_BATCH:=4}" "${QUALITY_N:=2}" "${OVERHEAD_ARGS:=--width 8 --size 64 --steps 2 --repeats 1}"

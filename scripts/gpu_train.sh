@@ -19,11 +19,8 @@
 # Every budget can be overridden by its environment variable (see the defaults below).
 set -uo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OUT="${OUT:?set OUT to the folder that should receive the results}"
-PY="${PYTHON:-$(command -v python || command -v python3)}"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# shellcheck source=scripts/_gpu_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_gpu_env.sh"   # REPO, OUT, PY, offline env
 
 if [[ "${SDLENS_GPU_DRY:-0}" == 1 ]]; then  # seconds-long budgets on the CPU: does it run end to end?
   : "${DEVICE:=cpu}" "${VAE_MINUTES:=0.05}" "${UNET_MINUTES:=0.1}" "${VAE_BATCH:=8}" "${UNET_BATCH:=8}"
