@@ -113,7 +113,11 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         if steps is not None or minutes is not None:  # given limits replace both defaults
             b = replace(b, steps=steps, minutes=minutes)
         batch, lr = getattr(args, f"{stage}_batch"), getattr(args, f"{stage}_lr")
-        budgets[stage] = replace(b, batch_size=batch or b.batch_size, lr=lr or b.lr)
+        budgets[stage] = replace(  # "is None", not "or": --unet-lr 0 means 0
+            b,
+            batch_size=b.batch_size if batch is None else batch,
+            lr=b.lr if lr is None else lr,
+        )
     out = train_tiny(
         args.out,
         cfg,

@@ -10,6 +10,7 @@ import torch
 
 from sdlens.models import configs
 from sdlens.models.configs import TinyConfig
+from sdlens.models.train import Budget
 
 # A smoke run: every stage a few steps on small batches, on the CPU.
 SMOKE = ["--device", "cpu", "--no-progress", "--log-every", "1", "--vae-batch", "4", "--unet-batch", "4"]
@@ -103,6 +104,10 @@ def test_config_validation():
     with pytest.raises(ValueError, match="two_object_prob must be between 0 and 1, got 1.5"):
         TinyConfig(two_object_prob=1.5)
     assert TinyConfig.from_dict(TinyConfig().to_dict()) == TinyConfig()
+    with pytest.raises(ValueError, match="batch size must be at least 1, got 0"):
+        Budget(steps=1, batch_size=0)
+    with pytest.raises(ValueError, match="learning rate must be 0 or more, got -0.1"):
+        Budget(steps=1, lr=-0.1)
 
 
 def test_default_export_is_float16_and_small(tmp_path):
@@ -232,3 +237,20 @@ def test_missing_builtin_weights_say_how_to_make_them(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="sdlens train-tiny") as info:
         load.load_pipeline()
     assert str(tmp_path / "tiny") in str(info.value)
+
+
+def test_init_from_starts_from_the_weights_and_records_them(trained, tmp_path):
+    """--init-from: the UNet starts from that run's weights (with lr 0 it ends there too) and the
+    new training.json carries the old one, so a shipped model's history is never lost."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "continued"
+    run_cli("--out", str(out), "--init-from", str(trained), "--vae-from", str(trained), "--unet-steps", "2",
+            "--unet-lr", "0", "--text-mode", "frozen", "--text-layers", "1", *SMOKE)
+    for sub in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        before, after = load_file(trained / sub), load_file(out / sub)
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before), sub
+    record = json.loads((out / "training.json").read_text())
+    assert record["init_from"]["path"] == str(trained)
+    assert record["init_from"]["training"] == json.loads((trained / "training.json").read_text())

@@ -70,6 +70,10 @@ class Budget:
     def __post_init__(self) -> None:
         if self.steps is None and self.minutes is None:
             raise ValueError("a stage budget needs steps or minutes (or both)")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
+        if not self.lr >= 0:  # 0 is allowed: a run that changes nothing, as the tests use
+            raise ValueError(f"learning rate must be 0 or more, got {self.lr}")
 
 
 DEFAULT_BUDGETS: dict[str, Budget] = {
@@ -808,6 +812,12 @@ def train_tiny(
         "wall_minutes": round((time.monotonic() - started) / 60, 2),
         "versions": _versions(),
     }
+    if init_from is not None:  # the weights' history: the record of the run they were taken from
+        source = Path(init_from) / "training.json"
+        record["init_from"] = {
+            "path": str(init_from),
+            "training": json.loads(source.read_text()) if source.exists() else None,
+        }
     previous = out / "training.json"
     if resume and previous.exists():  # keep the record of the runs this one continues
         earlier = json.loads(previous.read_text())
