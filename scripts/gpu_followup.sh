@@ -44,23 +44,24 @@ stamp "overhead: exit ${PIPESTATUS[0]}"
 
 # 2. training, then quality (only when asked for)
 if [[ "$UNET_MINUTES" == 0 ]]; then
-  stamp "training: skipped (UNET_MINUTES=0)"; stamp "done"; ls -la "$OUT" | tee -a "$LOG"; exit 0
-fi
-timeout $(( $("$PY" -c "import math,sys; print(math.ceil(float(sys.argv[1]) * 60))" "$UNET_MINUTES") + 150 )) \
-  "$PY" -m sdlens.cli train-tiny --out "$WORK/model" --init-from "$FROM" --vae-from "$FROM" \
-  --text-mode "$TEXT_MODE" --text-layers 1 --unet-minutes "$UNET_MINUTES" --unet-batch "$UNET_BATCH" \
-  --unet-lr "$UNET_LR" --two-object-prob "$TWO_OBJECT_PROB" --device "$DEVICE" --no-progress --log-every 200 \
-  > "$WORK/train.log" 2>&1
-stamp "training: exit $?"
-grep -v "Warning\|warn(\|accelerate\|^\`\`\`\|^\.$\|torchvision" "$WORK/train.log" | tail -n 15 | tee -a "$LOG"
-if [[ -f "$WORK/model/model_index.json" ]]; then
-  timeout 200 "$PY" "$REPO/benchmarks/quality.py" --model "$WORK/model" --n "$QUALITY_N" --batch $((2 * QUALITY_N)) \
-    --device "$DEVICE" --json "$WORK/model/quality.json" 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/quality.txt" >> "$LOG"
-  stamp "quality: exit ${PIPESTATUS[0]}"
-  tail -n 8 "$OUT/quality.txt"
-  files=(model_index.json unet text_encoder scheduler training.json train/log.jsonl)
-  [[ -f "$WORK/model/quality.json" ]] && files+=(quality.json)
-  tar -czf "$OUT/model.tar.gz" -C "$WORK/model" "${files[@]}"
+  stamp "training: skipped (UNET_MINUTES=0)"
+else
+  timeout $(( $("$PY" -c "import math,sys; print(math.ceil(float(sys.argv[1]) * 60))" "$UNET_MINUTES") + 150 )) \
+    "$PY" -m sdlens.cli train-tiny --out "$WORK/model" --init-from "$FROM" --vae-from "$FROM" \
+    --text-mode "$TEXT_MODE" --text-layers 1 --unet-minutes "$UNET_MINUTES" --unet-batch "$UNET_BATCH" \
+    --unet-lr "$UNET_LR" --two-object-prob "$TWO_OBJECT_PROB" --device "$DEVICE" --no-progress --log-every 200 \
+    > "$WORK/train.log" 2>&1
+  stamp "training: exit $?"
+  grep -v "Warning\|warn(\|accelerate\|^\`\`\`\|^\.$\|torchvision" "$WORK/train.log" | tail -n 15 | tee -a "$LOG"
+  if [[ -f "$WORK/model/model_index.json" ]]; then
+    timeout 200 "$PY" "$REPO/benchmarks/quality.py" --model "$WORK/model" --n "$QUALITY_N" --batch $((2 * QUALITY_N)) \
+      --device "$DEVICE" --json "$WORK/model/quality.json" 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/quality.txt" >> "$LOG"
+    stamp "quality: exit ${PIPESTATUS[0]}"
+    tail -n 8 "$OUT/quality.txt"
+    files=(model_index.json unet text_encoder scheduler training.json train/log.jsonl)
+    [[ -f "$WORK/model/quality.json" ]] && files+=(quality.json)
+    tar -czf "$OUT/model.tar.gz" -C "$WORK/model" "${files[@]}"
+  fi
 fi
 stamp "done"
 ls -la "$OUT" | tee -a "$LOG"

@@ -93,31 +93,36 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     from sdlens.models.configs import TinyConfig
     from sdlens.models.train import DEFAULT_BUDGETS, STAGES, train_tiny
 
-    cfg = TinyConfig(
-        text_mode=args.text_mode,
-        text_width=args.text_width,
-        text_layers=args.text_layers,
-        text_heads=args.text_heads,
-        unet_channels=args.unet_channels,
-        unet_layers_per_block=args.unet_layers_per_block,
-        unet_head_dim=args.unet_head_dim,
-        vae_channels=args.vae_channels,
-        caption_dropout=args.caption_dropout,
-        snr_gamma=args.snr_gamma or None,
-        two_object_prob=args.two_object_prob,
-    )
-    budgets = {}
-    for stage in STAGES:
-        b = DEFAULT_BUDGETS[stage]
-        steps, minutes = getattr(args, f"{stage}_steps"), getattr(args, f"{stage}_minutes")
-        if steps is not None or minutes is not None:  # given limits replace both defaults
-            b = replace(b, steps=steps, minutes=minutes)
-        batch, lr = getattr(args, f"{stage}_batch"), getattr(args, f"{stage}_lr")
-        budgets[stage] = replace(  # "is None", not "or": --unet-lr 0 means 0
-            b,
-            batch_size=b.batch_size if batch is None else batch,
-            lr=b.lr if lr is None else lr,
+    try:  # bad values: one line naming the option, nothing written
+        cfg = TinyConfig(
+            text_mode=args.text_mode,
+            text_width=args.text_width,
+            text_layers=args.text_layers,
+            text_heads=args.text_heads,
+            unet_channels=args.unet_channels,
+            unet_layers_per_block=args.unet_layers_per_block,
+            unet_head_dim=args.unet_head_dim,
+            vae_channels=args.vae_channels,
+            caption_dropout=args.caption_dropout,
+            snr_gamma=args.snr_gamma or None,
+            two_object_prob=args.two_object_prob,
         )
+        budgets = {}
+        for stage in STAGES:
+            b = DEFAULT_BUDGETS[stage]
+            steps, minutes = getattr(args, f"{stage}_steps"), getattr(args, f"{stage}_minutes")
+            if steps is not None or minutes is not None:  # given limits replace both defaults
+                b = replace(b, steps=steps, minutes=minutes)
+            batch, lr = getattr(args, f"{stage}_batch"), getattr(args, f"{stage}_lr")
+            try:  # "is None", not "or": --unet-lr 0 means 0
+                budgets[stage] = replace(
+                    b, batch_size=b.batch_size if batch is None else batch, lr=b.lr if lr is None else lr
+                )
+            except ValueError as e:  # say which stage's options
+                raise ValueError(f"--{stage}-batch / --{stage}-lr: {e}") from None
+    except ValueError as e:
+        print(f"sdlens train-tiny: error: {e}", file=sys.stderr)
+        return 2
     out = train_tiny(
         args.out,
         cfg,

@@ -254,3 +254,14 @@ def test_init_from_starts_from_the_weights_and_records_them(trained, tmp_path):
     record = json.loads((out / "training.json").read_text())
     assert record["init_from"]["path"] == str(trained)
     assert record["init_from"]["training"] == json.loads((trained / "training.json").read_text())
+
+
+def test_cli_bad_budget_or_config_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from sdlens.cli import main
+
+    out = tmp_path / "never"
+    assert main(["train-tiny", "--out", str(out), "--unet-batch", "0"]) == 2
+    assert "--unet-batch / --unet-lr: batch size must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["train-tiny", "--out", str(out), "--two-object-prob", "1.5"]) == 2
+    assert "two_object_prob must be between 0 and 1, got 1.5" in capsys.readouterr().err
+    assert not out.exists()
