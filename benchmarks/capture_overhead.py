@@ -40,7 +40,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.full:
         args.width, args.size, args.steps = 320, 512, 50
-    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    cuda = args.device.startswith("cuda")
+    dtype = torch.float16 if cuda else torch.float32
 
     pipe = sd15_layout(width=args.width, sample_size=args.size // 8).to(args.device, dtype)
     n_params = sum(p.numel() for p in pipe.unet.parameters())
@@ -49,10 +50,15 @@ def main() -> None:
         g = torch.Generator(args.device).manual_seed(0)
         pipe("a red circle on the left", num_inference_steps=args.steps, height=args.size, width=args.size,
              generator=g, output_type="latent")
-        if args.device.startswith("cuda"):
+        if cuda:
             torch.cuda.synchronize()
 
+    gpu_peak = {}  # traced? -> the run's peak GPU memory above what it started with
+
     def timed(traced: bool) -> tuple[float, int]:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
         if traced:
             with sdlens.trace(pipe) as tr:
@@ -61,7 +67,10 @@ def main() -> None:
         else:
             generate()
             nbytes = 0
-        return time.perf_counter() - t0, nbytes
+        elapsed = time.perf_counter() - t0
+        if cuda:
+            gpu_peak[traced] = torch.cuda.max_memory_allocated() - start
+        return elapsed, nbytes
 
     timed(False)
     timed(True)  # warm-up both paths
@@ -73,10 +82,12 @@ def main() -> None:
     p, t = statistics.median(plain), statistics.median(traced)
     print(f"model: SD 1.5 UNet layout, width {args.width} ({n_params / 1e6:.0f} M parameters), {args.size} px, "
           f"{args.steps} steps, CFG batch 2, {str(dtype).removeprefix('torch.')}, device {args.device}"
-          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
+          + (f" ({torch.cuda.get_device_name()})" if cuda else ""))
     print(f"untraced: {p:.3f} s   traced: {t:.3f} s   (median of {args.repeats})")
     print(f"ratio traced/untraced: {t / p:.3f}")
     print(f"bytes kept by the trace: {nbytes} ({nbytes / 1e6:.1f} MB)")
+    if cuda:  # the maps go to pinned host memory step by step: GPU memory should not grow with the trace
+        print(f"peak GPU memory of a run: untraced {gpu_peak[False] / 1e6:.1f} MB, traced {gpu_peak[True] / 1e6:.1f} MB")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU figure still open, in one device call:
 #
+#   0. scripts/gpu_checks.py: the capture's GPU-only paths (asynchronous copies of the maps into
+#      pinned host memory, GPU vs CPU storage, interrupted runs)                          ~20 s
 #   1. issue 2: benchmarks/capture_overhead.py --full --device cuda
 #      (SD 1.5's UNet, 512 px, 50 steps, fp16; target traced / untraced <= 1.05)       ~1.5 min
 #   2. only with UNET_MINUTES > 0 (default 0: the shipped model meets issue 3's targets since
 #      2026-11-27): continue training the shipped model (sdlens/data/tiny, or FROM) for
 #      UNET_MINUTES at batch UNET_BATCH, then benchmarks/quality.py on 40 + 40 captions  ~UNET_MINUTES + 1.5 min
 #
-# Files in $OUT (each < 16 MB): log.txt, overhead.txt, quality.txt, model.tar.gz (unet/ text_encoder/
+# Files in $OUT (each < 16 MB): log.txt, checks.txt, overhead.txt, quality.txt, model.tar.gz (unet/ text_encoder/
 # model_index.json scheduler/ training.json quality.json train/log.jsonl; the VAE and tokenizer are
 # the shipped ones). To ship the result:
 #   mkdir -p runs/gpu && tar xzf model.tar.gz -C runs/gpu && cp -r sdlens/data/tiny/{vae,tokenizer} runs/gpu/
@@ -36,10 +38,15 @@ LOG="$OUT/log.txt"
 stamp() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$LOG"; }
 stamp "device $DEVICE; overhead: $OVERHEAD_ARGS; training from $FROM for $UNET_MINUTES min at batch $UNET_BATCH"
 
+# 0. the GPU-only capture paths (their result is in the log whatever follows)
+timeout 120 "$PY" "$REPO/scripts/gpu_checks.py" --device "$DEVICE" 2>&1 | grep -v "Warning\|warn(\|torchvision" \
+  | tee "$OUT/checks.txt" | tee -a "$LOG"
+stamp "checks: exit ${PIPESTATUS[0]}"
+
 # 1. capture overhead (the first figure: it must not be lost to a training failure)
 # shellcheck disable=SC2086  # OVERHEAD_ARGS is a list of words on purpose
 timeout 240 "$PY" "$REPO/benchmarks/capture_overhead.py" $OVERHEAD_ARGS --device "$DEVICE" 2>&1 \
-  | grep -v "Warning\|warn(" | tee "$OUT/overhead.txt" | tee -a "$LOG"
+  | grep -v "Warning\|warn(\|torchvision" | tee "$OUT/overhead.txt" | tee -a "$LOG"
 stamp "overhead: exit ${PIPESTATUS[0]}"
 
 # 2. training, then quality (only when asked for)

@@ -72,7 +72,7 @@ class AttentionTrace:
         self.image_size: tuple[int, int] | None = None
         self.latent_size: tuple[int, int] | None = None
         self.spec: dict = {}
-        self._chunks: dict[tuple[str, str], list[torch.Tensor]] = {}
+        self._filling: dict[tuple[str, str], _Filling] = {}  # while recording
         self._data: dict[tuple[str, str], torch.Tensor] = {}
         # Recorded with record_latents=True; their "rows" are prompt × image (the latent is shared by both CFG halves).
         self.latents: torch.Tensor | None = None  # (steps, rows, c, h, w) x_t seen by each step
@@ -82,22 +82,32 @@ class AttentionTrace:
         self.x0_images: np.ndarray | None = None  # uint8 (steps, rows, H, W, 3): x0 decoded
 
     # ------------------------------------------------------------------ filling (used by the recorder)
-    def _append(self, kind: str, layer: str, probs: torch.Tensor) -> None:
-        self._chunks.setdefault((kind, layer), []).append(probs)
-        if layer not in self.layers:
-            self.layers.append(layer)
+    def _append(self, kind: str, layer: str, probs: torch.Tensor, slot: int, *, capacity: int | None,
+                device: str | torch.device, dtype: torch.dtype) -> None:
+        """Write one step's ``probs`` ``(rows, heads, n, keys)`` at captured-step position ``slot``.
+
+        ``capacity``: the number of steps this run will keep, when known (storage is allocated once);
+        ``device``, ``dtype``: where and how the maps are stored.
+        """
+        key = (kind, layer)
+        if key not in self._filling:
+            self._filling[key] = _Filling(probs, capacity, device, dtype)
+            if layer not in self.layers:
+                self.layers.append(layer)
+        self._filling[key].write(slot, probs)
 
     def _finalize(self, device: str | torch.device = "cpu") -> None:
+        _Filling.wait_all(self._filling.values())  # asynchronous GPU -> host copies have landed
         self.all_timesteps = [float(t) for t in self.all_timesteps]  # GPU timesteps are read once, here
-        for key, chunks in self._chunks.items():
-            self._data[key] = torch.stack(chunks).to(device) if len(chunks) else torch.empty(0)
-        self._chunks = {}
+        for key, filling in self._filling.items():
+            self._data[key] = filling.result().to(device)
+        self._filling = {}
 
     def _tensor(self, kind: str, layer: str) -> torch.Tensor:
-        if self._chunks:  # still filling: stack what is there so far
-            chunks = self._chunks.get((kind, layer))
-            if chunks:
-                return torch.stack(chunks)
+        if self._filling:  # still recording: the steps written so far
+            filling = self._filling.get((kind, layer))
+            if filling is not None:
+                return filling.filled()
         if (kind, layer) not in self._data:
             raise CaptureError(
                 f"no {kind}-attention for layer {layer!r}; captured: "
@@ -108,7 +118,7 @@ class AttentionTrace:
     # ------------------------------------------------------------------ structure
     def keys(self) -> list[tuple[str, str]]:
         """``(kind, layer)`` pairs that hold maps."""
-        src = self._chunks if self._chunks else self._data
+        src = self._filling if self._filling else self._data
         return [k for k in src if k[0] in self.kinds]
 
     def layers_of(self, kind: str = "cross") -> list[str]:
@@ -132,7 +142,7 @@ class AttentionTrace:
     def nbytes(self) -> int:
         """Bytes held by the stored maps (and recorded latents)."""
         n = sum(t.numel() * t.element_size() for t in self._data.values())
-        n += sum(t.numel() * t.element_size() for c in self._chunks.values() for t in c)
+        n += sum(f.nbytes for f in self._filling.values())
         for extra in (self.latents, self.x0):
             if extra is not None:
                 n += extra.numel() * extra.element_size()
@@ -415,7 +425,7 @@ class AttentionTrace:
         """Write the trace to ``path`` (a ``.safetensors`` file), atomically; returns the path."""
         from safetensors.torch import save_file
 
-        if self._chunks:
+        if self._filling:
             raise CaptureError("the trace is still recording: save it after the `with sdlens.trace(...)` block")
         path = Path(path)
         tensors = {f"{kind}/{layer}": t.contiguous() for (kind, layer), t in self._data.items()}
@@ -490,3 +500,79 @@ def load_trace(path: str | os.PathLike, device: str | torch.device = "cpu") -> A
         else:
             tr._data[(group, name)] = t
     return tr
+
+
+class _Filling:
+    """The storage of one (kind, layer) while a trace records: ``(capacity, rows, heads, n, keys)``.
+
+    Allocated once, at the layer's first step, for the number of steps the run will keep (the
+    recorder knows it before the first step), on the storage device; each step is copied into its
+    slot. So the maps are held once (stacking per-step pieces at the end held them twice), and a
+    GPU run that stores on the CPU copies each step asynchronously into pinned memory: GPU memory
+    does not grow with the trace, and the host never waits for the GPU mid-run. With no known
+    number of steps the storage doubles as it fills.
+    """
+
+    def __init__(self, probs: torch.Tensor, capacity: int | None, device, dtype: torch.dtype) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.shape = probs.shape
+        # a CUDA -> host copy is asynchronous only into page-locked memory
+        self.pinned = probs.device.type == "cuda" and self.device.type == "cpu"
+        self.cast_first = probs.device != self.device  # cast where the maps were made: half the bytes to move
+        self.count = 0
+        self._allocate(max(1, capacity or 8))
+
+    def _allocate(self, steps: int) -> None:
+        buffer = None
+        if self.pinned:
+            try:
+                buffer = torch.empty((steps, *self.shape), dtype=self.dtype, pin_memory=True)
+            except RuntimeError:  # page-locked memory is limited: fall back to ordinary (synchronous) copies
+                self.pinned = False
+        if buffer is None:
+            buffer = torch.empty((steps, *self.shape), dtype=self.dtype, device=self.device)
+        if self.count:
+            buffer[: self.count].copy_(self.buffer[: self.count])
+        self.buffer = buffer
+        self.slots = buffer.unbind(0)  # one view per step, made once (indexing per call costs an op)
+
+    def write(self, slot: int, probs: torch.Tensor) -> None:
+        if probs.shape != self.shape:
+            raise CaptureError(
+                f"attention of shape {tuple(probs.shape)} at step slot {slot}, but earlier steps of this layer "
+                f"had {tuple(self.shape)}: the batch or the image size changed within one traced call"
+            )
+        if slot >= len(self.slots):  # more steps than expected: grow (rare: unknown step count)
+            self.wait()
+            self._allocate(max(slot + 1, 2 * len(self.slots)))
+        if self.cast_first:
+            probs = probs.to(self.dtype)
+        self.slots[slot].copy_(probs, non_blocking=self.pinned)
+        self.count = max(self.count, slot + 1)
+
+    def wait(self) -> None:
+        if self.pinned and torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    @staticmethod
+    def wait_all(fillings) -> None:
+        for f in fillings:
+            if f.pinned:
+                f.wait()  # one device-wide synchronize covers every layer's copies
+                return
+
+    def filled(self) -> torch.Tensor:
+        """The steps written so far, ``(count, rows, heads, n, keys)`` (a view)."""
+        self.wait()
+        return self.buffer[: self.count]
+
+    def result(self) -> torch.Tensor:
+        """The final tensor; copied only when fewer steps came than were allocated (an interrupted run)."""
+        if self.count == self.buffer.shape[0]:
+            return self.buffer
+        return self.buffer[: self.count].clone()
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * self.buffer[0].numel() * self.buffer.element_size()

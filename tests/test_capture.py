@@ -158,6 +158,76 @@ def test_sdpa_forward_is_diffusers_sdpa_processor_with_a_mask(boolean):
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 10))
 
 
+
+@pytest.mark.parametrize("mask_rows", [1, 10])
+def test_chunked_probabilities_and_per_chunk_head_reduction(monkeypatch, mask_rows):
+    from sdlens.capture import processor
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 10, 8), torch.randn(2, 4, 7, 8)
+    bias = torch.randn(2, 1, mask_rows, 7)
+    bias[0, ..., 5:] = float("-inf")
+    ref = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * 0.3 + bias.double(), dim=-1)
+    pick = torch.tensor([3, 1])
+    for elements in (10**6, 4 * 7 * 3):  # one chunk; then 3 queries per chunk (the last one shorter)
+        monkeypatch.setattr(processor, "CHUNK_ELEMENTS", elements)
+        full = processor.attention_probs(q, k, 0.3, bias)
+        mean = processor.attention_probs(q, k, 0.3, bias, reduce=lambda p: p.mean(dim=1, keepdim=True))
+        some = processor.attention_probs(q, k, 0.3, bias, reduce=lambda p: p.index_select(1, pick))
+        torch.testing.assert_close(full, ref.float(), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(mean, ref.mean(dim=1, keepdim=True).float(), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(some, ref[:, [3, 1]].float(), atol=1e-6, rtol=1e-5)
+        assert full.shape == (2, 4, 10, 7) and mean.shape == (2, 1, 10, 7) and some.shape == (2, 2, 10, 7)
+
+
+def test_storage_without_a_step_count_grows_and_matches_a_preallocated_one():
+    pipe = sd1()
+    with sdlens.trace(pipe, self_attn=True) as tr:  # the pipeline says 10 steps: storage made once
+        run(pipe, steps=10)
+    # a bare denoiser does not say how many steps will come: storage starts at 8 steps and grows
+    r = sdlens.trace(pipe.unet, self_attn=True, prompt=PROMPT)
+    with r as bare:
+        run(pipe, steps=10)
+    assert r.estimate is None and bare.steps == tr.steps == list(range(10))
+    assert bare.keys() == tr.keys() and tr.keys()
+    for kind, layer in tr.keys():
+        torch.testing.assert_close(bare.maps(layer, kind=kind), tr.maps(layer, kind=kind), atol=0, rtol=0)
+    expected = sum(t.numel() * t.element_size() for t in tr._data.values())
+    assert tr.nbytes == bare.nbytes == expected
+
+
+def test_interrupted_run_keeps_the_steps_it_made():
+    pipe = sd1()
+    with sdlens.trace(pipe) as full:
+        pipe(PROMPT, num_inference_steps=5, generator=gen(), output_type="latent")
+
+    def stop_after_step_1(p, i, t, kw):
+        if i == 1:
+            raise KeyboardInterrupt
+        return kw
+
+    with pytest.raises(KeyboardInterrupt):
+        with sdlens.trace(pipe) as part:
+            pipe(PROMPT, num_inference_steps=5, generator=gen(), output_type="latent",
+                 callback_on_step_end=stop_after_step_1)
+    assert part.steps == [0, 1] and part.layers == full.layers
+    for layer in full.layers:
+        m = part.maps(layer)
+        assert m.shape[0] == 2 and m.shape[1:] == full.maps(layer).shape[1:]
+        torch.testing.assert_close(m, full.maps(layer)[:2], atol=0, rtol=0)
+    assert part.nbytes * 5 == full.nbytes * 2
+
+
+def test_a_layer_whose_map_changes_shape_mid_run_is_an_error():
+    from sdlens.trace import _Filling
+
+    f = _Filling(torch.zeros(1, 1, 16, 77), capacity=2, device="cpu", dtype=torch.float16)
+    f.write(0, torch.ones(1, 1, 16, 77))
+    with pytest.raises(CaptureError, match=r"\(1, 1, 64, 77\).*earlier steps.*\(1, 1, 16, 77\)"):
+        f.write(1, torch.ones(1, 1, 64, 77))
+    assert f.count == 1 and f.result().shape == (1, 1, 1, 16, 77) and f.result().dtype == torch.float16
+
+
 # ---------------------------------------------------------------- SD 1.5's layout
 def test_sd15_layout_has_16_cross_layers_at_four_sizes():
     unet = sd15_layout_unet(width=32, sample_size=64)

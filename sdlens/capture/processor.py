@@ -17,6 +17,7 @@ maps never need one huge temporary. Steps that are not kept run the original pro
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,8 +29,9 @@ if TYPE_CHECKING:
     from .layers import LayerInfo
     from .session import Recorder
 
-# Elements of one float32 score chunk (rows × heads × queries × keys): 32 Mi = 128 MB.
-CHUNK_ELEMENTS = 1 << 25
+# Elements of one float32 score chunk (rows × heads × queries × keys): 8 Mi = 32 MB, of which a few
+# are alive at once. SD 1.5's 64×64 self-attention (8 heads, 4096 keys) then takes 256 queries a chunk.
+CHUNK_ELEMENTS = 1 << 23
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -104,14 +106,17 @@ def queries_and_keys(
 
 
 def attention_probs(
-    q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Softmax attention ``(b, heads, n, k)`` in float32, computed in query chunks.
 
     ``mask`` is an additive bias, or a boolean mask (True: may attend) as SDPA takes, broadcastable
-    to ``(b, heads, n, k)``. Scores are formed in float32 (half-precision scores would cost
-    probabilities ~1% of their value); few ops per chunk, since this runs for every captured layer
-    at every step.
+    to ``(b, heads, n, k)``. ``reduce`` (e.g. the mean over heads) is applied to each chunk of
+    probabilities as it is made, so that a large map is never held with all its heads: the result
+    is then ``reduce``'s shape, ``(b, heads', n, k)``. Scores are formed in float32 (half-precision
+    scores would cost probabilities ~1% of their value); few ops per chunk, since this runs for
+    every captured layer at every step.
     """
     b, h, n, _ = q.shape
     kk = k.shape[2]
@@ -120,17 +125,19 @@ def attention_probs(
     q = q.float() * scale
     kt = k.float().transpose(-1, -2)
     chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * kk))
-    if chunk >= n:  # the common case: one chunk
-        scores = q @ kt
-        if mask is not None:
-            scores = scores + mask.float()
-        return scores.softmax(dim=-1)
-    out = torch.empty(b, h, n, kk, dtype=torch.float32, device=q.device)
+    out = None
     for s in range(0, n, chunk):
-        scores = q[:, :, s : s + chunk] @ kt
+        scores = q @ kt if chunk >= n else q[:, :, s : s + chunk] @ kt  # the common case: one chunk
         if mask is not None:
-            scores = scores + (mask if mask.shape[2] == 1 else mask[:, :, s : s + chunk]).float()
-        out[:, :, s : s + chunk] = scores.softmax(dim=-1)
+            scores = scores + (mask if mask.shape[2] == 1 or chunk >= n else mask[:, :, s : s + chunk]).float()
+        probs = scores.softmax(dim=-1)
+        if reduce is not None:
+            probs = reduce(probs)
+        if chunk >= n:
+            return probs
+        if out is None:
+            out = torch.empty(probs.shape[0], probs.shape[1], n, kk, dtype=probs.dtype, device=probs.device)
+        out[:, :, s : s + chunk] = probs
     return out
 
 
@@ -242,7 +249,7 @@ class CaptureProcessor:
              n_img_keys: int) -> None:
         """Store the probabilities of the kept rows' queries ``(rows, heads, n, d)`` over keys ``(rows, heads, k, d)``."""
         rec, role = self.recorder, self.info.role
-        probs = attention_probs(q, k, scale, bias)
+        probs = attention_probs(q, k, scale, bias, reduce=rec.reduce_heads)  # (rows, heads kept or 1, n, keys)
         if role == "joint":
             parts = {"self": probs[..., :n_img_keys], "cross": probs[..., n_img_keys:]}
         else:

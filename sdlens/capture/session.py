@@ -325,17 +325,24 @@ class Recorder:
                 self._pickers[batch] = lambda x: x.index_select(0, index.to(x.device))
         return self._pickers[batch]
 
+    def reduce_heads(self, probs: torch.Tensor) -> torch.Tensor:
+        """``(rows, heads, n, keys)`` → the heads the spec keeps: ``(rows, 1, n, keys)`` for the mean."""
+        if self.spec.heads == "mean":
+            return probs.mean(dim=1, keepdim=True)
+        if self._head_sel is not None:
+            if self._head_sel.device != probs.device:  # moved once, not per call
+                self._head_sel = self._head_sel.to(probs.device)
+            return probs.index_select(1, self._head_sel)
+        return probs
+
     def store(self, kind: str, info: LayerInfo, probs: torch.Tensor) -> None:
-        """Keep ``probs`` ``(rows, heads, n, keys)`` of one layer at the current step."""
+        """Keep ``probs`` ``(rows, heads kept, n, keys)`` (already reduced) of one layer at the current step."""
         tr, spec = self.trace, self.spec
         if info.name not in tr._sizes:
             tr._sizes[info.name] = infer_map_size(probs.shape[2], tr.latent_size)
-        if spec.heads == "mean":
-            probs = probs.mean(dim=1, keepdim=True)
-        elif self._head_sel is not None:
-            probs = probs.index_select(1, self._head_sel.to(probs.device))
-        # kept on the compute device while the run goes (no host sync per layer); moved at the end
-        tr._append(kind, info.name, probs.to(dtype=spec.dtype))
+        # into storage allocated once for all kept steps, on the storage device (see trace._Filling)
+        tr._append(kind, info.name, probs, len(tr.steps) - 1, capacity=self.estimate.steps if self.estimate else None,
+                   device=spec.device, dtype=spec.dtype)
 
 
 def trace(
