@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _load import load_module
 
 from sdlens.world import parse_caption
 
 
 @pytest.fixture(scope="module")
 def quality():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-    spec = importlib.util.spec_from_file_location("sdlens_quality_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module("benchmarks/quality.py")
 
 
 def test_word_index_points_at_each_objects_words(quality):

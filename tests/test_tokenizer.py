@@ -24,6 +24,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+from _load import load_module
 
 from sdlens.tokens import CLIP_TOKENIZER_DIR, Tokenization, load_clip_tokenizer, tokenize
 
@@ -48,10 +49,7 @@ def open_clip_tokenizer():
         pytest.skip("open_clip_torch is not installed (pip install --no-deps open_clip_torch)")
     pytest.importorskip("ftfy")
     pytest.importorskip("regex")
-    spec = importlib.util.spec_from_file_location("_open_clip_tokenizer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(path, "_open_clip_tokenizer")
 
 
 @pytest.fixture(scope="module")
@@ -287,11 +285,7 @@ def test_truncation_matches_open_clip(clip, open_clip_tokenizer):
 def test_shipped_files_regenerate_byte_identically():
     if _open_clip_file("bpe_simple_vocab_16e6.txt.gz") is None:
         pytest.skip("open_clip_torch is not installed")
-    spec = importlib.util.spec_from_file_location(
-        "_build_clip_tokenizer", REPO / "scripts" / "build_clip_tokenizer.py"
-    )
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    build = load_module("scripts/build_clip_tokenizer.py")
     files = build.render_files(build.read_merges(build.find_merges_file()))
     assert sorted(files) == sorted(
         p.name for p in CLIP_TOKENIZER_DIR.iterdir() if p.suffix in (".json", ".txt")
