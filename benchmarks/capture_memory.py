@@ -8,6 +8,11 @@ of one layer's float32 softmax, which query chunking bounds and which does not g
 number of steps. So ``extra peak / bytes kept`` tends to 1 as the trace grows (it was 2.2-2.5 when
 per-step pieces were stacked at the end, and the full-head map of a large layer was made at once).
 
+Resident memory also holds what the C allocator keeps after a free: glibc raises its mmap threshold
+after large frees, and then keeps up to twice that (64 MiB) of freed heap before giving it back.
+That part depends on the order of allocations, not on what is alive; ``--fixed-mmap-threshold``
+takes it out of the figure.
+
     python benchmarks/capture_memory.py                     # self + cross attention, SD 1.5 layout
     python benchmarks/capture_memory.py --size 256 --steps 20 --no-self
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -61,6 +67,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256, help="image side in pixels (latent = size / 8)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-self", dest="self_attn", action="store_false", help="cross-attention only")
+    ap.add_argument("--fixed-mmap-threshold", action="store_true",
+                    help="run the children with glibc's MALLOC_MMAP_THRESHOLD_=1 MiB: freed large temporaries "
+                         "then go back to the OS at once, and the peak shows live tensors only")
     ap.add_argument("--mode", choices=["plain", "traced"], help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args()
     if args.mode:
@@ -69,15 +78,19 @@ def main() -> None:
 
     base = [sys.executable, __file__, "--width", str(args.width), "--size", str(args.size),
             "--steps", str(args.steps)] + ([] if args.self_attn else ["--no-self"])
+    env = dict(os.environ)
+    if args.fixed_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
     result = {}
     for mode in ("plain", "traced"):
-        out = subprocess.run(base + ["--mode", mode], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(base + ["--mode", mode], capture_output=True, text=True, check=True, env=env).stdout
         result[mode] = json.loads(out.strip().splitlines()[-1])
     extra = result["traced"]["peak_growth"] - result["plain"]["peak_growth"]
     kept = result["traced"]["nbytes"]
     kinds = "cross + self" if args.self_attn else "cross"
     print(f"model: SD 1.5 UNet layout, width {args.width}, {args.size} px, {args.steps} steps, CFG batch 2, CPU; "
-          f"trace: {kinds}, all layers and steps, heads averaged, float16")
+          f"trace: {kinds}, all layers and steps, heads averaged, float16"
+          + ("; glibc mmap threshold fixed at 1 MiB" if args.fixed_mmap_threshold else ""))
     print(f"bytes kept by the trace: {kept / 1e6:.1f} MB")
     print(f"peak memory of the run: untraced +{result['plain']['peak_growth'] / 1e6:.1f} MB, "
           f"traced +{result['traced']['peak_growth'] / 1e6:.1f} MB")

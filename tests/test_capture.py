@@ -180,6 +180,45 @@ def test_chunked_probabilities_and_per_chunk_head_reduction(monkeypatch, mask_ro
         assert full.shape == (2, 4, 10, 7) and mean.shape == (2, 1, 10, 7) and some.shape == (2, 2, 10, 7)
 
 
+
+def test_batched_layers_give_each_layer_its_own_probabilities(monkeypatch):
+    """compute_pending stacks same-shape layers of a step: each must get exactly what it alone would."""
+    from sdlens.capture import processor
+
+    class Sink:  # stands in for a CaptureProcessor: collects what it is given
+        def __init__(self):
+            self.got = []
+
+        def store(self, probs, n_img_keys):
+            self.got.append((probs.clone(), n_img_keys))
+
+    torch.manual_seed(0)
+    mean = lambda p: p.mean(dim=1, keepdim=True)  # noqa: E731
+    items = []
+    for i in range(7):  # 4 of one shape (CFG batch of 2, keep row 1), 2 of another, one with a mask
+        n, keys = (16, 5) if i < 4 else (9, 3)
+        q, k = torch.randn(2, 4, n, 8), torch.randn(2, 4, keys, 8)
+        bias = torch.randn(2, 1, 1, keys) if i == 6 else None
+        items.append(processor.Pending(Sink(), q, k, 0.35, bias, 0, slice(1, 2)))
+    calls = []
+    real = processor.attention_probs
+    monkeypatch.setattr(processor, "attention_probs", lambda q, *a, **kw: calls.append(q.shape[0]) or real(q, *a, **kw))
+    # everything batched: [4 layers], [2], [the masked one]; then at most 2 layers a batch
+    for group_elements, batches in ((1 << 20, [4, 2, 1]), (4 * 16 * 5 * 2, [2, 2, 2, 1])):
+        monkeypatch.setitem(processor.GROUP_ELEMENTS, False, group_elements)
+        for it in items:
+            it.processor.got.clear()
+        calls.clear()
+        processor.compute_pending(items, mean, heads_kept=1)
+        assert calls == batches  # one row kept per layer
+        for it in items:
+            bias = None if it.bias is None else it.bias[1:2]
+            expected = real(it.q[1:2], it.k[1:2], 0.35, bias).mean(dim=1, keepdim=True)
+            (got, n_img), = it.processor.got
+            assert n_img == 0
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
 def test_storage_without_a_step_count_grows_and_matches_a_preallocated_one():
     pipe = sd1()
     with sdlens.trace(pipe, self_attn=True) as tr:  # the pipeline says 10 steps: storage made once

@@ -4,21 +4,23 @@ Two paths, both giving exactly the image an untraced run gives:
 
 - **fused**, for layers whose original processor is diffusers' ``AttnProcessor2_0`` (the default):
   the layer's own computation, op for op (so the output is bit-identical), which keeps the queries
-  and keys it made and turns those of the kept CFG rows into probabilities. Nothing is projected
-  twice.
+  and keys it made. Nothing is projected twice.
 - **delegating**, for any other processor (a user's custom one, SD3's joint processor, ...): the
   original processor computes the output; the queries and keys of the kept rows are recomputed
   for the maps.
 
-Probabilities come from an explicit float32 softmax, in query chunks so that large self-attention
-maps never need one huge temporary. Steps that are not kept run the original processor untouched.
+Either way the queries and keys wait until the denoiser's call returns; then the layers whose maps
+have the same shape are turned into probabilities together (``compute_pending``), so a step costs a
+few batched ops rather than a handful per layer. Probabilities come from an explicit float32
+softmax, in query chunks so that large self-attention maps never need one huge temporary. Steps
+that are not kept run the original processor untouched.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,12 @@ if TYPE_CHECKING:
 CHUNK_ELEMENTS = 1 << 23
 
 
+# Score elements (rows × heads × queries × keys, all layers) one batched computation may take. On a
+# GPU, where each op costs a launch, large batches pay; on a CPU a batch's float32 scores should stay
+# in cache (4 MB), or the softmax and head mean become memory-bound: about one 32×32 map of SD 1.5.
+GROUP_ELEMENTS = {False: 1 << 20, True: 1 << 25}
+
+
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """``(b, n, heads·d)`` → ``(b, heads, n, d)``.
 
@@ -42,6 +50,11 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """
     b, n, _ = x.shape
     return x.view(b, n, heads, -1).transpose(1, 2)
+
+
+def _no_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x`` cut from autograd; as it is when it needs no cutting (pipelines run under no_grad)."""
+    return x.detach() if x.requires_grad else x
 
 
 def _project(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -131,6 +144,7 @@ def attention_probs(
         if mask is not None:
             scores = scores + (mask if mask.shape[2] == 1 or chunk >= n else mask[:, :, s : s + chunk]).float()
         probs = scores.softmax(dim=-1)
+        del scores  # before the next chunk's scores are made
         if reduce is not None:
             probs = reduce(probs)
         if chunk >= n:
@@ -138,6 +152,7 @@ def attention_probs(
         if out is None:
             out = torch.empty(probs.shape[0], probs.shape[1], n, kk, dtype=probs.dtype, device=probs.device)
         out[:, :, s : s + chunk] = probs
+        del probs
     return out
 
 
@@ -221,10 +236,9 @@ class CaptureProcessor:
         temb = kwargs.get("temb", args[2] if len(args) > 2 else None)
         if self.fused and len(args) <= 3 and all(k in _CALL_ARGS for k in kwargs):
             out, q, k, bias = sdpa_forward(attn, hidden_states, context, mask, temb)
-            with torch.no_grad():
-                pick = self.recorder.row_picker(q.shape[0])
-                self.keep(pick(q.detach()), pick(k.detach()), q.shape[-1] ** -0.5,
-                          None if bias is None else pick(bias), 0)
+            # the whole batch is handed over; the kept rows are taken when the step's layers are batched
+            rows = self.recorder.kept_rows(q.shape[0], q.device)
+            self.keep(_no_grad(q), _no_grad(k), q.shape[-1] ** -0.5, bias, 0, rows)
             return out
         out = self.original(attn, hidden_states, *args, **kwargs)
         with torch.no_grad():
@@ -233,7 +247,7 @@ class CaptureProcessor:
 
     def record(self, attn, hidden_states, context, mask, temb) -> None:
         rec, role = self.recorder, self.info.role
-        pick = rec.row_picker(hidden_states.shape[0])  # the kept CFG rows: a slice (a view) when contiguous
+        pick = rec.row_picker(hidden_states.shape[0], hidden_states.device)  # the kept CFG rows
         hidden_states = pick(hidden_states)
         context = None if context is None else pick(context)
         temb = None if temb is None else pick(temb)
@@ -243,17 +257,102 @@ class CaptureProcessor:
             full = attn.prepare_attention_mask(pick(mask), k.shape[2], q.shape[0])
             bias = full.view(q.shape[0], attn.heads, -1, k.shape[2])
         scale = attn.scale if getattr(attn, "scale", None) is not None else q.shape[-1] ** -0.5
-        self.keep(q, k, scale, bias, n_img_keys)
+        self.keep(q, k, scale, bias, n_img_keys, None)
 
     def keep(self, q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
-             n_img_keys: int) -> None:
-        """Store the probabilities of the kept rows' queries ``(rows, heads, n, d)`` over keys ``(rows, heads, k, d)``."""
-        rec, role = self.recorder, self.info.role
-        probs = attention_probs(q, k, scale, bias, reduce=rec.reduce_heads)  # (rows, heads kept or 1, n, keys)
-        if role == "joint":
+             n_img_keys: int, rows: Rows) -> None:
+        """Hand queries ``(b, heads, n, d)`` and keys ``(b, heads, k, d)`` to the recorder, which turns
+        the kept ``rows`` of them (None: all, already picked) into probabilities when the denoiser's
+        call ends, batched over layers of the same shape: far fewer ops per step than one softmax
+        per layer."""
+        self.recorder.defer(Pending(self, q, k, scale, bias, n_img_keys, rows))
+
+    def store(self, probs: torch.Tensor, n_img_keys: int) -> None:
+        """Store this layer's probabilities ``(rows, heads kept or 1, n, keys)`` of the current step."""
+        if self.info.role == "joint":
             parts = {"self": probs[..., :n_img_keys], "cross": probs[..., n_img_keys:]}
         else:
-            parts = {role: probs}
+            parts = {self.info.role: probs}
         for kind, p in parts.items():
             if kind in self.kinds:
-                rec.store(kind, self.info, p)
+                self.recorder.store(kind, self.info, p)
+
+
+# The kept rows of a batch: a slice (a view) when they are contiguous, else an index tensor;
+# None where the tensors hold only the kept rows already.
+Rows = slice | torch.Tensor | None
+
+
+def take(x: torch.Tensor, rows: Rows, dim: int = 0) -> torch.Tensor:
+    """The kept ``rows`` of ``x`` along ``dim``."""
+    if rows is None:
+        return x
+    if isinstance(rows, slice):
+        return x[(slice(None),) * dim + (rows,)]
+    return x.index_select(dim, rows if rows.device == x.device else rows.to(x.device))
+
+
+def n_rows(batch: int, rows: Rows) -> int:
+    """How many of a batch's ``batch`` rows ``rows`` keeps."""
+    if rows is None:
+        return batch
+    return len(range(batch)[rows]) if isinstance(rows, slice) else len(rows)
+
+
+class Pending(NamedTuple):
+    """One captured layer call whose probabilities are still to be computed."""
+
+    processor: CaptureProcessor
+    q: torch.Tensor  # (b, heads, n, d)
+    k: torch.Tensor  # (b, heads, keys, d)
+    scale: float
+    bias: torch.Tensor | None  # additive, (b, heads, 1 | n, keys)
+    n_img_keys: int
+    rows: Rows  # which of the b rows are kept
+
+    def group(self) -> tuple | None:
+        """Calls with equal group keys are computed as one batch; None: on its own (a mask)."""
+        if self.bias is not None:
+            return None
+        rows = (self.rows.start, self.rows.stop, self.rows.step) if isinstance(self.rows, slice) else id(self.rows)
+        return (self.q.shape, self.k.shape, self.q.dtype, self.k.dtype, self.q.device, self.scale, rows)
+
+
+def compute_pending(
+    pending: list[Pending], reduce: Callable[[torch.Tensor], torch.Tensor] | None, heads_kept: int | None = None
+) -> None:
+    """Turn the deferred calls of one step into probabilities and store them, same-shape layers in one batch.
+
+    ``q`` of a group of L layers is stacked to ``(L·rows, heads, n, d)``: one cast, one matmul, one
+    softmax and one head reduction for the group instead of for each layer. Rows never mix (the
+    softmax is per row and head), so the result is the per-layer computation's. A group is cut so
+    that its scores stay within ``GROUP_ELEMENTS`` and its reduced result (``heads_kept`` heads;
+    None: all) within ``CHUNK_ELEMENTS``: large maps are computed one layer at a time.
+    """
+    groups: dict = {}
+    for item in pending:
+        groups.setdefault(item.group() or id(item), []).append(item)
+    for items in groups.values():
+        first = items[0]
+        rows = n_rows(first.q.shape[0], first.rows)
+        scores = rows * first.q.shape[1] * first.q.shape[2] * first.k.shape[2]  # per layer, all heads
+        kept = rows * (heads_kept or first.q.shape[1]) * first.q.shape[2] * first.k.shape[2]
+        budget = GROUP_ELEMENTS[first.q.device.type == "cuda"]
+        size = max(1, min(budget // max(1, scores), CHUNK_ELEMENTS // max(1, kept)))
+        for start in range(0, len(items), size):
+            _compute_group(items[start : start + size], reduce)
+
+
+def _compute_group(items: list[Pending], reduce) -> None:
+    first = items[0]
+    if len(items) == 1:
+        bias = None if first.bias is None else take(first.bias, first.rows)
+        probs = attention_probs(take(first.q, first.rows), take(first.k, first.rows), first.scale, bias, reduce=reduce)
+        first.processor.store(probs, first.n_img_keys)
+        return
+    # the kept rows of each layer (views), then one copy into (L·rows, ...)
+    q = torch.cat([take(it.q, it.rows) for it in items])
+    k = torch.cat([take(it.k, it.rows) for it in items])
+    probs = attention_probs(q, k, first.scale, None, reduce=reduce)
+    for it, p in zip(items, probs.split(q.shape[0] // len(items))):
+        it.processor.store(p, it.n_img_keys)

@@ -21,7 +21,7 @@ from ..tokens import tokenize
 from ..trace import AttentionTrace, Row
 from .denoising import DenoisingRecorder
 from .layers import LayerInfo, attention_layers, denoiser_of, infer_map_size
-from .processor import CaptureProcessor
+from .processor import CaptureProcessor, Pending, compute_pending, take
 from .spec import BudgetError, CaptureError, CaptureSpec, Estimate, select_steps
 
 _ACTIVE = "_sdlens_recorder"  # attribute set on a denoiser while it is traced
@@ -71,10 +71,11 @@ class Recorder:
         self.installed: dict[str, LayerInfo] = {}
         self.kinds_at: dict[str, tuple[str, ...]] = {}
         self._originals: dict | None = None
-        self._pickers: dict[int, object] = {}
+        self._rows: dict[tuple, object] = {}
         self._row_ids: list[int] = []
         self._head_sel: torch.Tensor | None = None
         self._handles: list = []
+        self._pending: list[Pending] = []  # this step's captured calls, computed when the denoiser returns
         self._patched_encode = False
         self.estimate: Estimate | None = None
         self.denoising = DenoisingRecorder(self) if spec.record_latents else None
@@ -90,6 +91,7 @@ class Recorder:
         setattr(self.denoiser, _ACTIVE, self)
         try:
             self._handles.append(self.denoiser.register_forward_pre_hook(self._on_step, with_kwargs=True))
+            self._handles.append(self.denoiser.register_forward_hook(self._on_step_end))
             if self.pipe is not None and hasattr(self.pipe, "encode_prompt") and "encode_prompt" not in vars(self.pipe):
                 self.pipe.encode_prompt = self._wrap_encode(self.pipe.encode_prompt)
                 self._patched_encode = True
@@ -109,6 +111,11 @@ class Recorder:
 
     def _restore(self) -> None:
         try:
+            if self._pending:  # the denoiser raised mid-call: keep the layers that ran, as they were
+                try:
+                    self.flush()
+                except Exception:  # noqa: BLE001 - restoring must go on; the original error is raised
+                    self._pending.clear()
             if self.installed and self._originals is not None:
                 self.denoiser.set_attn_processor(dict(self._originals))  # it pops from the dict it gets
         finally:
@@ -169,6 +176,30 @@ class Recorder:
         if self.keeping:
             self.trace.steps.append(self.step)
             self._check_running_budget()
+
+    @property
+    def _heads_kept(self) -> int | None:
+        """Heads stored per map: 1 (averaged), the chosen ones, or None (all of the layer's)."""
+        if self.spec.heads == "mean":
+            return 1
+        return None if self.spec.heads == "all" else len(self.spec.heads)
+
+    def _on_step_end(self, module, args, output) -> None:
+        self.flush()
+
+    def defer(self, item: Pending) -> None:
+        """Note one captured layer call; its probabilities are computed at the end of the step."""
+        name = item.processor.info.name
+        if name not in self.trace.layers:
+            self.trace.layers.append(name)  # in call order, whatever order the batches are stored in
+        self._pending.append(item)
+
+    def flush(self) -> None:
+        """Compute and store the probabilities of the calls deferred during this step."""
+        pending, self._pending = self._pending, []
+        if pending:
+            with torch.no_grad():
+                compute_pending(pending, self.reduce_heads, self._heads_kept)
 
     def _expected_steps(self) -> int | None:
         # diffusers pipelines set _num_timesteps = len(timesteps) just before their loop (img2img too)
@@ -313,17 +344,23 @@ class Recorder:
             )
 
     # ------------------------------------------------------------------ called by processors
-    def row_picker(self, batch: int):
-        """A function selecting the kept rows of a batch of ``batch`` rows (cached per batch size)."""
-        if batch not in self._pickers:
+    def kept_rows(self, batch: int, device: torch.device | None = None):
+        """The kept rows of a batch of ``batch`` rows: a slice when contiguous, else an index tensor on
+        ``device`` (see ``processor.take``); cached, so that equal selections are one object and an
+        index moves to the GPU once."""
+        key = (batch, device)
+        if key not in self._rows:
             ids = self._row_ids if max(self._row_ids, default=-1) < batch else list(range(batch))
             if ids == list(range(ids[0], ids[0] + len(ids))):
-                sl = slice(ids[0], ids[0] + len(ids))
-                self._pickers[batch] = lambda x: x[sl]
+                self._rows[key] = slice(ids[0], ids[0] + len(ids))
             else:
-                index = torch.tensor(ids)
-                self._pickers[batch] = lambda x: x.index_select(0, index.to(x.device))
-        return self._pickers[batch]
+                self._rows[key] = torch.tensor(ids, device=device)
+        return self._rows[key]
+
+    def row_picker(self, batch: int, device: torch.device | None = None):
+        """A function selecting the kept rows of a batch of ``batch`` rows."""
+        rows = self.kept_rows(batch, device)
+        return lambda x: take(x, rows)
 
     def reduce_heads(self, probs: torch.Tensor) -> torch.Tensor:
         """``(rows, heads, n, keys)`` → the heads the spec keeps: ``(rows, 1, n, keys)`` for the mean."""
