@@ -134,7 +134,8 @@ def test_fused_and_delegating_paths_agree():
 def test_sdpa_forward_is_diffusers_sdpa_processor_with_a_mask(boolean):
     from diffusers.models.attention_processor import Attention
 
-    from sdlens.capture.processor import attention_probs, sdpa_forward
+    from sdlens.capture.probs import attention_probs
+    from sdlens.capture.processor import sdpa_forward
 
     torch.manual_seed(0)
     attn = Attention(query_dim=32, cross_attention_dim=16, heads=4, dim_head=8).eval()
@@ -161,7 +162,7 @@ def test_sdpa_forward_is_diffusers_sdpa_processor_with_a_mask(boolean):
 
 @pytest.mark.parametrize("mask_rows", [1, 10])
 def test_chunked_probabilities_and_per_chunk_head_reduction(monkeypatch, mask_rows):
-    from sdlens.capture import processor
+    from sdlens.capture import probs
 
     torch.manual_seed(0)
     q, k = torch.randn(2, 4, 10, 8), torch.randn(2, 4, 7, 8)
@@ -170,10 +171,10 @@ def test_chunked_probabilities_and_per_chunk_head_reduction(monkeypatch, mask_ro
     ref = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * 0.3 + bias.double(), dim=-1)
     pick = torch.tensor([3, 1])
     for elements in (10**6, 4 * 7 * 3):  # one chunk; then 3 queries per chunk (the last one shorter)
-        monkeypatch.setattr(processor, "CHUNK_ELEMENTS", elements)
-        full = processor.attention_probs(q, k, 0.3, bias)
-        mean = processor.attention_probs(q, k, 0.3, bias, reduce=lambda p: p.mean(dim=1, keepdim=True))
-        some = processor.attention_probs(q, k, 0.3, bias, reduce=lambda p: p.index_select(1, pick))
+        monkeypatch.setattr(probs, "CHUNK_ELEMENTS", elements)
+        full = probs.attention_probs(q, k, 0.3, bias)
+        mean = probs.attention_probs(q, k, 0.3, bias, reduce=lambda p: p.mean(dim=1, keepdim=True))
+        some = probs.attention_probs(q, k, 0.3, bias, reduce=lambda p: p.index_select(1, pick))
         torch.testing.assert_close(full, ref.float(), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(mean, ref.mean(dim=1, keepdim=True).float(), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(some, ref[:, [3, 1]].float(), atol=1e-6, rtol=1e-5)
@@ -183,14 +184,14 @@ def test_chunked_probabilities_and_per_chunk_head_reduction(monkeypatch, mask_ro
 
 def test_batched_layers_give_each_layer_its_own_probabilities(monkeypatch):
     """compute_pending stacks same-shape layers of a step: each must get exactly what it alone would."""
-    from sdlens.capture import processor
+    from sdlens.capture import probs
 
     class Sink:  # stands in for a CaptureProcessor: collects what it is given
         def __init__(self):
             self.got = []
 
-        def store(self, probs, n_img_keys):
-            self.got.append((probs.clone(), n_img_keys))
+        def store(self, p, n_img_keys):
+            self.got.append((p.clone(), n_img_keys))
 
     torch.manual_seed(0)
     mean = lambda p: p.mean(dim=1, keepdim=True)  # noqa: E731
@@ -199,17 +200,17 @@ def test_batched_layers_give_each_layer_its_own_probabilities(monkeypatch):
         n, keys = (16, 5) if i < 4 else (9, 3)
         q, k = torch.randn(2, 4, n, 8), torch.randn(2, 4, keys, 8)
         bias = torch.randn(2, 1, 1, keys) if i == 6 else None
-        items.append(processor.Pending(Sink(), q, k, 0.35, bias, 0, slice(1, 2)))
+        items.append(probs.Pending(Sink(), q, k, 0.35, bias, 0, slice(1, 2)))
     calls = []
-    real = processor.attention_probs
-    monkeypatch.setattr(processor, "attention_probs", lambda q, *a, **kw: calls.append(q.shape[0]) or real(q, *a, **kw))
+    real = probs.attention_probs
+    monkeypatch.setattr(probs, "attention_probs", lambda q, *a, **kw: calls.append(q.shape[0]) or real(q, *a, **kw))
     # everything batched: [4 layers], [2], [the masked one]; then at most 2 layers a batch
     for group_elements, batches in ((1 << 20, [4, 2, 1]), (4 * 16 * 5 * 2, [2, 2, 2, 1])):
-        monkeypatch.setitem(processor.GROUP_ELEMENTS, False, group_elements)
+        monkeypatch.setitem(probs.GROUP_ELEMENTS, False, group_elements)
         for it in items:
             it.processor.got.clear()
         calls.clear()
-        processor.compute_pending(items, mean, heads_kept=1)
+        probs.compute_pending(items, mean, heads_kept=1)
         assert calls == batches  # one row kept per layer
         for it in items:
             bias = None if it.bias is None else it.bias[1:2]

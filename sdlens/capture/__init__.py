@@ -1,4 +1,4 @@
-"""Capture: the processors, the capture spec, step tracking and the ``trace`` context manager."""
+"""Capture: the processors, queries and keys to probabilities, the capture spec, step tracking and ``trace``."""
 
 from .layers import LayerInfo, attention_layers, denoiser_of
 from .processor import CaptureProcessor

@@ -21,7 +21,8 @@ from ..tokens import tokenize
 from ..trace import AttentionTrace, Row
 from .denoising import DenoisingRecorder
 from .layers import LayerInfo, attention_layers, denoiser_of, infer_map_size
-from .processor import CaptureProcessor, Pending, compute_pending, take
+from .probs import Pending, compute_pending, take
+from .processor import CaptureProcessor
 from .spec import BudgetError, CaptureError, CaptureSpec, Estimate, select_steps
 
 _ACTIVE = "_sdlens_recorder"  # attribute set on a denoiser while it is traced
