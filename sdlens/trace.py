@@ -117,9 +117,10 @@ class AttentionTrace:
 
     # ------------------------------------------------------------------ structure
     def keys(self) -> list[tuple[str, str]]:
-        """``(kind, layer)`` pairs that hold maps."""
+        """``(kind, layer)`` pairs that hold maps, layers in call order (cross before self)."""
         src = self._filling if self._filling else self._data
-        return [k for k in src if k[0] in self.kinds]
+        order = {name: i for i, name in enumerate(self.layers)}
+        return sorted((k for k in src if k[0] in self.kinds), key=lambda k: (order.get(k[1], len(order)), k[0]))
 
     def layers_of(self, kind: str = "cross") -> list[str]:
         """Captured layers that hold ``kind`` maps, in call order."""

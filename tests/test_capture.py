@@ -220,6 +220,26 @@ def test_batched_layers_give_each_layer_its_own_probabilities(monkeypatch):
             torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
+
+def test_held_back_queries_are_bounded(monkeypatch):
+    from sdlens.capture import probs
+
+    pipe = sd1()
+    kw = dict(self_attn=True, heads="all", dtype=torch.float32)
+    with sdlens.trace(pipe, **kw) as whole_steps:
+        run(pipe, steps=2)
+    flushes = []
+    real = probs.compute_pending
+    monkeypatch.setattr("sdlens.capture.session.compute_pending", lambda p, *a: flushes.append(len(p)) or real(p, *a))
+    monkeypatch.setattr(probs, "PENDING_BYTES", 1)  # every call is computed as soon as it is handed over
+    with sdlens.trace(pipe, **kw) as each_call:
+        run(pipe, steps=2)
+    assert set(flushes) == {1} and len(flushes) == 2 * len(each_call.keys())
+    assert each_call.layers == whole_steps.layers and each_call.keys() == whole_steps.keys()
+    for kind, layer in whole_steps.keys():
+        torch.testing.assert_close(each_call.maps(layer, kind), whole_steps.maps(layer, kind), atol=1e-6, rtol=1e-5)
+
+
 def test_storage_without_a_step_count_grows_and_matches_a_preallocated_one():
     pipe = sd1()
     with sdlens.trace(pipe, self_attn=True) as tr:  # the pipeline says 10 steps: storage made once

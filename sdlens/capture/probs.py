@@ -29,6 +29,11 @@ CHUNK_ELEMENTS = 1 << 23
 GROUP_ELEMENTS = {False: 1 << 20, True: 1 << 25}
 
 
+# Bytes of queries and keys a step may hold back before they are turned into probabilities early:
+# a large model (SDXL at 1024 px has 70 cross-attention layers) must not keep a whole step's worth.
+PENDING_BYTES = 1 << 28
+
+
 def attention_probs(
     q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,

@@ -19,6 +19,7 @@ import torch
 
 from ..tokens import tokenize
 from ..trace import AttentionTrace, Row
+from . import probs
 from .denoising import DenoisingRecorder
 from .layers import LayerInfo, attention_layers, denoiser_of, infer_map_size
 from .probs import Pending, compute_pending, take
@@ -77,6 +78,7 @@ class Recorder:
         self._head_sel: torch.Tensor | None = None
         self._handles: list = []
         self._pending: list[Pending] = []  # this step's captured calls, computed when the denoiser returns
+        self._pending_bytes = 0
         self._patched_encode = False
         self.estimate: Estimate | None = None
         self.denoising = DenoisingRecorder(self) if spec.record_latents else None
@@ -194,10 +196,13 @@ class Recorder:
         if name not in self.trace.layers:
             self.trace.layers.append(name)  # in call order, whatever order the batches are stored in
         self._pending.append(item)
+        self._pending_bytes += item.q.numel() * item.q.element_size() + item.k.numel() * item.k.element_size()
+        if self._pending_bytes > probs.PENDING_BYTES:  # bounded memory: compute what is held so far
+            self.flush()
 
     def flush(self) -> None:
         """Compute and store the probabilities of the calls deferred during this step."""
-        pending, self._pending = self._pending, []
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
         if pending:
             with torch.no_grad():
                 compute_pending(pending, self.reduce_heads, self._heads_kept)
@@ -414,7 +419,9 @@ def trace(
         steps: ``None`` (all) or step indices in sampling order (negative from the end).
         heads: ``"mean"`` (average heads), ``"all"``, or a list of head indices to keep.
         cfg: which classifier-free-guidance half to keep: ``"cond"``, ``"uncond"`` or ``"both"``.
-        dtype, device: how the maps are stored.
+        dtype, device: how and where the maps are stored. Storage for all kept steps is allocated at
+            the first step and filled step by step (from a GPU into a CPU store: asynchronous copies
+            into pinned memory), so the maps are never held twice.
         max_bytes: memory budget; an over-budget capture raises ``BudgetError`` (a ``ValueError``) with
             the estimate before the denoiser's first forward.
         record_latents: also keep, per captured step, x_t, the predicted clean latent x0, the noise
