@@ -1,7 +1,8 @@
 """Checks of the capture's GPU-only paths, on a device (seconds): the CPU test suite cannot reach them.
 
-- maps stored on the CPU (copied asynchronously into pinned memory at each step) equal maps stored
-  on the GPU, and a run that stores on the CPU leaves no trace-sized memory on the GPU;
+- maps stored on the CPU (copied asynchronously into page-locked memory at each step) equal maps
+  stored on the GPU; the storage is page-locked while recording and released after; a run that
+  stores on the CPU leaves no trace-sized memory on the GPU;
 - the traced image equals the untraced one (fp32 on the GPU; the tests check this on the CPU);
 - an interrupted run keeps the steps it made.
 
@@ -48,8 +49,14 @@ def main() -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+    locked = []
+
+    def note_locking(p, i, t, kw):  # while recording: is the CPU storage page-locked (asynchronous copies)?
+        locked.append(all(f.pinned and f.buffer.is_pinned() for f in on_cpu._filling.values()))
+        return kw
+
     with sdlens.trace(pipe, self_attn=True) as on_cpu:  # storage device: the CPU (the default)
-        traced = run()
+        traced = run(callback_on_step_end=note_locking)
     gpu_extra = torch.cuda.max_memory_allocated() - base if dev.startswith("cuda") else 0
     with sdlens.trace(pipe, self_attn=True, device=dev) as on_gpu:
         run()
@@ -61,6 +68,9 @@ def main() -> int:
           f"{len(on_cpu.keys())} (kind, layer) pairs, max abs diff {map_diff:.1e} (limit 1e-3)")
     check("storage devices", all(on_cpu._data[key].device.type == "cpu" for key in on_cpu.keys())
           and all(on_gpu._data[key].device.type == dev.split(":")[0] for key in on_gpu.keys()))
+    if dev.startswith("cuda"):
+        check("CPU storage page-locked while recording", bool(locked) and all(locked), f"per step: {locked}")
+        check("page-locking released after the run", not any(t.is_pinned() for t in on_cpu._data.values()))
     sums = torch.stack([on_cpu.maps(n, "cross").float().sum(-1).mean() for n in on_cpu.layers_of("cross")])
     check("cross-attention rows sum to 1", bool(((sums - 1).abs() < 2e-3).all()), f"{sums.min():.4f}..{sums.max():.4f}")
     if dev.startswith("cuda"):

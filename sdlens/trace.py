@@ -94,7 +94,7 @@ class AttentionTrace:
             self._filling[key] = _Filling(probs, capacity, device, dtype)
             if layer not in self.layers:
                 self.layers.append(layer)
-        self._filling[key].write(slot, probs)
+        self._filling[key].write(slot, probs, layer)
 
     def _finalize(self, device: str | torch.device = "cpu") -> None:
         _Filling.wait_all(self._filling.values())  # asynchronous GPU -> host copies have landed
@@ -102,6 +102,11 @@ class AttentionTrace:
         for key, filling in self._filling.items():
             self._data[key] = filling.result().to(device)
         self._filling = {}
+
+    def _allocated_bytes(self) -> int:
+        """Bytes the maps' storage holds now, written or not (while recording: grown storage counts)."""
+        return sum(f.allocated for f in self._filling.values()) + sum(
+            t.numel() * t.element_size() for t in self._data.values())
 
     def _tensor(self, kind: str, layer: str) -> torch.Tensor:
         if self._filling:  # still recording: the steps written so far
@@ -506,62 +511,72 @@ def load_trace(path: str | os.PathLike, device: str | torch.device = "cpu") -> A
 class _Filling:
     """The storage of one (kind, layer) while a trace records: ``(capacity, rows, heads, n, keys)``.
 
-    Allocated once, at the layer's first step, for the number of steps the run will keep (the
-    recorder knows it before the first step), on the storage device; each step is copied into its
-    slot. So the maps are held once (stacking per-step pieces at the end held them twice), and a
-    GPU run that stores on the CPU copies each step asynchronously into pinned memory: GPU memory
-    does not grow with the trace, and the host never waits for the GPU mid-run. With no known
-    number of steps the storage doubles as it fills.
+    Allocated at the layer's first step for the number of steps the run will keep (the recorder
+    knows it before the first step), on the storage device; each step is copied into its slot, so
+    the maps are not held twice (stacking per-step pieces at the end did). With no known number
+    of steps the storage doubles as it fills, and is trimmed to the steps written at the end.
+
+    Maps made on a GPU and stored on the CPU are copied asynchronously: the storage is page-locked
+    in place (``cudaHostRegister``, exact size, released at the end; PyTorch's own pinned allocator
+    would round each buffer up to a power of two and keep it locked after the trace is gone), so
+    GPU memory does not grow with the trace and the host does not wait for the GPU mid-run. Where
+    page-locking fails, copies are ordinary (synchronous) ones.
     """
 
     def __init__(self, probs: torch.Tensor, capacity: int | None, device, dtype: torch.dtype) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         self.shape = probs.shape
+        self.source = probs.device  # where the maps are made
         # a CUDA -> host copy is asynchronous only into page-locked memory
         self.pinned = probs.device.type == "cuda" and self.device.type == "cpu"
         self.cast_first = probs.device != self.device  # cast where the maps were made: half the bytes to move
         self.count = 0
+        self.written: list[bool] = []
+        self.buffer: torch.Tensor | None = None
         self._allocate(max(1, capacity or 8))
 
     def _allocate(self, steps: int) -> None:
-        buffer = None
-        if self.pinned:
-            try:
-                buffer = torch.empty((steps, *self.shape), dtype=self.dtype, pin_memory=True)
-            except RuntimeError:  # page-locked memory is limited: fall back to ordinary (synchronous) copies
-                self.pinned = False
-        if buffer is None:
-            buffer = torch.empty((steps, *self.shape), dtype=self.dtype, device=self.device)
-        if self.count:
-            buffer[: self.count].copy_(self.buffer[: self.count])
+        buffer = torch.empty((steps, *self.shape), dtype=self.dtype, device=self.device)
+        if self.pinned and not _page_lock(buffer):
+            self.pinned = False
+        old = self.buffer
+        if old is not None:
+            buffer[: self.count].copy_(old[: self.count])
+            self._unlock(old)
         self.buffer = buffer
         self.slots = buffer.unbind(0)  # one view per step, made once (indexing per call costs an op)
+        self.written += [False] * (steps - len(self.written))
 
-    def write(self, slot: int, probs: torch.Tensor) -> None:
+    def write(self, slot: int, probs: torch.Tensor, layer: str = "") -> None:
         if probs.shape != self.shape:
             raise CaptureError(
-                f"attention of shape {tuple(probs.shape)} at step slot {slot}, but earlier steps of this layer "
-                f"had {tuple(self.shape)}: the batch or the image size changed within one traced call"
+                f"attention of shape {tuple(probs.shape)} at step slot {slot}, but earlier steps of layer "
+                f"{layer!r} had {tuple(self.shape)}: the batch or the image size changed within one traced call"
             )
         if slot >= len(self.slots):  # more steps than expected: grow (rare: unknown step count)
             self.wait()
             self._allocate(max(slot + 1, 2 * len(self.slots)))
+        if self.written[slot]:
+            raise CaptureError(
+                f"layer {layer!r} was called twice in one denoiser call; a trace keeps one map per layer and "
+                "step: leave this layer out (layers=...)"
+            )
         if self.cast_first:
             probs = probs.to(self.dtype)
         self.slots[slot].copy_(probs, non_blocking=self.pinned)
+        self.written[slot] = True
         self.count = max(self.count, slot + 1)
 
     def wait(self) -> None:
-        if self.pinned and torch.cuda.is_available():
-            torch.cuda.synchronize()
+        """Wait until the asynchronous copies into this storage have landed."""
+        if self.pinned:
+            torch.cuda.synchronize(self.source)
 
     @staticmethod
     def wait_all(fillings) -> None:
-        for f in fillings:
-            if f.pinned:
-                f.wait()  # one device-wide synchronize covers every layer's copies
-                return
+        for device in {f.source for f in fillings if f.pinned}:  # one synchronize per GPU
+            torch.cuda.synchronize(device)
 
     def filled(self) -> torch.Tensor:
         """The steps written so far, ``(count, rows, heads, n, keys)`` (a view)."""
@@ -569,11 +584,39 @@ class _Filling:
         return self.buffer[: self.count]
 
     def result(self) -> torch.Tensor:
-        """The final tensor; copied only when fewer steps came than were allocated (an interrupted run)."""
-        if self.count == self.buffer.shape[0]:
-            return self.buffer
-        return self.buffer[: self.count].clone()
+        """The final tensor ``(count, ...)``, page-locking released: the storage itself, or a copy of
+        its first ``count`` steps where fewer came than were allocated (an interrupted run, an unknown
+        step count). Steps a layer was not called at (it skipped them) hold NaN, not stale memory."""
+        self.wait()
+        for slot in range(self.count):
+            if not self.written[slot]:
+                self.buffer[slot].fill_(float("nan"))
+        out = self.buffer if self.count == self.buffer.shape[0] else self.buffer[: self.count].clone()
+        self._unlock(self.buffer)
+        return out
+
+    def _unlock(self, buffer: torch.Tensor) -> None:
+        if self.pinned:
+            _page_unlock(buffer)
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the steps written so far."""
         return self.count * self.buffer[0].numel() * self.buffer.element_size()
+
+    @property
+    def allocated(self) -> int:
+        """Bytes the storage holds, written or not."""
+        return self.buffer.numel() * self.buffer.element_size()
+
+
+def _page_lock(t: torch.Tensor) -> bool:
+    """Page-lock a CPU tensor's memory in place (for asynchronous GPU -> host copies); False if refused."""
+    try:
+        return int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)) == 0
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def _page_unlock(t: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(t.data_ptr())

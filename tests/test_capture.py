@@ -288,6 +288,42 @@ def test_a_layer_whose_map_changes_shape_mid_run_is_an_error():
     assert f.count == 1 and f.result().shape == (1, 1, 1, 16, 77) and f.result().dtype == torch.float16
 
 
+def test_storage_slots_a_layer_skipped_are_nan_and_a_second_call_in_one_step_is_an_error():
+    from sdlens.trace import _Filling
+
+    f = _Filling(torch.zeros(1, 1, 4, 3), capacity=4, device="cpu", dtype=torch.float32)
+    f.write(0, torch.full((1, 1, 4, 3), 0.5), "up.attn2")
+    f.write(2, torch.full((1, 1, 4, 3), 0.25), "up.attn2")  # the layer did not run at step 1
+    with pytest.raises(CaptureError, match=r"'up.attn2' was called twice in one denoiser call"):
+        f.write(2, torch.ones(1, 1, 4, 3), "up.attn2")
+    out = f.result()
+    assert out.shape[0] == 3 and torch.isnan(out[1]).all()
+    assert (out[0] == 0.5).all() and (out[2] == 0.25).all()  # and the refused write changed nothing
+
+
+def test_interrupt_while_held_back_maps_are_computed_still_restores(monkeypatch):
+    pipe = sd1()
+    before = dict(pipe.unet.attn_processors)
+
+    def fail_in_forward(module, args, output):
+        raise RuntimeError("the denoiser failed after its attention layers ran")
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("sdlens.capture.session.compute_pending", interrupted)
+    h = pipe.unet.conv_out.register_forward_hook(fail_in_forward)  # queries and keys are held back then
+    try:
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C while the trace cleans up after the failure
+            with sdlens.trace(pipe):
+                run(pipe, steps=1)
+    finally:
+        h.remove()
+    after = pipe.unet.attn_processors
+    assert all(after[k] is before[k] for k in before)
+    assert not pipe.unet._forward_hooks and not pipe.unet._forward_pre_hooks and "encode_prompt" not in vars(pipe)
+
+
 # ---------------------------------------------------------------- SD 1.5's layout
 def test_sd15_layout_has_16_cross_layers_at_four_sizes():
     unet = sd15_layout_unet(width=32, sample_size=64)

@@ -29,9 +29,10 @@ CHUNK_ELEMENTS = 1 << 23
 GROUP_ELEMENTS = {False: 1 << 20, True: 1 << 25}
 
 
-# Bytes of queries and keys a step may hold back before they are turned into probabilities early:
-# a large model (SDXL at 1024 px has 70 cross-attention layers) must not keep a whole step's worth.
-PENDING_BYTES = 1 << 28
+# Bytes of queries and keys (whole CFG batch) a step may hold back before they are turned into
+# probabilities early: a large model (SDXL at 1024 px has 70 cross-attention layers) must not keep a
+# whole step's worth on a GPU that is near its limit. SD 1.5 at 512 px holds about 40 MB a step.
+PENDING_BYTES = 1 << 26
 
 
 def attention_probs(

@@ -3,7 +3,8 @@
 What it touches, and restores in ``finally`` (normal exit, exception, KeyboardInterrupt):
 
 - the denoiser's attention processors (``set_attn_processor`` with the original objects);
-- a forward pre-hook on the denoiser that counts steps (one denoiser call = one step);
+- a forward pre-hook on the denoiser that counts steps (one denoiser call = one step), and a
+  forward hook that turns the step's held-back queries and keys into probabilities (``probs``);
 - an instance attribute ``encode_prompt`` on the pipeline that notes the prompts, negative prompts
   and images per prompt (the class's method is untouched; the attribute is deleted afterwards).
 
@@ -45,7 +46,8 @@ def _as_list(x) -> list | None:
 
 
 class Recorder:
-    """Does the bookkeeping of one trace; the processors call ``store`` with attention probabilities."""
+    """Does the bookkeeping of one trace: the processors hand it queries and keys (``defer``), which it
+    turns into probabilities when the denoiser's call returns (``flush``) and stores (``store``)."""
 
     def __init__(self, target, spec: CaptureSpec, prompt=None) -> None:
         self.spec = spec
@@ -114,27 +116,29 @@ class Recorder:
 
     def _restore(self) -> None:
         try:
-            if self._pending:  # the denoiser raised mid-call: keep the layers that ran, as they were
-                try:
-                    self.flush()
-                except Exception:  # noqa: BLE001 - restoring must go on; the original error is raised
-                    self._pending.clear()
             if self.installed and self._originals is not None:
                 self.denoiser.set_attn_processor(dict(self._originals))  # it pops from the dict it gets
         finally:
-            for h in self._handles:
-                h.remove()
-            self._handles.clear()
-            if self.denoising is not None:
-                self.denoising.uninstall()
-            if self._patched_encode:
-                del self.pipe.encode_prompt
-                self._patched_encode = False
-            if getattr(self.denoiser, _ACTIVE, None) is self:
-                delattr(self.denoiser, _ACTIVE)
-            self.installed = {}
-            self.keeping = False
-            self.trace._finalize(self.spec.device)
+            try:
+                if self._pending:  # the denoiser raised mid-call: keep the layers that ran, as they were
+                    self.flush()
+            except Exception:  # noqa: BLE001 - restoring goes on; the error that stopped the run is raised
+                pass
+            finally:  # even a Ctrl-C during that computation leaves nothing of the trace on the model
+                self._pending.clear()
+                for h in self._handles:
+                    h.remove()
+                self._handles.clear()
+                if self.denoising is not None:
+                    self.denoising.uninstall()
+                if self._patched_encode:
+                    del self.pipe.encode_prompt
+                    self._patched_encode = False
+                if getattr(self.denoiser, _ACTIVE, None) is self:
+                    delattr(self.denoiser, _ACTIVE)
+                self.installed = {}
+                self.keeping = False
+                self.trace._finalize(self.spec.device)
 
     # ------------------------------------------------------------------ prompt bookkeeping
     def _wrap_encode(self, original):
@@ -343,16 +347,19 @@ class Recorder:
 
     def _check_running_budget(self) -> None:
         mb = self.spec.max_bytes
-        if mb is not None and self.estimate is None and self.trace.nbytes > mb:
+        if mb is None or self.estimate is not None:
+            return
+        held = self.trace._allocated_bytes()  # storage grown for steps to come counts too
+        if held > mb:
             raise BudgetError(
-                f"the capture passed max_bytes={mb} after {len(self.trace.steps)} steps ({self.trace.nbytes} bytes); "
+                f"the capture passed max_bytes={mb} after {len(self.trace.steps)} steps ({held} bytes held); "
                 "capture fewer layers or steps, or average heads"
             )
 
     # ------------------------------------------------------------------ called by processors
     def kept_rows(self, batch: int, device: torch.device | None = None):
         """The kept rows of a batch of ``batch`` rows: a slice when contiguous, else an index tensor on
-        ``device`` (see ``processor.take``); cached, so that equal selections are one object and an
+        ``device`` (see ``probs.take``); cached, so that equal selections are one object and an
         index moves to the GPU once."""
         key = (batch, device)
         if key not in self._rows:
@@ -419,9 +426,10 @@ def trace(
         steps: ``None`` (all) or step indices in sampling order (negative from the end).
         heads: ``"mean"`` (average heads), ``"all"``, or a list of head indices to keep.
         cfg: which classifier-free-guidance half to keep: ``"cond"``, ``"uncond"`` or ``"both"``.
-        dtype, device: how and where the maps are stored. Storage for all kept steps is allocated at
-            the first step and filled step by step (from a GPU into a CPU store: asynchronous copies
-            into pinned memory), so the maps are never held twice.
+        dtype, device: how and where the maps are stored. Each layer's storage for all kept steps is
+            allocated at its first step and filled step by step (from a GPU into a CPU store:
+            asynchronous copies into page-locked memory), so the maps are not held twice when the
+            pipeline says how many steps it runs (tracing a bare denoiser, storage doubles as it fills).
         max_bytes: memory budget; an over-budget capture raises ``BudgetError`` (a ``ValueError``) with
             the estimate before the denoiser's first forward.
         record_latents: also keep, per captured step, x_t, the predicted clean latent x0, the noise
