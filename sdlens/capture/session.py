@@ -81,6 +81,7 @@ class Recorder:
         self._handles: list = []
         self._pending: list[Pending] = []  # this step's captured calls, computed when the denoiser returns
         self._pending_bytes = 0
+        self._seen: set[str] = set()  # layers already in trace.layers
         self._patched_encode = False
         self.estimate: Estimate | None = None
         self.denoising = DenoisingRecorder(self) if spec.record_latents else None
@@ -197,7 +198,8 @@ class Recorder:
     def defer(self, item: Pending) -> None:
         """Note one captured layer call; its probabilities are computed at the end of the step."""
         name = item.processor.info.name
-        if name not in self.trace.layers:
+        if name not in self._seen:  # a set: a list scan per call would grow with the model (SDXL: 140 layers)
+            self._seen.add(name)
             self.trace.layers.append(name)  # in call order, whatever order the batches are stored in
         self._pending.append(item)
         self._pending_bytes += item.q.numel() * item.q.element_size() + item.k.numel() * item.k.element_size()
