@@ -7,8 +7,9 @@
     tr.word_map("circle")                    # (H, W) cross-attention heat map of a word
 """
 
-from .capture import BudgetError, CaptureError, trace
-from .trace import AttentionTrace, load_trace
+from .capture import trace
+from .errors import BudgetError, CaptureError
+from .result import AttentionTrace, load_trace
 
 __version__ = "0.1.0"
 

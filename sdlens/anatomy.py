@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .capture.layers import attention_layers, denoiser_of
+from .hooks.layers import attention_layers, denoiser_of
 
 
 @dataclass(frozen=True)

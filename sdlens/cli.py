@@ -182,7 +182,7 @@ def add_attend(subparsers) -> None:
 
 
 def run_attend(args: argparse.Namespace) -> int:
-    from sdlens.viz.attend import AttendError, attend
+    from sdlens.commands.attend import AttendError, attend
 
     words = None if args.words is None else [w for arg in args.words for w in arg.split(",") if w.strip()]
     try:

@@ -29,3 +29,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         terminalreporter.write_line(f"{name:<40} {shown:>9}")
     total = sum(s for s in times.values() if not math.isnan(s))
     terminalreporter.write_line(f"{'total':<40} {total:6.1f} s")
+
+
+# ---------------------------------------------------------------- random-weight pipelines, built once
+@pytest.fixture(scope="module")
+def sd1_pipe():
+    """A tiny random-weight SD 1.x pipeline (shared by a module's tests; they leave it as they found it)."""
+    from sdlens.models.families import sd1
+
+    return sd1()

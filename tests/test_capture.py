@@ -7,7 +7,8 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import sdlens
-from sdlens.capture import BudgetError, CaptureError, attention_layers
+from sdlens.capture import BudgetError, CaptureError
+from sdlens.hooks import attention_layers
 from sdlens.models.families import FAMILIES, sd1, sd15_layout, sd15_layout_unet
 
 PROMPT = "a red circle on the left"
@@ -111,7 +112,7 @@ def test_fused_and_delegating_paths_agree():
         with sdlens.trace(pipe, self_attn=True, heads="all", cfg="both", dtype=torch.float32) as tr:
             run(pipe, steps=2)
             for name, proc in pipe.unet.attn_processors.items():  # installed at the first step
-                if type(proc).__name__ == "CaptureProcessor":
+                if type(proc).__name__ == "HookProcessor":
                     seen[name] = proc.fused
         return {(kind, layer): tr.maps(layer, kind) for kind in ("cross", "self") for layer in tr.layers_of(kind)}
 
@@ -134,8 +135,7 @@ def test_fused_and_delegating_paths_agree():
 def test_sdpa_forward_is_diffusers_sdpa_processor_with_a_mask(boolean):
     from diffusers.models.attention_processor import Attention
 
-    from sdlens.capture.probs import attention_probs
-    from sdlens.capture.processor import sdpa_forward
+    from sdlens.hooks.attention import attention_probs, sdpa_forward
 
     torch.manual_seed(0)
     attn = Attention(query_dim=32, cross_attention_dim=16, heads=4, dim_head=8).eval()
@@ -162,7 +162,7 @@ def test_sdpa_forward_is_diffusers_sdpa_processor_with_a_mask(boolean):
 
 @pytest.mark.parametrize("mask_rows", [1, 10])
 def test_chunked_probabilities_and_per_chunk_head_reduction(monkeypatch, mask_rows):
-    from sdlens.capture import probs
+    from sdlens.hooks import attention as probs
 
     torch.manual_seed(0)
     q, k = torch.randn(2, 4, 10, 8), torch.randn(2, 4, 7, 8)
@@ -186,7 +186,7 @@ def test_batched_layers_give_each_layer_its_own_probabilities(monkeypatch):
     """compute_pending stacks same-shape layers of a step: each must get exactly what it alone would."""
     from sdlens.capture import probs
 
-    class Sink:  # stands in for a CaptureProcessor: collects what it is given
+    class Sink:  # stands in for the capture's store of one layer: collects what it is given
         def __init__(self):
             self.got = []
 
@@ -195,27 +195,28 @@ def test_batched_layers_give_each_layer_its_own_probabilities(monkeypatch):
 
     torch.manual_seed(0)
     mean = lambda p: p.mean(dim=1, keepdim=True)  # noqa: E731
-    items = []
+    items, sinks = [], []
     for i in range(7):  # 4 of one shape (CFG batch of 2, keep row 1), 2 of another, one with a mask
         n, keys = (16, 5) if i < 4 else (9, 3)
         q, k = torch.randn(2, 4, n, 8), torch.randn(2, 4, keys, 8)
         bias = torch.randn(2, 1, 1, keys) if i == 6 else None
-        items.append(probs.Pending(Sink(), q, k, 0.35, bias, 0, slice(1, 2)))
+        sinks.append(Sink())
+        items.append(probs.Pending(sinks[-1].store, q, k, 0.35, bias, 0, slice(1, 2)))
     calls = []
     real = probs.attention_probs
     monkeypatch.setattr(probs, "attention_probs", lambda q, *a, **kw: calls.append(q.shape[0]) or real(q, *a, **kw))
     # everything batched: [4 layers], [2], [the masked one]; then at most 2 layers a batch
     for group_elements, batches in ((1 << 20, [4, 2, 1]), (4 * 16 * 5 * 2, [2, 2, 2, 1])):
         monkeypatch.setitem(probs.GROUP_ELEMENTS, False, group_elements)
-        for it in items:
-            it.processor.got.clear()
+        for sink in sinks:
+            sink.got.clear()
         calls.clear()
         probs.compute_pending(items, mean, heads_kept=1)
         assert calls == batches  # one row kept per layer
-        for it in items:
+        for it, sink in zip(items, sinks):
             bias = None if it.bias is None else it.bias[1:2]
             expected = real(it.q[1:2], it.k[1:2], 0.35, bias).mean(dim=1, keepdim=True)
-            (got, n_img), = it.processor.got
+            (got, n_img), = sink.got
             assert n_img == 0
             torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
@@ -230,7 +231,7 @@ def test_held_back_queries_are_bounded(monkeypatch):
         run(pipe, steps=2)
     flushes = []
     real = probs.compute_pending
-    monkeypatch.setattr("sdlens.capture.session.compute_pending", lambda p, *a: flushes.append(len(p)) or real(p, *a))
+    monkeypatch.setattr("sdlens.capture.controller.compute_pending", lambda p, *a: flushes.append(len(p)) or real(p, *a))
     monkeypatch.setattr(probs, "PENDING_BYTES", 1)  # every call is computed as soon as it is handed over
     with sdlens.trace(pipe, **kw) as each_call:
         run(pipe, steps=2)
@@ -252,7 +253,7 @@ def test_storage_without_a_step_count_grows_and_matches_a_preallocated_one():
     assert bare.keys() == tr.keys() and tr.keys()
     for kind, layer in tr.keys():
         torch.testing.assert_close(bare.maps(layer, kind=kind), tr.maps(layer, kind=kind), atol=0, rtol=0)
-    expected = sum(t.numel() * t.element_size() for t in tr._data.values())
+    expected = sum(tr.maps(layer, kind).numel() * tr.maps(layer, kind).element_size() for kind, layer in tr.keys())
     assert tr.nbytes == bare.nbytes == expected
 
 
@@ -279,9 +280,9 @@ def test_interrupted_run_keeps_the_steps_it_made():
 
 
 def test_a_layer_whose_map_changes_shape_mid_run_is_an_error():
-    from sdlens.trace import _Filling
+    from sdlens.result.recording import StepStorage
 
-    f = _Filling(torch.zeros(1, 1, 16, 77), capacity=2, device="cpu", dtype=torch.float16)
+    f = StepStorage(torch.zeros(1, 1, 16, 77), capacity=2, device="cpu", dtype=torch.float16)
     f.write(0, torch.ones(1, 1, 16, 77))
     with pytest.raises(CaptureError, match=r"\(1, 1, 64, 77\).*earlier steps.*\(1, 1, 16, 77\)"):
         f.write(1, torch.ones(1, 1, 64, 77))
@@ -289,9 +290,9 @@ def test_a_layer_whose_map_changes_shape_mid_run_is_an_error():
 
 
 def test_storage_slots_a_layer_skipped_are_nan_and_a_second_call_in_one_step_is_an_error():
-    from sdlens.trace import _Filling
+    from sdlens.result.recording import StepStorage
 
-    f = _Filling(torch.zeros(1, 1, 4, 3), capacity=4, device="cpu", dtype=torch.float32)
+    f = StepStorage(torch.zeros(1, 1, 4, 3), capacity=4, device="cpu", dtype=torch.float32)
     f.write(0, torch.full((1, 1, 4, 3), 0.5), "up.attn2")
     f.write(2, torch.full((1, 1, 4, 3), 0.25), "up.attn2")  # the layer did not run at step 1
     with pytest.raises(CaptureError, match=r"'up.attn2' was called twice in one denoiser call"):
@@ -311,7 +312,7 @@ def test_interrupt_while_held_back_maps_are_computed_still_restores(monkeypatch)
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("sdlens.capture.session.compute_pending", interrupted)
+    monkeypatch.setattr("sdlens.capture.controller.compute_pending", interrupted)
     h = pipe.unet.conv_out.register_forward_hook(fail_in_forward)  # queries and keys are held back then
     try:
         with pytest.raises(KeyboardInterrupt):  # Ctrl-C while the trace cleans up after the failure
@@ -439,7 +440,7 @@ def test_uncaptured_layers_keep_their_processor():
         pipe(PROMPT, num_inference_steps=1, output_type="latent")
         procs = pipe.unet.attn_processors
     kinds = {k: type(v).__name__ for k, v in procs.items()}
-    assert kinds["down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"] == "CaptureProcessor"
+    assert kinds["down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"] == "HookProcessor"
     assert kinds["up_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"] == "AttnProcessor2_0"
     assert kinds["down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"] == "AttnProcessor2_0"
 

@@ -7,7 +7,6 @@ that takes 90% of the attention, self-attention with two regions).
 
 from __future__ import annotations
 
-import copy
 import os
 
 import numpy as np
@@ -62,31 +61,31 @@ def image_axes(fig):
 
 def hot_top_left(tr, word="circle"):
     """A copy of ``tr`` whose cross maps of ``word`` are 0.5 in the top-left quarter and 0 elsewhere."""
-    t = copy.deepcopy(tr)
-    slot = t.tokenization().word_tokens[t.words().index(word)][0]
-    for layer in t.layers_of("cross"):
-        d = t._data[("cross", layer)]  # (steps, rows, heads, n, keys)
-        h, w = t.map_size(layer)
+    slot = tr.tokenization().word_tokens[tr.words().index(word)][0]
+    new = {}
+    for layer in tr.layers_of("cross"):
+        d = tr.maps(layer).flatten(3, 4)  # (steps, rows, heads, n, keys)
+        h, w = tr.map_size(layer)
         quarter = torch.zeros(h, w, dtype=torch.bool)
         quarter[: h // 2, : w // 2] = True
         m = torch.zeros(h * w, d.shape[-1])
         m[:, 0] = 1.0  # everything to the start slot...
         m[quarter.flatten(), 0] = 0.5
         m[quarter.flatten(), slot] = 0.5  # ...but half of the top-left quarter's attention goes to the word
-        t._data[("cross", layer)] = m.expand_as(d).clone().to(d.dtype)
-    return t
+        new[("cross", layer)] = m.expand_as(d).clone().to(d.dtype)
+    return tr.replace(maps=new)
 
 
 def start_takes(tr, share=0.9):
     """A copy of ``tr`` where every pixel gives ``share`` of its attention to the start slot, the rest evenly."""
-    t = copy.deepcopy(tr)
-    for layer in t.layers_of("cross"):
-        d = t._data[("cross", layer)]
+    new = {}
+    for layer in tr.layers_of("cross"):
+        d = tr.maps(layer).flatten(3, 4)
         k = d.shape[-1]
         m = torch.full((k,), (1 - share) / (k - 1))
         m[0] = share
-        t._data[("cross", layer)] = m.expand_as(d).clone().to(d.dtype)
-    return t
+        new[("cross", layer)] = m.expand_as(d).clone().to(d.dtype)
+    return tr.replace(maps=new)
 
 
 def hot_mask(rgb: np.ndarray) -> np.ndarray:
@@ -262,8 +261,7 @@ def test_denoising_figure(run):
     axes = fig.axes
     assert np.array_equal(drawn(axes[0]), tr.xt_images[1, 0]) and np.array_equal(drawn(axes[1]), tr.x0_images[1, 0])
     assert axes[2].get_title() == f"step 1 · t={tr.timesteps[1]:.0f} · noise {tr.noise_levels[1]:.2f}"
-    bare = copy.deepcopy(tr)
-    bare.xt_images = bare.x0_images = None
+    bare = tr.replace(xt_images=None, x0_images=None)
     with pytest.raises(ValueError, match="record_latents=True"):
         viz.denoising(bare, 1)
 
@@ -271,18 +269,18 @@ def test_denoising_figure(run):
 # ---------------------------------------------------------------------------------------- self-attention
 def two_regions(tr):
     """A copy of ``tr`` whose self-attention: left-half pixels attend to the left half, right to the right."""
-    t = copy.deepcopy(tr)
     g = torch.Generator().manual_seed(0)
-    for layer in t.layers_of("self"):
-        d = t._data[("self", layer)]
-        h, w = t.map_size(layer)
+    new = {}
+    for layer in tr.layers_of("self"):
+        d = tr.maps(layer, "self").flatten(3, 4)
+        h, w = tr.map_size(layer)
         left = torch.zeros(h, w, dtype=torch.bool)
         left[:, : w // 2] = True
         left = left.flatten()
         m = torch.where(left[:, None] == left[None, :], 1.0, 0.0) + 0.05 * torch.rand(h * w, h * w, generator=g)
         m = m / m.sum(-1, keepdim=True)
-        t._data[("self", layer)] = m.expand_as(d).clone().to(d.dtype)
-    return t
+        new[("self", layer)] = m.expand_as(d).clone().to(d.dtype)
+    return tr.replace(maps=new)
 
 
 def test_self_attention_map(run):

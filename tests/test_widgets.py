@@ -7,8 +7,6 @@ picture, the PNG being an exact integer enlargement). The figures' drawn arrays 
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -113,10 +111,8 @@ def test_attention_explorer_options(saved):
         ex.controls["alpha"].value = 0.9
     assert ex.redraws == n + 1
     # heads averaged at capture: no head choice
-    avg = copy.deepcopy(tr)
-    avg.head_indices = None
-    for k, t in avg._data.items():
-        avg._data[k] = t.mean(2, keepdim=True)
+    avg = tr.replace(maps={(kind, layer): tr.maps(layer, kind).flatten(3, 4).mean(2, keepdim=True)
+                           for kind, layer in tr.keys()}, head_indices=None)
     ex = AttentionExplorer(avg)  # no image: the map alone
     assert ex.controls["head"].disabled
     shows(ex, drawn(viz.overlay(avg, "a")))
@@ -164,8 +160,7 @@ def test_self_attention_explorer_shows_what_self_attention_map_draws(saved):
     ex.on_click({"relativeX": 80.0, "relativeY": 240.0, "boundingRectWidth": 320.0, "boundingRectHeight": 320.0})
     assert (c["y"].value, c["x"].value) == (48, 16) and ex.redraws == n + 1
     shows(ex, drawn(viz.self_attention_map(tr, (48, 16), image, steps=[0], layers=32, heads=0)))
-    cross_only = copy.deepcopy(tr)
-    cross_only.kinds = ("cross",)
+    cross_only = tr.replace(kinds=("cross",))
     with pytest.raises(ValueError, match="self_attn=True"):
         SelfAttentionExplorer(cross_only, image)
 
@@ -182,8 +177,7 @@ def test_denoising_explorer_shows_what_denoising_draws(saved):
         assert np.array_equal(xt, tr.xt_images[step, 0]) and np.array_equal(x0, tr.x0_images[step, 0])
         assert f"noise {tr.noise_levels[step]:.2f}" in ex.info.value
         assert ex.noise_bar.value == pytest.approx(tr.noise_levels[step])
-    bare = copy.deepcopy(tr)
-    bare.xt_images = bare.x0_images = None
+    bare = tr.replace(xt_images=None, x0_images=None)
     with pytest.raises(ValueError, match="record_latents=True"):
         DenoisingExplorer(bare)
 

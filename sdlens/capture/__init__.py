@@ -1,18 +1,8 @@
-"""Capture: the processors, queries and keys to probabilities, the capture spec, step tracking and ``trace``."""
+"""Capture: the controller that records attention maps, its spec and budget, and ``trace``."""
 
-from .layers import LayerInfo, attention_layers, denoiser_of
-from .processor import CaptureProcessor
-from .session import Recorder, trace
-from .spec import BudgetError, CaptureError, CaptureSpec
+from ..errors import BudgetError, CaptureError
+from .controller import Capture
+from .spec import CaptureSpec, Estimate
+from .tracing import Tracer, trace
 
-__all__ = [
-    "BudgetError",
-    "CaptureError",
-    "CaptureProcessor",
-    "CaptureSpec",
-    "LayerInfo",
-    "Recorder",
-    "attention_layers",
-    "denoiser_of",
-    "trace",
-]
+__all__ = ["BudgetError", "Capture", "CaptureError", "CaptureSpec", "Estimate", "Tracer", "trace"]

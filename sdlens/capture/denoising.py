@@ -55,8 +55,8 @@ def noise_level_and_x0(scheduler, model_output: torch.Tensor, timestep, sample: 
 class DenoisingRecorder:
     """Wraps ``scheduler.step`` of one pipeline; keeps x_t and x0 of the kept steps."""
 
-    def __init__(self, recorder) -> None:
-        self.recorder = recorder
+    def __init__(self, capture) -> None:
+        self.capture = capture  # its ``keeping``: whether a step is kept; ``spec.device``: where to store
         self.latents: list[torch.Tensor] = []
         self.x0: list[torch.Tensor] = []
         self.noise: list[float] = []
@@ -68,12 +68,12 @@ class DenoisingRecorder:
         def step(model_output, timestep, sample, *args, **kwargs):
             idx = getattr(scheduler, "step_index", None)
             out = original(model_output, timestep, sample, *args, **kwargs)
-            if self.recorder.keeping:
+            if self.capture.keeping:
                 if idx is None and getattr(scheduler, "step_index", None) is not None:
                     idx = scheduler.step_index - 1  # the first step() sets the index, then advances it
                 out0 = out[0] if isinstance(out, tuple) else out
                 level, x0 = noise_level_and_x0(scheduler, model_output, timestep, sample, out0, idx)
-                store = self.recorder.spec.device
+                store = self.capture.spec.device
                 self.latents.append(sample.detach().to(store, torch.float32))
                 self.x0.append(x0.detach().to(store, torch.float32))
                 self.noise.append(level)
@@ -87,18 +87,19 @@ class DenoisingRecorder:
             del self._scheduler.step
         self._scheduler = None
 
-    def finish(self, trace, pipe) -> None:
-        """Stack what was recorded into ``trace`` and decode previews with the pipeline's VAE."""
+    def finish(self, info, pipe) -> None:
+        """Stack what was recorded into ``info`` (the trace's ``TraceInfo``) and decode previews with the
+        pipeline's VAE."""
         if not self.latents:
             return
-        n = min(len(self.latents), len(trace.steps))
-        trace.latents = torch.stack(self.latents[:n])  # (steps, prompts·images, c, h, w)
-        trace.x0 = torch.stack(self.x0[:n])
-        trace.noise_levels = self.noise[:n]
+        n = min(len(self.latents), len(info.steps))
+        info.latents = torch.stack(self.latents[:n])  # (steps, prompts·images, c, h, w)
+        info.x0 = torch.stack(self.x0[:n])
+        info.noise_levels = self.noise[:n]
         vae = getattr(pipe, "vae", None)
         if vae is not None:
-            trace.xt_images = decode(vae, trace.latents)
-            trace.x0_images = decode(vae, trace.x0)
+            info.xt_images = decode(vae, info.latents)
+            info.x0_images = decode(vae, info.x0)
 
 
 @torch.no_grad()

@@ -7,24 +7,16 @@ capture will take is estimated and compared with the budget *before* any attenti
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from .layers import LayerInfo
+from ..errors import BudgetError, CaptureError
+from ..hooks.layers import LayerInfo
+from ..select import LayerSelector, StepSelector, by_size, check_steps, select_layers
 
-LayerSelector = None | str | int | Sequence[str | int] | Callable[[str], bool]
 CFG_CHOICES = ("cond", "uncond", "both")
-
-
-class CaptureError(ValueError):
-    """A capture spec or a trace query that cannot be satisfied; the message lists valid choices."""
-
-
-class BudgetError(CaptureError):
-    """The capture would take more memory than ``max_bytes`` allows."""
 
 
 def _fmt_bytes(n: float) -> str:
@@ -35,65 +27,6 @@ def _fmt_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def select_layers(
-    selector: LayerSelector,
-    names: Sequence[str],
-    sizes: dict[str, tuple[int, int]] | None = None,
-    *,
-    what: str = "layers",
-) -> list[str]:
-    """Names in ``names`` (order kept) chosen by ``selector``.
-
-    ``selector`` is ``None`` (all), a name or glob pattern (``"up_blocks.*attn2"``), an ``int`` map
-    side (``16`` picks layers whose map is 16 pixels high or wide; needs ``sizes``), a list of those,
-    or a predicate on the name. Anything that matches nothing raises, listing what exists.
-    """
-    if selector is None:
-        return list(names)
-    if callable(selector) and not isinstance(selector, str):
-        chosen = [n for n in names if selector(n)]
-        if not chosen:
-            raise CaptureError(f"the {what} predicate matched no layer; layers are: {list(names)}")
-        return chosen
-    items = [selector] if isinstance(selector, (str, int)) else list(selector)
-    chosen: set[str] = set()
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, (str, int)):
-            raise CaptureError(
-                f"{what} must be None, a name or glob pattern, an int map size, a list of these, or a "
-                f"predicate; got {item!r}"
-            )
-        if isinstance(item, int):
-            if sizes is None:
-                raise CaptureError(f"{what}: map sizes are not known yet, cannot select by size {item}")
-            hits = [n for n in names if item in sizes[n]]
-            if not hits:
-                avail = sorted({s for n in names for s in sizes[n]}, reverse=True)
-                raise CaptureError(f"{what}: no layer has map size {item}; sizes are {avail}")
-        else:
-            hits = [n for n in names if n == item or fnmatch.fnmatchcase(n, item)]
-            if not hits:
-                raise CaptureError(f"{what}: {item!r} matches no layer; layers are: {list(names)}")
-        chosen.update(hits)
-    return [n for n in names if n in chosen]
-
-
-def select_steps(selector: None | int | Sequence[int], n_steps: int, *, what: str = "steps") -> list[int]:
-    """Step indices (sampling order, from 0) chosen by ``selector``; negative indices count from the end."""
-    if selector is None:
-        return list(range(n_steps))
-    items = [selector] if isinstance(selector, int) else list(selector)
-    out = []
-    for s in items:
-        if isinstance(s, bool) or not isinstance(s, int):
-            raise CaptureError(f"{what} must be ints (step indices from 0); got {s!r}")
-        t = s + n_steps if s < 0 else s
-        if not 0 <= t < n_steps:
-            raise CaptureError(f"step {s} is out of range: this run has steps 0..{n_steps - 1}")
-        out.append(t)
-    return sorted(set(out))
-
-
 @dataclass
 class CaptureSpec:
     """The arguments of ``sdlens.trace``, validated."""
@@ -102,7 +35,7 @@ class CaptureSpec:
     self_attn: bool = False
     layers: LayerSelector = None
     self_layers: LayerSelector = None
-    steps: None | int | Sequence[int] = None
+    steps: StepSelector = None
     heads: str | Sequence[int] = "mean"
     cfg: str = "cond"
     dtype: torch.dtype = torch.float16
@@ -134,11 +67,13 @@ class CaptureSpec:
             self.heads = heads
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise CaptureError(f"dtype must be a floating torch dtype (torch.float16, torch.float32, ...); got {self.dtype!r}")
-        if self.max_bytes is not None and (not isinstance(self.max_bytes, (int, float)) or self.max_bytes <= 0):
-            raise CaptureError(f"max_bytes must be a positive number of bytes or None; got {self.max_bytes!r}")
+        if self.max_bytes is not None:
+            if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, (int, float)):
+                raise CaptureError(f"max_bytes must be a positive number of bytes or None; got {self.max_bytes!r}")
+            if self.max_bytes <= 0:
+                raise BudgetError(f"max_bytes={self.max_bytes!r} leaves no room for any map: give a positive number of bytes, or None")
         self.device = torch.device(self.device)
-        if self.steps is not None:
-            select_steps(self.steps, 10**9)  # type check now; range is checked when the run's length is known
+        check_steps(self.steps)  # type check now; range is checked when the run's length is known
 
     def heads_kept(self, n_heads: int) -> int:
         """How many heads a layer with ``n_heads`` heads stores (1 when averaged)."""
@@ -206,15 +141,6 @@ class CaptureSpec:
                     kinds_at.setdefault(info.name, set()).update(set(info.kinds()) & kinds)
         return {info.name: tuple(k for k in self.kinds if k in kinds_at[info.name])
                 for info in candidates if kinds_at.get(info.name)}
-
-
-def by_size(sel: LayerSelector) -> bool:
-    """Whether a selector names map sizes (an int, or a list holding one)."""
-    if isinstance(sel, bool):
-        return False
-    if isinstance(sel, int):
-        return True
-    return isinstance(sel, (list, tuple)) and any(isinstance(s, int) and not isinstance(s, bool) for s in sel)
 
 
 @dataclass(frozen=True)

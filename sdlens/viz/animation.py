@@ -6,13 +6,13 @@ atomically: to a temporary file in the same folder, then moved into place.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..errors import CaptureError
+from ..files import atomic_file
 from .frames import (
     as_rgb,
     color_range,
@@ -27,12 +27,6 @@ from .frames import (
 
 _BG = (255, 255, 255)
 _INK = (20, 20, 20)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _font(size: int = 12):
@@ -85,7 +79,7 @@ def animation_frames(
     items = [words] if isinstance(words, (str, int, tuple)) else list(words)
     targets = [resolve_target(trace, w, prompt) for w in items]
     if preview not in (None, "x0", "xt", "both"):
-        raise ValueError(f"preview={preview!r}: use 'x0', 'xt', 'both' or None")
+        raise CaptureError(f"preview={preview!r}: use 'x0', 'xt', 'both' or None")
     if not has_previews(trace):
         preview = None
     size = image_size_of(trace, image)
@@ -150,14 +144,6 @@ def animate(
     ms = max(20, round(1000 / fps))
     durations = [ms] * len(frames)
     durations[-1] = ms * (1 + hold)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".sdlens-", suffix=".gif", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, ".gif") as tmp:  # never leave a half-written GIF behind
         frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a GIF is for sharing
-        os.replace(tmp, path)  # never leave a half-written GIF behind
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .. import maps as _maps
+from ..errors import CaptureError
 
 SPECIALS = ("<start>", "<end>", "<pad>")
 """Names of the key slots that are not words: CLIP's start token, end token and the padding after it."""
@@ -45,7 +46,7 @@ def as_rgb(image) -> np.ndarray:
     if a.ndim == 2:
         a = a[..., None]
     if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"an image must be (H, W), (H, W, 3|4) or (3, H, W); got shape {tuple(np.shape(image))}")
+        raise CaptureError(f"an image must be (H, W), (H, W, 3|4) or (3, H, W); got shape {tuple(np.shape(image))}")
     if a.shape[-1] == 1:
         a = np.repeat(a, 3, axis=-1)
     a = a[..., :3]
@@ -59,7 +60,7 @@ def image_size_of(trace, image) -> tuple[int, int]:
     if image is not None:
         return tuple(as_rgb(image).shape[:2])
     if trace.image_size is None:
-        raise ValueError("the trace does not know its image size: pass the image")
+        raise CaptureError("the trace does not know its image size: pass the image")
     return tuple(trace.image_size)
 
 
@@ -99,26 +100,21 @@ def resolve_target(trace, target, prompt: int = 0) -> Target:
         i = int(target[1])
         labels = trace.tokens(prompt)
         if not 0 <= i < len(labels):
-            raise ValueError(f"slot {i} is out of range: prompt {prompt} has slots 0..{len(labels) - 1}")
+            raise CaptureError(f"slot {i} is out of range: prompt {prompt} has slots 0..{len(labels) - 1}")
         return Target(f"#{i} {labels[i]}", (i,), "token")
     if isinstance(target, str) and target in SPECIALS:
         kind = target[1:-1]
         slots = tuple(i for i, k in enumerate(tok.kinds) if k == kind)
         if not slots:
-            raise ValueError(f"prompt {prompt} has no {target} slot (the prompt fills every slot)")
+            raise CaptureError(f"prompt {prompt} has no {target} slot (the prompt fills every slot)")
         if kind == "pad":
             return Target(f"<pad> ×{len(slots)}", slots, kind, reduce="sum")
         return Target(target, slots, kind)
     if isinstance(target, bool) or not isinstance(target, (str, int, np.integer)):
-        raise ValueError(
+        raise CaptureError(
             f"a target is a word, a word index, one of {', '.join(SPECIALS)} or ('slot', i); got {target!r}"
         )
-    if isinstance(target, (int, np.integer)):
-        wi = int(target)
-        if not 0 <= wi < len(tok.words):
-            raise ValueError(f"word index {wi} is out of range: prompt {prompt} has words {tok.words}")
-    else:
-        wi = tok.word_index(target)  # ValueError naming the prompt's words
+    wi = trace.word_index(target, prompt)  # the trace resolves words: CaptureError naming the prompt's words
     return Target(tok.words[wi], tuple(tok.word_tokens[wi]), "word")
 
 
@@ -205,7 +201,7 @@ def color_range(heats: Sequence, scale="each") -> list[tuple[float, float]]:
             return [(lo, hi)] * len(heats)
         if scale == "absolute":
             return [(0.0, max(float(h.max()) for h in heats))] * len(heats)
-        raise ValueError(
+        raise CaptureError(
             f"scale={scale!r}: use 'each', 'shared', 'absolute', a number (vmax) or a pair (vmin, vmax)"
         )
     if isinstance(scale, (int, float)):
@@ -239,7 +235,7 @@ def heat_frame(heat, image, label: str, *, alpha: float = 0.6, cmap: str = "jet"
         colors = colorize(h, vmin, vmax, cmap)
     base = None if image is None else as_rgb(image)
     if base is not None and base.shape[:2] != h.shape:
-        raise ValueError(f"the map is {h.shape} but the image is {base.shape[:2]}")
+        raise CaptureError(f"the map is {h.shape} but the image is {base.shape[:2]}")
     return Frame(blend(base, colors, alpha), h, vmin, vmax, label, cmap)
 
 
@@ -305,7 +301,7 @@ def self_frame(
     size = image_size_of(trace, image)
     y, x = int(pixel[0]), int(pixel[1])
     if not (0 <= y < size[0] and 0 <= x < size[1]):
-        raise ValueError(f"pixel {(y, x)} is outside the image of size {size}")
+        raise CaptureError(f"pixel {(y, x)} is outside the image of size {size}")
     ih, iw = trace.image_size or size
     query = (y * ih / size[0], x * iw / size[1])  # the pixel in the trace's image coordinates
     heat = trace.self_map(query, prompt=prompt, steps=steps, layers=layers, heads=heads, size=size)
@@ -327,15 +323,6 @@ def _preview(trace, which: str, pos: int, row: int) -> np.ndarray | None:
     if imgs is None:
         return None
     return as_rgb(imgs[pos][row])
-
-
-def preview_row(trace, prompt: int = 0, image: int = 0) -> int:
-    """Row of the recorded latents and previews for ``prompt``, ``image`` (they are prompt × image, no CFG halves)."""
-    n_img = int(getattr(trace, "images_per_prompt", 1) or 1)
-    if not 0 <= image < n_img or (trace.prompts and not 0 <= prompt < len(trace.prompts)):
-        raise ValueError(f"no image {image} of prompt {prompt}: the trace has {len(trace.prompts)} prompt(s) "
-                         f"× {n_img} image(s)")
-    return prompt * n_img + image
 
 
 @dataclass
@@ -360,25 +347,21 @@ def side_by_side(pictures: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
 
 
 def step_position(trace, step: int) -> int:
-    """Position in the trace's captured steps of step index ``step`` (negative counts from the last captured)."""
+    """Position in the trace's captured steps of step index ``step`` (negative counts from the end of
+    the steps the run made, as everywhere: ``trace.step_positions``)."""
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-        raise ValueError(f"a step is an int step index; got {step!r}")
-    step = int(step)
-    if step < 0:
-        step = trace.steps[step] if -len(trace.steps) <= step else step
-    if step not in trace.steps:
-        raise ValueError(f"step {step} was not captured; captured steps are {trace.steps}")
-    return trace.steps.index(step)
+        raise CaptureError(f"a step is an int step index; got {step!r}")
+    return trace.step_positions([int(step)])[0]
 
 
 def denoising_frame(trace, step: int, *, prompt: int = 0, image: int = 0) -> DenoisingFrame:
     """x_t and predicted x0 previews at captured step ``step`` (from a trace with ``record_latents=True``)."""
     if not has_previews(trace):
-        raise ValueError(
+        raise CaptureError(
             "this trace has no denoising previews: trace with sdlens.trace(pipe, record_latents=True)"
         )
     pos = step_position(trace, step)
-    row = preview_row(trace, prompt, image)
+    row = trace.preview_row(prompt, image)
     levels = getattr(trace, "noise_levels", None)
     noise = float(levels[pos]) if levels is not None and len(levels) > pos else None
     return DenoisingFrame(
@@ -440,9 +423,7 @@ def heads_in(trace, layers, kind: str = "cross") -> list[int]:
     """Model head indices kept in every layer of the selection (empty when heads were averaged)."""
     if trace.head_indices is None:
         return []
-    from ..capture.spec import select_layers
-
-    names = select_layers(layers, trace.layers_of(kind), {n: trace.map_size(n) for n in trace.layers_of(kind)})
+    names = trace.layer_names(layers, kind)
     common = None
     for n in names:
         kept = trace.head_indices[n]

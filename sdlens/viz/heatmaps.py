@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import CaptureError
 from ._figure import colorbar, draw_frame, figure_and_ax, panel_grid, show_rgb, wrap
 from .frames import (
     as_rgb,
@@ -136,7 +137,7 @@ def layer_grid(
     elif by == "size":
         selections = [(s, layers_label(trace, s)) for s in map_sizes(trace)]
     else:
-        raise ValueError(f"by={by!r}: use 'layer' or 'size'")
+        raise CaptureError(f"by={by!r}: use 'layer' or 'size'")
     t = resolve_target(trace, word, prompt)
     size = image_size_of(trace, image)
     heats = [target_map(trace, t, prompt=prompt, steps=steps, layers=sel, heads=heads, size=size) for sel, _ in selections]
@@ -170,10 +171,10 @@ def head_grid(
     Needs a trace captured with ``heads="all"`` (or a list of heads).
     """
     if trace.head_indices is None:
-        raise ValueError("heads were averaged during capture: trace with sdlens.trace(pipe, heads='all') to see heads")
+        raise CaptureError("heads were averaged during capture: trace with sdlens.trace(pipe, heads='all') to see heads")
     heads = heads_in(trace, layer)
     if not heads:
-        raise ValueError(f"no head is kept in every layer of {layers_label(trace, layer)}")
+        raise CaptureError(f"no head is kept in every layer of {layers_label(trace, layer)}")
     t = resolve_target(trace, word, prompt)
     size = image_size_of(trace, image)
     sels = [(None, "mean of heads")] + [(h, f"head {h}") for h in heads]

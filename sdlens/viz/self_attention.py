@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 
 from .. import maps as _maps
-from ..capture.spec import select_layers
+from ..errors import CaptureError
 from ._figure import draw_frame, figure_and_ax, new_figure, show_rgb
 from .frames import as_rgb, blend, image_size_of, layers_label, map_sizes, self_frame
 
@@ -61,10 +61,10 @@ def self_attention_rows(
     sizes = {n: trace.map_size(n) for n in names}
     if layers is None:
         layers = map_sizes(trace, "self")[0]
-    chosen = select_layers(layers, names, sizes)
+    chosen = trace.layer_names(layers, "self")
     grids = {sizes[n] for n in chosen}
     if len(grids) > 1:
-        raise ValueError(
+        raise CaptureError(
             f"the chosen layers have different map sizes {sorted(grids)}: pick layers of one size, "
             f"e.g. layers={max(max(g) for g in grids)}"
         )
@@ -82,7 +82,7 @@ def pca_rgb(rows: torch.Tensor, grid: tuple[int, int], n_components: int = 3, se
     loading is positive (the picture does not flip between runs).
     """
     if not 1 <= n_components <= 3:
-        raise ValueError(f"n_components must be 1, 2 or 3 (one per colour channel); got {n_components}")
+        raise CaptureError(f"n_components must be 1, 2 or 3 (one per colour channel); got {n_components}")
     x = rows.detach().float().cpu()
     x = x - x.mean(0, keepdim=True)
     q = min(n_components + 4, *x.shape)
@@ -107,7 +107,7 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 50, seed: int = 0) -> torch.
     x = x.detach().float().cpu()
     n = x.shape[0]
     if not 1 <= k <= n:
-        raise ValueError(f"n_clusters must be in 1..{n} (the number of pixels); got {k}")
+        raise CaptureError(f"n_clusters must be in 1..{n} (the number of pixels); got {k}")
     g = torch.Generator().manual_seed(seed)
     centers = [x[torch.randint(n, (1,), generator=g).item()]]
     for _ in range(1, k):  # k-means++: next centre drawn with probability ∝ squared distance

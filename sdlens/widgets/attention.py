@@ -6,13 +6,13 @@ import html
 
 import ipywidgets as W
 
+from ..errors import CaptureError
 from ..viz.frames import (
     SPECIALS,
+    attention_share,
     format_share,
     layers_label,
     overlay_frame,
-    resolve_target,
-    slot_mass,
     step_label,
 )
 from .base import MapExplorer
@@ -36,8 +36,8 @@ def initial_target(trace, word, prompt: int, values: list):
     if not isinstance(word, bool) and any(type(word) is type(v) and word == v for v in values):
         return word
     if isinstance(word, str):
-        return trace.tokenization(prompt).word_index(word)  # a ValueError naming the choices
-    raise ValueError(
+        return trace.word_index(word, prompt)  # a CaptureError naming the choices
+    raise CaptureError(
         f"word={word!r} is not one of the explorer's choices: a word or label of the prompt "
         f"{trace.tokenization(prompt).word_labels}, a word index, one of {', '.join(SPECIALS)}, or ('slot', i)"
     )
@@ -90,12 +90,9 @@ class AttentionExplorer(MapExplorer):
     def share(self) -> float:
         """Share of the attention mass that the chosen slots take (``viz.attention_share`` of the settings)."""
         s = self.settings()
-        sel = dict(prompt=self.prompt, steps=s["steps"] and tuple(s["steps"]), layers=s["layers"], heads=s["heads"])
-        slots = resolve_target(self.trace, s["word"], self.prompt).slots
-        n_keys = len(self.trace.tokens(self.prompt))
-        part = self.cached(("mass", slots, *sel.values()), lambda: slot_mass(self.trace, slots, **sel))
-        total = self.cached(("mass", "all", *sel.values()), lambda: slot_mass(self.trace, range(n_keys), **sel))
-        return part / total if total > 0 else 0.0
+        sel = dict(prompt=self.prompt, steps=s["steps"], layers=s["layers"], heads=s["heads"])
+        key = ("share", s["word"], *(tuple(v) if isinstance(v, list) else v for v in sel.values()))
+        return self.cached(key, lambda: attention_share(self.trace, s["word"], **sel))
 
     def describe(self) -> str:
         s, f = self.settings(), self._frame

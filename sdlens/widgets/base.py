@@ -106,17 +106,6 @@ class Explorer:
         if not self._holding:
             self.redraw()
 
-    def _refresh_heads(self, layers, kind: str) -> None:
-        """Offer the heads of the chosen layers, keeping the current head where it still exists."""
-        if self.trace.head_indices is None:
-            return
-        head = self.controls["head"]
-        heads = heads_in(self.trace, layers, kind)
-        with self.hold_silently():
-            keep = head.value if head.value in heads else ALL
-            head.options = head_options(heads)
-            head.value = keep
-
     @contextmanager
     def hold_silently(self):
         """Change controls without any redraw (the caller's own change redraws)."""
@@ -184,7 +173,15 @@ class MapExplorer(Explorer):
                 self.controls["all_steps"].value = False
 
     def _layers_changed(self, change) -> None:
-        self._refresh_heads(layers_value(change["new"]), self.kind)
+        """Offer the heads of the chosen layers, keeping the current head where it still exists."""
+        if self.trace.head_indices is None:
+            return
+        head = self.controls["head"]
+        heads = heads_in(self.trace, layers_value(change["new"]), self.kind)
+        with self.hold_silently():
+            keep = head.value if head.value in heads else ALL
+            head.options = head_options(heads)
+            head.value = keep
 
     def view_settings(self) -> dict:
         """The settings of the shared controls, as keyword arguments of the viz functions."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipywidgets as W
 import numpy as np
 
+from ..errors import CaptureError
 from ..viz.frames import denoising_frame, has_previews, side_by_side, step_label
 from .base import Explorer
 
@@ -22,7 +23,7 @@ class DenoisingExplorer(Explorer):
     def __init__(self, trace, *, prompt: int = 0, image: int = 0, display_size: int = 256) -> None:
         super().__init__(display_size)
         if not has_previews(trace):
-            raise ValueError(
+            raise CaptureError(
                 "this trace has no denoising previews: trace with sdlens.trace(pipe, record_latents=True)"
             )
         self.trace, self.prompt, self.image_index = trace, prompt, image

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipywidgets as W
 
+from ..errors import CaptureError
 from ..viz.frames import image_size_of, layers_label, self_frame, step_label
 from .base import MapExplorer
 
@@ -32,7 +33,7 @@ class SelfAttentionExplorer(MapExplorer):
         display_size: int = 320,
     ) -> None:
         if "self" not in trace.kinds:
-            raise ValueError("this trace has no self-attention: trace with sdlens.trace(pipe, self_attn=True)")
+            raise CaptureError("this trace has no self-attention: trace with sdlens.trace(pipe, self_attn=True)")
         super().__init__(trace, image, prompt=prompt, cmap=cmap, scale=scale, display_size=display_size)
         self.size = image_size_of(trace, self.base)
         y0, x0 = pixel if pixel is not None else (self.size[0] // 2, self.size[1] // 2)

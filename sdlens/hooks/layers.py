@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import CaptureError
+
 ROLES = ("cross", "self", "joint")
 
 
@@ -45,7 +47,7 @@ class LayerInfo:
         """Query grid ``(h, w)`` of this layer for a latent of size ``latent_hw``."""
         h, w = latent_hw
         if self.factor is None:
-            raise ValueError(f"layer {self.name!r}: map size unknown before run time")
+            raise CaptureError(f"layer {self.name!r}: map size unknown before run time")
         if self.ceil_steps:  # UNet: each downsampler is a stride-2 conv, i.e. ceil(h / 2)
             for _ in range(self.ceil_steps):
                 h, w = math.ceil(h / 2), math.ceil(w / 2)
@@ -61,7 +63,7 @@ def denoiser_of(obj) -> torch.nn.Module:
         mod = getattr(obj, attr, None)
         if mod is not None and hasattr(mod, "attn_processors"):
             return mod
-    raise ValueError(
+    raise CaptureError(
         f"cannot find a denoiser in {type(obj).__name__}: expected a diffusers pipeline with a `unet` or "
         "`transformer` (e.g. StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline) "
         "or the denoiser model itself"

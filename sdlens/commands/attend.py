@@ -8,20 +8,21 @@ beside ``out`` and moved into place at the end, so a failed run leaves nothing h
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from pathlib import Path
+
+from ..errors import CaptureError
+from ..files import shareable
 
 STOP_WORDS = frozenset("a an the on in at of and or to with is are under over above below".split())
 
 
-class AttendError(ValueError):
+class AttendError(CaptureError):
     """An argument of ``sdlens attend`` that cannot work; the message is one line for the user."""
 
 
@@ -129,32 +130,12 @@ def check_words(pipe, prompt: str, words: Sequence[str] | None) -> list[int]:
     return out
 
 
-@contextmanager
-def _quiet_loading():
-    """No loading bars or advice (``pip install accelerate``) from diffusers and transformers while loading."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    saved = [(m, m.get_verbosity(), m.is_progress_bar_enabled()) for m in (dlog, tlog)]
-    for m, _, _ in saved:
-        m.set_verbosity_error()
-        m.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for m, level, bar in saved:
-            m.set_verbosity(level)
-            if bar:
-                m.enable_progress_bar()
-
-
 def load(model: str, device: str | None, progress: bool):
     from ..models.load import load_pipeline
 
     check_model_name(model)
-    try:
-        with _quiet_loading():
-            pipe = load_pipeline(model, device=device)
+    try:  # load_pipeline keeps diffusers' and transformers' loading bars and advice quiet
+        pipe = load_pipeline(model, device=device)
     except Exception as e:  # diffusers/hub errors: report in one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AttendError(f"could not load model {model!r}: {first}") from None
@@ -216,11 +197,9 @@ def generate(pipe, prompt, *, steps, seed, guidance, negative, size, self_attn=F
     """One traced generation: ``(trace, PIL image)``."""
     import torch
 
-    from .. import trace as sdtrace
+    from ..capture import trace as sdtrace
 
-    kw = dict(self_attn=self_attn)
-    if "record_latents" in inspect.signature(sdtrace).parameters:
-        kw["record_latents"] = True
+    kw = dict(self_attn=self_attn, record_latents=True)
     device = getattr(pipe, "device", torch.device("cpu"))
     generator = torch.Generator(device=device).manual_seed(seed)
     with sdtrace(pipe, **kw) as tr:
@@ -244,16 +223,10 @@ def _gif_words(trace, chosen: list[int], given) -> list[int]:
     return (content or chosen)[:6]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_outputs(trace, image, out: Path, words: list[int], *, gif_words=None, log=print) -> list[Path]:
     """Write the pictures and the trace into a temporary folder, then move them into ``out``."""
-    from .animation import animate
-    from .heatmaps import overlay, word_grid
+    from ..viz.animation import animate
+    from ..viz.heatmaps import overlay, word_grid
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -275,10 +248,9 @@ def write_outputs(trace, image, out: Path, words: list[int], *, gif_words=None, 
         names.append("steps.gif")
         trace.save(tmp / "trace.safetensors")
         names.append("trace.safetensors")
-        mask = _umask()  # mkdtemp/mkstemp make private files; these are for the user to share
-        for name in names:
-            os.chmod(tmp / name, 0o666 & ~mask)
-        os.chmod(tmp, 0o777 & ~mask)
+        for name in names:  # mkdtemp/mkstemp make private files; these are for the user to share
+            shareable(tmp / name)
+        shareable(tmp, folder=True)
         if not out.exists():
             os.replace(tmp, out)
         else:

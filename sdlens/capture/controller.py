@@ -1,0 +1,291 @@
+"""``Capture``: the controller that records attention maps, on the hooks of ``sdlens.hooks``.
+
+At the denoiser's first call it resolves the spec against the run (which layers, at which map
+sizes; which steps; which rows of the batch; which heads), estimates the memory the maps will take
+and checks the budget, all before any attention is computed. While a kept step runs it observes
+each hooked layer's queries and keys (``qkv``), holds them back, and when the denoiser's call
+returns turns the step's calls into probabilities, same-shape layers together (``probs``), and
+writes them into the recording. Where an editor makes the layer compute explicit probabilities,
+it keeps those (``probs`` point): what the model really used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import BudgetError, CaptureError
+from ..hooks.attach import Run
+from ..hooks.layers import LayerInfo, infer_map_size
+from ..hooks.processor import Call, Controller
+from ..result.attention_trace import AttentionTrace, TraceInfo
+from ..result.recording import Recording
+from ..select import select_steps
+from ..tokens import tokenize
+from . import probs
+from .denoising import DenoisingRecorder
+from .probs import Pending, Rows, compute_pending, take
+from .spec import CaptureSpec, Estimate
+
+
+def _describe(selector):
+    """A layer selector as JSON can hold it (a predicate becomes a placeholder)."""
+    if isinstance(selector, (str, int, type(None))):
+        return selector
+    if isinstance(selector, (list, tuple)):
+        return list(selector)
+    return "<predicate>"
+
+
+class Capture(Controller):
+    """Records the attention maps a ``CaptureSpec`` asks for into an ``AttentionTrace`` (``.trace``)."""
+
+    def __init__(self, spec: CaptureSpec) -> None:
+        self.spec = spec
+        self.info = TraceInfo(kinds=spec.kinds, spec={
+            "cross": spec.cross,
+            "self_attn": spec.self_attn,
+            "layers": _describe(spec.layers),
+            "self_layers": _describe(spec.self_layers),
+            "steps": spec.steps if spec.steps is None or isinstance(spec.steps, int) else list(spec.steps),
+            "heads": spec.heads,
+            "cfg": spec.cfg,
+            "dtype": str(spec.dtype).removeprefix("torch."),
+        })
+        self.recording = Recording(spec.device, spec.dtype)
+        self.trace = AttentionTrace(self.recording, self.info)
+        self.active = False  # hooked layers are observed at this step
+        self.keeping = False  # this step is kept (maps, and the denoising when recorded)
+        self.candidates: list[LayerInfo] = []
+        self.kinds_at: dict[str, tuple[str, ...]] = {}  # layer -> the kinds kept there
+        self.kept_steps: set[int] | None = None
+        self.estimate: Estimate | None = None
+        self.denoising = DenoisingRecorder(self) if spec.record_latents else None
+        self._row_ids: list[int] = []
+        self._rows: dict[tuple, Rows] = {}
+        self._head_sel: torch.Tensor | None = None
+        self._pending: list[Pending] = []  # this step's captured calls, computed when the denoiser returns
+        self._pending_bytes = 0
+        self._seen: set[str] = set()  # layers already in info.layers
+        self._stores: dict[str, callable] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def open(self, run: Run) -> None:
+        self.candidates = self.spec.candidate_layers(run.layers)  # bad names fail here, before any call
+        if self.denoising is not None:
+            if getattr(run.pipe, "scheduler", None) is None:
+                raise CaptureError("record_latents=True needs a pipeline with a scheduler, not a bare denoiser")
+            self.denoising.install(run.pipe.scheduler)
+
+    def layers(self, run: Run) -> list[str]:
+        """Resolve the spec against the run (step 0) and check the budget; the layers to hook."""
+        spec, info = self.spec, self.info
+        info.latent_size, info.image_size = run.latent_size, run.image_size
+        self._setup_rows(run)
+        self._setup_tokens(run)
+        sizes = {i.name: i.map_size(run.latent_size) for i in self.candidates if i.factor is not None}
+        self.kinds_at = spec.resolve(self.candidates, sizes)
+        chosen = [i for i in self.candidates if i.name in self.kinds_at]
+        info.sizes.update({n: sizes[n] for n in self.kinds_at if n in sizes})
+        info.heads = {i.name: i.heads for i in chosen}
+        if spec.heads == "all":
+            info.head_indices = {i.name: list(range(i.heads)) for i in chosen}
+        elif spec.heads != "mean":
+            for i in chosen:
+                spec.heads_kept(i.heads)  # raises for a head the layer does not have
+            info.head_indices = {i.name: list(spec.heads) for i in chosen}
+            self._head_sel = torch.tensor(spec.heads)
+        if spec.steps is not None:
+            if run.expected_steps is None:
+                if any(s < 0 for s in ([spec.steps] if isinstance(spec.steps, int) else spec.steps)):
+                    raise CaptureError("negative step indices need a known number of steps (trace a pipeline)")
+                self.kept_steps = set(select_steps(spec.steps, 10**9))
+            else:
+                self.kept_steps = set(select_steps(spec.steps, run.expected_steps))
+        self.estimate = self._estimate(chosen, run)
+        if spec.max_bytes is not None and self.estimate is not None and self.estimate.total > spec.max_bytes:
+            raise BudgetError(self.estimate.message(spec.max_bytes, spec))
+        self.recording.capacity = self.estimate.steps if self.estimate else None
+        return [i.name for i in chosen]
+
+    def begin_step(self, run: Run) -> None:
+        info = self.info
+        info.all_timesteps.append(run.timestep)
+        info.num_steps = run.step + 1
+        self.active = bool(self.kinds_at) and (self.kept_steps is None or run.step in self.kept_steps)
+        self.keeping = self.kept_steps is None or run.step in self.kept_steps  # the denoising recorder's too
+        if self.keeping:
+            info.steps.append(run.step)
+            self._check_running_budget()
+
+    def end_step(self, run: Run) -> None:
+        self.flush()
+
+    def close(self, run: Run, error: BaseException | None) -> None:
+        try:
+            if self._pending:  # the denoiser raised mid-call: keep the layers that ran, as they were
+                self.flush()
+        except Exception:  # noqa: BLE001 - closing goes on; the error that stopped the run is raised
+            pass
+        finally:  # even a Ctrl-C during that computation leaves a finished recording
+            self._pending.clear()
+            self.active = False
+            if self.denoising is not None:
+                self.denoising.uninstall()
+            self.info.all_timesteps = [float(t) for t in self.info.all_timesteps]  # GPU timesteps read once, here
+            self.recording.finish()
+        if error is None and self.denoising is not None:
+            self.denoising.finish(self.info, run.pipe)
+
+    # ------------------------------------------------------------------ setup
+    def _setup_rows(self, run: Run) -> None:
+        layout, info, spec = run.layout, self.info, self.spec
+        if not layout.cfg and spec.cfg != "cond":
+            raise CaptureError(
+                f"cfg={spec.cfg!r} needs a classifier-free-guidance batch, but this run has none "
+                "(guidance_scale <= 1): use cfg='cond'"
+            )
+        halves = {"cond": ["cond"], "uncond": ["uncond"], "both": ["uncond", "cond"]}[spec.cfg]
+        self._row_ids = layout.indices(halves)
+        info.rows = [layout.rows[i] for i in self._row_ids]
+        info.images_per_prompt = layout.images_per_prompt
+        info.prompts = list(layout.prompts)
+        info.negative_prompts = None if layout.negative_prompts is None else list(layout.negative_prompts)
+
+    def _setup_tokens(self, run: Run) -> None:
+        info = self.info
+        tokenizer = getattr(run.pipe, "tokenizer", None) if run.pipe is not None else None
+        if tokenizer is None or not info.prompts:
+            return
+        info.tokenizations["cond"] = [tokenize(p, tokenizer) for p in info.prompts]
+        if info.negative_prompts is not None:
+            info.tokenizations["uncond"] = [tokenize(p, tokenizer) for p in info.negative_prompts]
+        n_slots = len(info.tokenizations["cond"][0].ids)
+        if run.context_len > n_slots:  # SD3: CLIP slots, then T5's
+            extra = run.context_len - n_slots
+            t5 = getattr(run.pipe, "tokenizer_3", None)
+            info.key_labels = [f"<t5:{i}>" for i in range(extra)]
+            if t5 is not None and len(info.prompts) == 1:  # labels are shared by all rows: name them for one prompt only
+                ids = t5(info.prompts[0], padding="max_length", max_length=extra, truncation=True).input_ids
+                info.key_labels = [f"t5:{s}" for s in t5.convert_ids_to_tokens(ids)]
+
+    def _estimate(self, chosen: list[LayerInfo], run: Run) -> Estimate | None:
+        spec = self.spec
+        n_steps = len(self.kept_steps) if self.kept_steps is not None else run.expected_steps
+        if n_steps is None:
+            return None
+        item = torch.empty((), dtype=spec.dtype).element_size()
+        per_layer = {}
+        for info in chosen:
+            if info.factor is None:
+                continue
+            h, w = info.map_size(run.latent_size)
+            n = h * w
+            kinds = set(self.kinds_at.get(info.name, ()))
+            per_row_step = (n * run.context_len if "cross" in kinds else 0) + (n * n if "self" in kinds else 0)
+            per_layer[info.name] = n_steps * len(self._row_ids) * spec.heads_kept(info.heads) * per_row_step * item
+        return Estimate(total=sum(per_layer.values()), per_layer=per_layer, steps=n_steps)
+
+    def _check_running_budget(self) -> None:
+        mb = self.spec.max_bytes
+        if mb is None or self.estimate is not None:
+            return
+        held = self.recording.allocated_bytes()  # storage grown for steps to come counts too
+        if held > mb:
+            raise BudgetError(
+                f"the capture passed max_bytes={mb} after {len(self.info.steps)} steps ({held} bytes held); "
+                "capture fewer layers or steps, or average heads"
+            )
+
+    # ------------------------------------------------------------------ named points
+    def rows(self, run: Run) -> list[int]:
+        return self._row_ids
+
+    def _note(self, layer: str) -> None:
+        """Note a layer as captured, in call order (a set: a list scan per call would grow with the model)."""
+        if layer not in self._seen:
+            self._seen.add(layer)
+            self.info.layers.append(layer)
+
+    def qkv(self, call: Call, q, k, v):
+        self._note(call.layer.name)
+        if call.explicit:  # an editor computes the probabilities: keep those, at the probs point
+            return None
+        if call.rows is None:  # the whole batch: the kept rows are taken when the step's layers are batched
+            rows = self._kept_rows(call.batch, q.device)
+        elif call.rows == self._row_ids:
+            rows = None
+        else:  # recomputed for more rows than this capture keeps
+            rows = torch.tensor([call.rows.index(r) for r in self._row_ids], device=q.device)
+        self._defer(Pending(self._store_for(call.layer), q, k, call.scale, call.bias, call.n_img_keys, rows))
+        return None
+
+    def probs(self, call: Call, p: torch.Tensor):
+        self._note(call.layer.name)
+        with torch.no_grad():
+            kept = self._reduce_heads(take(p, self._kept_rows(call.batch, p.device)))
+            self._store_for(call.layer)(kept, call.n_img_keys)
+        return None
+
+    # ------------------------------------------------------------------ holding back, computing, storing
+    def _defer(self, item: Pending) -> None:
+        self._pending.append(item)
+        self._pending_bytes += item.q.numel() * item.q.element_size() + item.k.numel() * item.k.element_size()
+        if self._pending_bytes > probs.PENDING_BYTES:  # bounded memory: compute what is held so far
+            self.flush()
+
+    def flush(self) -> None:
+        """Compute and store the probabilities of the calls held back during this step."""
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        if pending:
+            with torch.no_grad():
+                compute_pending(pending, self._reduce_heads, self._heads_kept)
+
+    @property
+    def _heads_kept(self) -> int | None:
+        """Heads stored per map: 1 (averaged), the chosen ones, or None (all of the layer's)."""
+        if self.spec.heads == "mean":
+            return 1
+        return None if self.spec.heads == "all" else len(self.spec.heads)
+
+    def _kept_rows(self, batch: int, device: torch.device | None = None) -> Rows:
+        """The kept rows of a batch of ``batch`` rows: a slice when contiguous, else an index tensor on
+        ``device``; cached, so that equal selections are one object and an index moves to the GPU once."""
+        key = (batch, device)
+        if key not in self._rows:
+            ids = self._row_ids if max(self._row_ids, default=-1) < batch else list(range(batch))
+            if ids == list(range(ids[0], ids[0] + len(ids))):
+                self._rows[key] = slice(ids[0], ids[0] + len(ids))
+            else:
+                self._rows[key] = torch.tensor(ids, device=device)
+        return self._rows[key]
+
+    def _reduce_heads(self, p: torch.Tensor) -> torch.Tensor:
+        """``(rows, heads, n, keys)`` → the heads the spec keeps: ``(rows, 1, n, keys)`` for the mean."""
+        if self.spec.heads == "mean":
+            return p.mean(dim=1, keepdim=True)
+        if self._head_sel is not None:
+            if self._head_sel.device != p.device:  # moved once, not per call
+                self._head_sel = self._head_sel.to(p.device)
+            return p.index_select(1, self._head_sel)
+        return p
+
+    def _store_for(self, layer: LayerInfo):
+        """The function that stores ``layer``'s probabilities ``(rows, heads kept, n, keys)`` of this step."""
+        store = self._stores.get(layer.name)
+        if store is None:
+            kinds = self.kinds_at.get(layer.name, self.spec.kinds)
+
+            def store(p: torch.Tensor, n_img_keys: int) -> None:
+                parts = {"self": p[..., :n_img_keys], "cross": p[..., n_img_keys:]} if layer.role == "joint" \
+                    else {layer.role: p}
+                if layer.name not in self.info.sizes:
+                    self.info.sizes[layer.name] = infer_map_size(p.shape[2], self.info.latent_size)
+                for kind, part in parts.items():
+                    if kind in kinds:
+                        self.recording.write(kind, layer.name, part, len(self.info.steps) - 1)
+
+            self._stores[layer.name] = store
+        return store
+
+
+__all__ = ["Capture"]

@@ -1,0 +1,1 @@
+"""What the ``sdlens`` subcommands do, beyond parsing their arguments (``sdlens.cli``)."""

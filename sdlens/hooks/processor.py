@@ -1,0 +1,212 @@
+"""The one attention processor of sdlens, and the controllers it calls at its named points.
+
+``HookProcessor`` replaces a layer's processor while hooks are attached. It knows nothing of
+recording or editing: at each named point it calls the controllers attached to that layer, and a
+controller's return value replaces the tensor (None leaves it as it is).
+
+Named points, in the order they are reached:
+
+- ``qkv(call, q, k, v)``: per-head queries ``(b, heads, n, d)``, keys and values ``(b, heads, keys, d)``;
+  return ``(q, k, v)`` to replace them (self-attention injection, mutual self-attention).
+- ``probs(call, p)``: the attention probabilities ``(b, heads, n, keys)`` in float32; return a tensor
+  to replace them (replace, refine, reweight). Reached only where a controller that edits them
+  is active: the layer then computes an explicit softmax and ``p @ v``.
+- ``out(call, out)``: the layer's output; return a tensor to replace it.
+
+At each point the editing controllers (``edits = True``) run first, in the order attached, then
+the observers see the result. A layer whose active controllers only observe keeps diffusers' own
+SDPA computation (``AttnProcessor2_0`` op for op: bit-identical output) and hands over the
+queries and keys it made, without projecting twice. A layer whose processor is not diffusers'
+default (a user's own, SD3's joint one) is run by its own processor; observers of ``qkv`` then get
+queries and keys recomputed for the rows they ask for, and editing such a layer is refused.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from ..errors import CaptureError
+from .attention import attention_probs, queries_and_keys, sdpa, sdpa_inputs, sdpa_output
+
+if TYPE_CHECKING:
+    from .attach import Run
+    from .layers import LayerInfo
+
+
+class Controller:
+    """Base of everything attached to the hooks (capture, the edits). Override what you need.
+
+    Life of a controller in one ``attach`` (see ``attach.Attachment``):
+    ``open(run)`` on entering; ``layers(run)`` at the denoiser's first call (batch, map sizes and step
+    count are known), returning the names of the layers to hook; ``begin_step(run)`` and
+    ``end_step(run)`` around each denoiser call; the named points while ``active`` is True; and
+    ``close(run, error)`` on leaving, always (``error`` is the exception that ended the run, if any).
+    """
+
+    edits = False  # True: its return values at the named points may replace tensors
+    active = True  # set per step by the controller; the processor calls inactive controllers at no point
+
+    def open(self, run: Run) -> None:
+        pass
+
+    def layers(self, run: Run) -> list[str]:
+        return []
+
+    def begin_step(self, run: Run) -> None:
+        pass
+
+    def end_step(self, run: Run) -> None:
+        pass
+
+    def close(self, run: Run, error: BaseException | None) -> None:
+        pass
+
+    def rows(self, run: Run) -> list[int] | None:
+        """Batch rows this controller needs at ``qkv`` where queries and keys must be recomputed
+        (a layer run by its own processor); None: every row."""
+        return None
+
+    # named points: return None to leave the tensor as it is
+    def qkv(self, call: Call, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None):
+        return None
+
+    def probs(self, call: Call, p: torch.Tensor):
+        return None
+
+    def out(self, call: Call, out: torch.Tensor):
+        return None
+
+
+def _overrides(controller: Controller, point: str) -> bool:
+    return getattr(type(controller), point) is not getattr(Controller, point)
+
+
+@dataclass
+class Call:
+    """One call of a hooked layer, as the controllers see it."""
+
+    layer: LayerInfo
+    attn: torch.nn.Module
+    step: int
+    batch: int  # rows of the denoiser's batch
+    scale: float  # the softmax scale of q·kᵀ
+    bias: torch.Tensor | None = None  # the additive or boolean mask, broadcastable to (b, heads, n, keys)
+    n_img_keys: int = 0  # joint layers: the first n keys are the image's
+    rows: list[int] | None = None  # batch rows the tensors hold (None: all, in batch order)
+    explicit: bool = False  # probabilities are computed explicitly at this call (an editor is active)
+
+
+class HookProcessor:
+    """Calls the attached controllers at a layer's named points; otherwise the layer's own processor."""
+
+    def __init__(self, run: Run, info: LayerInfo, original, controllers: list[Controller]) -> None:
+        self.run = run
+        self.info = info
+        self.original = original
+        self.controllers = controllers
+        # diffusers passes a processor only the cross_attention_kwargs its __call__ names, so show it
+        # the original's signature: a hooked run then receives exactly the arguments of an unhooked one.
+        def call(attn, hidden_states, *args, **kwargs):
+            return self(attn, hidden_states, *args, **kwargs)
+
+        call.__signature__ = inspect.signature(original.__call__)  # computed once, not per call
+        self.__call__ = call
+        # diffusers' default SDPA processor is re-run op for op (see attention.sdpa_inputs); joint
+        # (SD3) layers and any other processor run themselves.
+        self.fused = type(original) is AttnProcessor2_0 and info.role in ("cross", "self")
+        self.points = {p: [c for c in controllers if _overrides(c, p)] for p in ("qkv", "probs", "out")}
+        if not self.fused:
+            editors = [type(c).__name__ for c in controllers if c.edits]
+            if editors:
+                raise CaptureError(
+                    f"{', '.join(editors)} cannot edit layer {info.name!r}: its processor is "
+                    f"{type(original).__name__}, and attention is edited only on diffusers' AttnProcessor2_0 "
+                    "(pipe.unet.set_attn_processor(AttnProcessor2_0()) installs it)"
+                )
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        if not any(c.active for c in self.controllers):
+            return self.original(attn, hidden_states, *args, **kwargs)
+        context = kwargs.get("encoder_hidden_states", args[0] if len(args) > 0 else None)
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        temb = kwargs.get("temb", args[2] if len(args) > 2 else None)
+        if self.fused and len(args) <= 3 and all(k in _CALL_ARGS for k in kwargs):
+            out, call = self._fused(attn, hidden_states, context, mask, temb)
+        else:
+            out = self.original(attn, hidden_states, *args, **kwargs)
+            call = self._observe(attn, hidden_states, context, mask, temb)
+        outs = _ordered(self.points["out"])
+        if outs:
+            call = call or Call(self.info, attn, self.run.step, hidden_states.shape[0], 1.0)
+            for c in outs:
+                new = c.out(call, out)
+                out = out if new is None else new
+        return out
+
+    def _fused(self, attn, hidden_states, context, mask, temb) -> tuple[torch.Tensor, Call]:
+        inputs = sdpa_inputs(attn, hidden_states, context, mask, temb)
+        q, k, v = inputs.query, inputs.key, inputs.value
+        explicit = any(c.active and c.edits for c in self.points["probs"])
+        call = Call(self.info, attn, self.run.step, q.shape[0], q.shape[-1] ** -0.5, inputs.mask, explicit=explicit)
+        for c in _ordered(self.points["qkv"]):
+            new = c.qkv(call, _no_grad(q), _no_grad(k), _no_grad(v))
+            if new is not None:
+                q, k, v = new
+        if q is not inputs.query or k is not inputs.key or v is not inputs.value:
+            inputs = inputs._replace(query=q, key=k, value=v)
+        if not explicit:  # observers only: diffusers' SDPA step, bit-identical
+            return sdpa_output(attn, sdpa(inputs), inputs), call
+        p = attention_probs(q, k, call.scale, inputs.mask)  # (b, heads, n, keys) float32
+        for c in _ordered(self.points["probs"]):
+            new = c.probs(call, p)
+            p = p if new is None else new
+        return sdpa_output(attn, (p @ v.float()).to(v.dtype), inputs), call
+
+    def _observe(self, attn, hidden_states, context, mask, temb) -> Call | None:
+        """Queries and keys for the ``qkv`` observers of a layer its own processor ran."""
+        observers = [c for c in self.points["qkv"] if c.active]
+        if not observers:
+            return None
+        batch = hidden_states.shape[0]
+        rows = self.run.rows_for(observers, batch)
+        with torch.no_grad():
+            pick = (lambda x: x) if rows is None else _picker(rows, hidden_states.device)
+            role = self.info.role
+            ctx = None if context is None else pick(context)
+            q, k, n_img_keys = queries_and_keys(attn, role, pick(hidden_states), ctx, None if temb is None else pick(temb))
+            bias = None
+            if mask is not None and role == "cross":
+                full = attn.prepare_attention_mask(pick(mask), k.shape[2], q.shape[0])
+                bias = full.view(q.shape[0], attn.heads, -1, k.shape[2])
+            scale = attn.scale if getattr(attn, "scale", None) is not None else q.shape[-1] ** -0.5
+            call = Call(self.info, attn, self.run.step, batch, scale, bias, n_img_keys, rows)
+            for c in observers:
+                c.qkv(call, q, k, None)
+        return call
+
+
+_CALL_ARGS = ("encoder_hidden_states", "attention_mask", "temb")
+
+
+def _ordered(controllers: list[Controller]) -> list[Controller]:
+    """The active controllers of a point: editors first (in attach order), then observers."""
+    active = [c for c in controllers if c.active]
+    return [c for c in active if c.edits] + [c for c in active if not c.edits]
+
+
+def _no_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x`` cut from autograd; as it is when it needs no cutting (pipelines run under no_grad)."""
+    return x.detach() if x.requires_grad else x
+
+
+def _picker(rows: list[int], device):
+    index = torch.tensor(rows, device=device)
+    return lambda x: x.index_select(0, index)
+
+
+__all__ = ["Call", "Controller", "HookProcessor"]

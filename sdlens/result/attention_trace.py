@@ -1,0 +1,494 @@
+"""``AttentionTrace``: the attention maps of one pipeline run, with what they belong to.
+
+A trace is a read-only view of two things: the maps, one tensor per captured kind (``"cross"`` or
+``"self"``) and layer,
+
+    (steps, rows, heads, queries = h·w, keys)
+
+where *steps* are the captured denoising steps, *rows* the kept rows of the denoiser's batch (one
+per prompt × image, per CFG half kept), *heads* is 1 when heads were averaged, and *keys* are
+prompt token slots (cross) or pixels (self); and a ``TraceInfo`` saying what they belong to.
+``maps()`` returns a layer's tensor with the queries as ``h, w``.
+
+Words, tokens, labels, steps, layers and heads are resolved here and only here (``word_index``,
+``step_positions``, ``layer_names``, ``head_positions``); every bad choice raises ``CaptureError``
+naming the valid ones. Steps are indices in sampling order; negative ones count from the end of the
+steps the run made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+
+from .. import maps as _maps
+from ..errors import CaptureError
+from ..hooks.rows import Row
+from ..select import LayerSelector, StepSelector, select_layers, select_steps
+from ..tokens import Tokenization
+from . import io
+
+
+@dataclass
+class TraceInfo:
+    """What a trace's maps belong to: prompts, rows, tokens, steps, layers, sizes, the spec, and the
+    recorded denoising (``record_latents=True``)."""
+
+    prompts: list[str] = field(default_factory=list)
+    negative_prompts: list[str] | None = None
+    images_per_prompt: int = 1
+    rows: list[Row] = field(default_factory=list)
+    tokenizations: dict[str, list[Tokenization | None]] = field(default_factory=lambda: {"cond": [], "uncond": []})
+    key_labels: list[str] | None = None  # labels of cross keys beyond the tokenizer's slots (SD 3's T5)
+    num_steps: int = 0  # denoiser calls the run made
+    all_timesteps: list[float] = field(default_factory=list)  # the timestep of each of them
+    steps: list[int] = field(default_factory=list)  # captured step indices
+    layers: list[str] = field(default_factory=list)  # captured layers, in call order
+    kinds: tuple[str, ...] = ()
+    heads: dict[str, int] = field(default_factory=dict)  # layer -> number of heads in the model
+    head_indices: dict[str, list[int]] | None = None  # None: heads averaged; else the model head of each stored head
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer -> query grid (h, w)
+    image_size: tuple[int, int] | None = None
+    latent_size: tuple[int, int] | None = None
+    spec: dict = field(default_factory=dict)
+    # the recorded denoising; its "rows" are prompt × image (the latent is shared by both CFG halves)
+    latents: torch.Tensor | None = None  # (steps, rows, c, h, w) x_t seen by each captured step
+    x0: torch.Tensor | None = None  # (steps, rows, c, h, w) predicted clean latents
+    noise_levels: list[float] | None = None  # share of noise in x_t at each captured step
+    xt_images: np.ndarray | None = None  # uint8 (steps, rows, H, W, 3): x_t decoded
+    x0_images: np.ndarray | None = None  # uint8 (steps, rows, H, W, 3): x0 decoded
+
+
+_DENOISING = ("latents", "x0", "xt_images", "x0_images")  # TraceInfo fields stored as tensors, not JSON
+
+
+class AttentionTrace:
+    """Attention maps captured by ``sdlens.trace``, indexed by kind, step, layer, row and head.
+
+    ``AttentionTrace(maps, info)``: ``maps`` maps ``(kind, layer)`` to ``(steps, rows, heads, h·w, keys)``
+    tensors, ``info`` is a ``TraceInfo``. A trace is read-only; ``replace(...)`` gives a changed copy.
+    The fields of ``TraceInfo`` (``prompts``, ``steps``, ``layers``, ``rows``, ...) are its attributes.
+
+    Example (with any diffusers text-to-image pipeline ``pipe``)::
+
+        with sdlens.trace(pipe) as tr:
+            image = pipe("a red circle on the left").images[0]
+        heat = tr.word_map("circle")          # (H, W) at the image's size
+        tr.save("run.safetensors"); tr2 = sdlens.load_trace("run.safetensors")
+    """
+
+    def __init__(self, maps: Mapping[tuple[str, str], torch.Tensor], info: TraceInfo) -> None:
+        object.__setattr__(self, "_maps", maps)
+        object.__setattr__(self, "_info", info)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"an AttentionTrace is read-only; use trace.replace({name}=...) for a changed copy")
+
+    def __getattr__(self, name: str):
+        info = self.__dict__.get("_info")
+        if info is not None and name in _INFO_FIELDS:
+            return getattr(info, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | _INFO_FIELDS)
+
+    @property
+    def info(self) -> TraceInfo:
+        """What the maps belong to (a copy: the trace itself is read-only)."""
+        return dataclasses.replace(self._info)
+
+    def replace(self, maps: Mapping[tuple[str, str], torch.Tensor] | None = None, **info) -> AttentionTrace:
+        """A new trace with some maps (same keys) and/or ``TraceInfo`` fields replaced.
+
+        ``maps``: ``{(kind, layer): tensor}`` replacing those keys; other keys are kept.
+        """
+        bad = [k for k in info if k not in _INFO_FIELDS]
+        if bad:
+            raise CaptureError(f"replace(): {bad} are not trace fields; fields are {sorted(_INFO_FIELDS)}")
+        new_maps = {k: self._maps[k] for k in self._maps}
+        for key, t in (maps or {}).items():
+            if key not in new_maps:
+                raise CaptureError(f"replace(): no maps {key!r} to replace; this trace has {self.keys()}")
+            old = new_maps[key].shape
+            same_heads = t.shape[2] == old[2] or "head_indices" in info  # other heads must be named
+            if t.ndim != 5 or t.shape[:2] != old[:2] or t.shape[3:] != old[3:] or not same_heads:
+                raise CaptureError(
+                    f"replace(): maps {key!r} of shape {tuple(t.shape)} do not fit the stored {tuple(old)} "
+                    "(steps, rows, heads, h·w, keys; other heads need head_indices=)"
+                )
+            new_maps[key] = t
+        return AttentionTrace(new_maps, dataclasses.replace(self._info, **info))
+
+    def _tensor(self, kind: str, layer: str) -> torch.Tensor:
+        if (kind, layer) not in self._maps:
+            raise CaptureError(
+                f"no {kind}-attention for layer {layer!r}; captured: " + ", ".join(f"{k}:{n}" for k, n in self.keys())
+            )
+        return self._maps[(kind, layer)]
+
+    # ------------------------------------------------------------------ structure
+    def keys(self) -> list[tuple[str, str]]:
+        """``(kind, layer)`` pairs that hold maps, layers in call order (cross before self)."""
+        order = {name: i for i, name in enumerate(self.layers)}
+        return sorted((k for k in self._maps if k[0] in self.kinds), key=lambda k: (order.get(k[1], len(order)), k[0]))
+
+    def layers_of(self, kind: str = "cross") -> list[str]:
+        """Captured layers that hold ``kind`` maps, in call order."""
+        self._check_kind(kind)
+        have = {n for k, n in self.keys() if k == kind}
+        return [n for n in self.layers if n in have]
+
+    def map_size(self, layer: str) -> tuple[int, int]:
+        """Query grid ``(h, w)`` of ``layer`` in this run."""
+        if layer not in self._info.sizes:
+            raise CaptureError(f"unknown layer {layer!r}; captured layers are: {self.layers}")
+        return tuple(self._info.sizes[layer])
+
+    @property
+    def timesteps(self) -> list[float]:
+        """The scheduler's timestep of each captured step."""
+        return [float(self.all_timesteps[s]) for s in self.steps]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stored maps (and recorded latents and previews)."""
+        n = sum(t.numel() * t.element_size() for t in self._maps.values())
+        for name in _DENOISING:
+            extra = getattr(self._info, name)
+            if extra is not None:
+                n += extra.nbytes if isinstance(extra, np.ndarray) else extra.numel() * extra.element_size()
+        return n
+
+    # ------------------------------------------------------------------ words and tokens
+    def tokenization(self, prompt: int = 0, *, half: str = "cond") -> Tokenization:
+        """The ``Tokenization`` of prompt ``prompt`` (of the negative prompt with ``half='uncond'``)."""
+        if half not in ("cond", "uncond"):
+            raise CaptureError(f"half={half!r} is not valid; use 'cond' or 'uncond'")
+        toks = self.tokenizations.get(half)
+        if not toks:
+            raise CaptureError(
+                "this trace does not know its prompts' tokens (the pipeline was called with prompt_embeds, "
+                "or the denoiser was traced directly); use token_map(index) with a slot index"
+            )
+        if isinstance(prompt, bool) or not isinstance(prompt, int) or not 0 <= prompt < len(toks):
+            raise CaptureError(f"prompt={prompt!r} is out of range: this trace has prompts 0..{len(toks) - 1}")
+        tok = toks[prompt]
+        if tok is None:
+            raise CaptureError(f"prompt {prompt} has no known tokens (it was given as embeddings)")
+        return tok
+
+    def tokens(self, prompt: int = 0, *, half: str = "cond") -> list[str]:
+        """Display strings of the key slots of ``prompt`` (``'<start>'``, words' BPE pieces, ``'<end>'``, ``'<pad>'``)."""
+        labels = list(self.tokenization(prompt, half=half).tokens)
+        if self.key_labels:
+            labels += self.key_labels
+        return labels
+
+    def words(self, prompt: int = 0, *, half: str = "cond") -> list[str]:
+        """The whitespace-separated words of ``prompt`` as the tokenizer sees them."""
+        return list(self.tokenization(prompt, half=half).words)
+
+    def word_index(self, word: str | int, prompt: int = 0, *, occurrence: int | None = None, half: str = "cond") -> int:
+        """Index into ``words(prompt)`` of ``word``: a word, its label (``"red (2)"`` for the second "red",
+        see ``Tokenization.word_labels``) or an index; a word the prompt holds twice needs a label, an
+        index or ``occurrence=``."""
+        tok = self.tokenization(prompt, half=half)
+        if isinstance(word, bool) or not isinstance(word, (str, int, np.integer)):
+            raise CaptureError(f"a word is a word of the prompt or its index; got {word!r}")
+        if isinstance(word, (int, np.integer)):
+            if not 0 <= word < len(tok.words):
+                raise CaptureError(f"word index {word} is out of range: prompt {prompt} has words {tok.words}")
+            return int(word)
+        try:
+            return tok.word_index(word, occurrence)
+        except ValueError as e:
+            n = len(tok.word_indices(word))
+            hint = f", or pass occurrence=0..{n - 1}" if n > 1 and occurrence is None else ""
+            raise CaptureError(f"{e}{hint}") from None
+
+    # ------------------------------------------------------------------ selections
+    def row(self, prompt: int = 0, image: int = 0, half: str = "cond") -> int:
+        """Index into the rows dimension of the row for this prompt, image and CFG half."""
+        for i, r in enumerate(self.rows):
+            if (r.prompt, r.image, r.half) == (prompt, image, half):
+                return i
+        raise CaptureError(
+            f"no row for prompt={prompt}, image={image}, half={half!r}; this trace keeps rows "
+            + ", ".join(f"(prompt={r.prompt}, image={r.image}, half={r.half!r})" for r in self.rows)
+        )
+
+    def step_positions(self, steps: StepSelector) -> list[int]:
+        """Positions in the stored steps dimension of step indices ``steps`` (None: all captured steps).
+
+        Negative indices count from the end of the steps the run made (``-1``: its last step).
+        """
+        if steps is None:
+            return list(range(len(self.steps)))
+        wanted = select_steps(steps, self.num_steps)
+        missing = [s for s in wanted if s not in self.steps]
+        if missing:
+            raise CaptureError(f"steps {missing} were not captured; captured steps are {self.steps}")
+        return [self.steps.index(s) for s in wanted]
+
+    def layer_names(self, layers: LayerSelector = None, kind: str = "cross") -> list[str]:
+        """Captured ``kind`` layers chosen by a ``layers=`` selector (names, globs, map sizes, a predicate)."""
+        return select_layers(layers, self.layers_of(kind), self._info.sizes)
+
+    def head_positions(self, heads: int | Sequence[int] | None, layer: str) -> list[int] | None:
+        """Positions in the stored heads dimension of model heads ``heads`` of ``layer`` (None: all stored)."""
+        if heads is None:
+            return None
+        items = [heads] if isinstance(heads, (int, np.integer)) else list(heads)
+        if self.head_indices is None:
+            raise CaptureError("heads were averaged during capture (heads='mean'); trace with heads='all' to pick heads")
+        kept = self.head_indices[layer]
+        bad = [h for h in items if h not in kept]
+        if bad:
+            raise CaptureError(f"heads {bad} were not kept in {layer!r}; kept heads are {kept}")
+        return [kept.index(h) for h in items]
+
+    def _out_size(self, size) -> tuple[int, int]:
+        if size is None:
+            if self.image_size is None:
+                raise CaptureError("the image size is unknown; pass size=(H, W)")
+            return tuple(self.image_size)
+        if isinstance(size, int):
+            return (size, size)
+        h, w = size
+        return (int(h), int(w))
+
+    # ------------------------------------------------------------------ raw maps
+    def maps(self, layer: str, kind: str = "cross") -> torch.Tensor:
+        """All stored maps of one layer: ``(steps, rows, heads, h, w, keys)``."""
+        self._check_kind(kind)
+        t = self._tensor(kind, layer)
+        h, w = self.map_size(layer)
+        return rearrange(t, "s r hd (h w) k -> s r hd h w k", h=h, w=w)
+
+    def __getitem__(self, key: tuple[str, str]) -> torch.Tensor:
+        """``trace["cross", layer]`` is ``trace.maps(layer, "cross")``."""
+        kind, layer = key
+        return self.maps(layer, kind)
+
+    # ------------------------------------------------------------------ aggregated maps
+    def slot_map(
+        self,
+        slots: Sequence[int],
+        *,
+        kind: str = "cross",
+        prompt: int = 0,
+        image: int = 0,
+        half: str = "cond",
+        steps: StepSelector = None,
+        layers: LayerSelector = None,
+        heads=None,
+        size=None,
+    ) -> torch.Tensor:
+        """Mean over key ``slots`` of the maps, averaged over steps, heads and layers: ``(H, W)`` float32.
+
+        Each layer's map is averaged over the chosen steps and heads at its own resolution, then
+        upsampled (bilinear) to ``size`` (default: the image's), then layers are averaged.
+        """
+        r = self.row(prompt, image, half)
+        sidx = self.step_positions(steps)
+        names = self.layer_names(layers, kind)
+        out = self._out_size(size)
+        per_layer = []
+        for name in names:
+            t = self._tensor(kind, name)  # (steps, rows, heads, n, k)
+            n_keys = t.shape[-1]
+            bad = [s for s in slots if not -n_keys <= s < n_keys]
+            if bad:
+                raise CaptureError(f"slot(s) {bad} out of range: {kind} keys are 0..{n_keys - 1}")
+            hsel = self.head_positions(heads, name)
+            x = t[:, r][..., list(slots)][sidx]  # (steps, heads, n, slots): pick before copying
+            if hsel is not None:
+                x = x[:, hsel]
+            x = x.float().mean(dim=(0, 1, 3))  # (n,)
+            h, w = self.map_size(name)
+            per_layer.append(rearrange(x, "(h w) -> h w", h=h, w=w))
+        return _maps.average_upsampled(per_layer, out)
+
+    def token_map(self, index: int, **kw) -> torch.Tensor:
+        """Cross-attention map of token slot ``index`` (0 is the start slot): ``(H, W)``.
+
+        Keyword arguments as ``slot_map``: ``prompt, image, half, steps, layers, heads, size``.
+        """
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise CaptureError(f"token index must be an int slot (0..{len(self.tokens()) - 1}); got {index!r}")
+        return self.slot_map([index], kind="cross", **kw)
+
+    def word_map(self, word: str | int, *, prompt: int = 0, occurrence: int | None = None, half: str = "cond", **kw):
+        """Cross-attention map of a prompt word (mean of its BPE tokens' maps): ``(H, W)``.
+
+        ``word`` as ``word_index`` takes it. Other keywords as ``slot_map``.
+        """
+        wi = self.word_index(word, prompt, occurrence=occurrence, half=half)
+        slots = self.tokenization(prompt, half=half).word_tokens[wi]
+        return self.slot_map(slots, kind="cross", prompt=prompt, half=half, **kw)
+
+    def self_map(
+        self,
+        pixel: tuple[float, float],
+        *,
+        prompt: int = 0,
+        image: int = 0,
+        half: str = "cond",
+        steps: StepSelector = None,
+        layers: LayerSelector = None,
+        heads=None,
+        size=None,
+    ) -> torch.Tensor:
+        """Where the pixel ``(y, x)`` (in image pixels) attends, by self-attention: ``(H, W)``.
+
+        In each layer the query is the grid cell containing the pixel; its row of self-attention
+        (over the layer's own grid) is averaged over steps/heads, upsampled and averaged over layers.
+        """
+        r = self.row(prompt, image, half)
+        sidx = self.step_positions(steps)
+        names = self.layer_names(layers, "self")
+        out = self._out_size(size)
+        img_h, img_w = self.image_size or out
+        y, x = pixel
+        if not (0 <= y < img_h and 0 <= x < img_w):
+            raise CaptureError(f"pixel {pixel} is outside the image of size {(img_h, img_w)}")
+        per_layer = []
+        for name in names:
+            h, w = self.map_size(name)
+            qi = int(y * h / img_h) * w + int(x * w / img_w)
+            t = self._tensor("self", name)[:, r, :, qi][sidx]  # (steps, heads, n): one query row
+            hsel = self.head_positions(heads, name)
+            if hsel is not None:
+                t = t[:, hsel]
+            row = t.float().mean(dim=(0, 1))
+            per_layer.append(rearrange(row, "(h w) -> h w", h=h, w=w))
+        return _maps.average_upsampled(per_layer, out)
+
+    def self_matrix(
+        self, layer: str, *, prompt: int = 0, image: int = 0, half: str = "cond", steps=None, heads=None
+    ) -> torch.Tensor:
+        """Self-attention of one layer averaged over steps and heads: ``(n, n)`` float32, n = h·w.
+
+        Row i is where query pixel i (row-major on the layer's ``map_size``) attends.
+        """
+        r = self.row(prompt, image, half)
+        sidx = self.step_positions(steps)
+        t = self._tensor("self", layer)[:, r][sidx]  # (steps, heads, n, n)
+        hsel = self.head_positions(heads, layer)
+        if hsel is not None:
+            t = t[:, hsel]
+        return t.float().mean(dim=(0, 1))
+
+    def preview_row(self, prompt: int = 0, image: int = 0) -> int:
+        """Index into the rows of ``latents``/``x0``/``xt_images``/``x0_images`` (prompt × image order)."""
+        n_prompts = max(1, len(self.prompts))
+        if not (0 <= prompt < n_prompts and 0 <= image < self.images_per_prompt):
+            raise CaptureError(
+                f"no preview for prompt={prompt}, image={image}: prompts 0..{n_prompts - 1}, "
+                f"images 0..{self.images_per_prompt - 1}"
+            )
+        return prompt * self.images_per_prompt + image
+
+    # ------------------------------------------------------------------ misc
+    def _check_kind(self, kind: str) -> None:
+        if kind not in ("cross", "self"):
+            raise CaptureError(f"kind={kind!r} is not valid; use 'cross' or 'self'")
+        if kind not in self.kinds:
+            hint = "self_attn=True" if kind == "self" else "cross=True"
+            raise CaptureError(f"this trace has no {kind}-attention (captured: {list(self.kinds)}); trace with {hint}")
+
+    def to(self, device: str | torch.device) -> AttentionTrace:
+        """A copy of the trace with its maps on ``device``."""
+        return AttentionTrace({k: t.to(device) for k, t in self._maps.items()}, dataclasses.replace(self._info))
+
+    def __repr__(self) -> str:
+        sizes = sorted(set(self._info.sizes.values()), reverse=True)
+        return (
+            f"AttentionTrace(prompts={self.prompts!r}, kinds={list(self.kinds)}, steps={len(self.steps)}/"
+            f"{self.num_steps}, layers={len(self.layers)}, map sizes={sizes}, rows={len(self.rows)}, "
+            f"nbytes={self.nbytes})"
+        )
+
+    # ------------------------------------------------------------------ save
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the trace to ``path`` (a ``.safetensors`` file), atomically; returns the path."""
+        if getattr(self._maps, "recording", False):
+            raise CaptureError("the trace is still recording: save it after the `with sdlens.trace(...)` block")
+        tensors = {f"{kind}/{layer}": t for (kind, layer), t in self._maps.items()}
+        for name in _DENOISING:
+            extra = getattr(self._info, name)
+            if extra is not None:
+                tensors[f"extra/{name}"] = torch.from_numpy(np.ascontiguousarray(extra)) if isinstance(
+                    extra, np.ndarray) else extra
+        return io.write(path, tensors, _metadata(self._info))
+
+
+_INFO_FIELDS = frozenset(f.name for f in dataclasses.fields(TraceInfo)) - {"sizes"}
+
+
+def _metadata(info: TraceInfo) -> dict:
+    meta = {}
+    for f in dataclasses.fields(TraceInfo):
+        if f.name in _DENOISING:
+            continue
+        value = getattr(info, f.name)
+        if f.name == "rows":
+            value = [asdict(r) for r in value]
+        elif f.name == "tokenizations":
+            value = {h: [None if t is None else asdict(t) for t in ts] for h, ts in value.items()}
+        elif f.name == "kinds":
+            value = list(value)
+        elif f.name == "sizes":
+            value = {k: list(v) for k, v in value.items()}
+        elif f.name in ("image_size", "latent_size"):
+            value = list(value) if value else None
+        meta[f.name] = value
+    return meta
+
+
+def load_trace(path: str | os.PathLike, device: str | torch.device = "cpu") -> AttentionTrace:
+    """Read a trace written by ``AttentionTrace.save`` (safetensors + JSON; never unpickles)."""
+    tensors, meta = io.read(path, device)
+    try:
+        info = TraceInfo(
+            prompts=meta["prompts"],
+            negative_prompts=meta["negative_prompts"],
+            images_per_prompt=meta["images_per_prompt"],
+            rows=[Row(**r) for r in meta["rows"]],
+            tokenizations={h: [None if t is None else Tokenization(**t) for t in ts]
+                           for h, ts in meta["tokenizations"].items()},
+            key_labels=meta["key_labels"],
+            num_steps=meta["num_steps"],
+            all_timesteps=meta["all_timesteps"],
+            steps=meta["steps"],
+            layers=meta["layers"],
+            kinds=tuple(meta["kinds"]),
+            heads=meta["heads"],
+            head_indices=meta["head_indices"],
+            sizes={k: tuple(v) for k, v in meta["sizes"].items()},
+            image_size=tuple(meta["image_size"]) if meta["image_size"] else None,
+            latent_size=tuple(meta["latent_size"]) if meta["latent_size"] else None,
+            spec=meta["spec"],
+            noise_levels=meta.get("noise_levels"),
+        )
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CaptureError(f"{str(path)!r}: its trace metadata is incomplete or malformed ({type(e).__name__}: {e})") from None
+    maps = {}
+    for key, t in tensors.items():
+        group, name = key.split("/", 1)
+        if group == "extra":
+            setattr(info, name, t.numpy() if name.endswith("_images") else t)
+        else:
+            maps[(group, name)] = t
+    return AttentionTrace(maps, info)
+
+
+__all__ = ["AttentionTrace", "TraceInfo", "load_trace"]
