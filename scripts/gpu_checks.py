@@ -52,10 +52,11 @@ def main() -> int:
     locked = []
 
     def note_locking(p, i, t, kw):  # while recording: is the CPU storage page-locked (asynchronous copies)?
-        locked.append(all(f.pinned and f.buffer.is_pinned() for f in on_cpu._filling.values()))
+        locked.append(all(f.pinned and f.buffer.is_pinned() for f in cpu_tracer.capture.recording.storage.values()))
         return kw
 
-    with sdlens.trace(pipe, self_attn=True) as on_cpu:  # storage device: the CPU (the default)
+    cpu_tracer = sdlens.trace(pipe, self_attn=True)  # storage device: the CPU (the default)
+    with cpu_tracer as on_cpu:
         traced = run(callback_on_step_end=note_locking)
     gpu_extra = torch.cuda.max_memory_allocated() - base if dev.startswith("cuda") else 0
     with sdlens.trace(pipe, self_attn=True, device=dev) as on_gpu:
@@ -66,11 +67,11 @@ def main() -> int:
     map_diff = max(diff(on_cpu.maps(n, k), on_gpu.maps(n, k)) for k, n in on_cpu.keys())
     check("maps stored on the CPU equal maps stored on the GPU", map_diff <= 1e-3 and len(on_cpu.keys()) > 0,
           f"{len(on_cpu.keys())} (kind, layer) pairs, max abs diff {map_diff:.1e} (limit 1e-3)")
-    check("storage devices", all(on_cpu._data[key].device.type == "cpu" for key in on_cpu.keys())
-          and all(on_gpu._data[key].device.type == dev.split(":")[0] for key in on_gpu.keys()))
+    check("storage devices", all(on_cpu.maps(n, k).device.type == "cpu" for k, n in on_cpu.keys())
+          and all(on_gpu.maps(n, k).device.type == dev.split(":")[0] for k, n in on_gpu.keys()))
     if dev.startswith("cuda"):
         check("CPU storage page-locked while recording", bool(locked) and all(locked), f"per step: {locked}")
-        check("page-locking released after the run", not any(t.is_pinned() for t in on_cpu._data.values()))
+        check("page-locking released after the run", not any(on_cpu.maps(n, k).is_pinned() for k, n in on_cpu.keys()))
     sums = torch.stack([on_cpu.maps(n, "cross").float().sum(-1).mean() for n in on_cpu.layers_of("cross")])
     check("cross-attention rows sum to 1", bool(((sums - 1).abs() < 2e-3).all()), f"{sums.min():.4f}..{sums.max():.4f}")
     if dev.startswith("cuda"):

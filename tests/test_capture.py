@@ -80,8 +80,8 @@ class _RecordingReference(AttnProcessor):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
-def test_maps_match_diffusers_explicit_attention():
-    pipe = sd1()
+def test_maps_match_diffusers_explicit_attention(sd1_pipe):
+    pipe = sd1_pipe
     with sdlens.trace(pipe, heads="all", cfg="both", dtype=torch.float32) as tr:
         run(pipe, steps=2)
     ref: dict = {}
@@ -102,10 +102,10 @@ def test_maps_match_diffusers_explicit_attention():
         torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)
 
 
-def test_fused_and_delegating_paths_agree():
+def test_fused_and_delegating_paths_agree(sd1_pipe):
     """Default SDPA layers run fused (output op for op, probabilities from its own q/k); a custom
     processor is delegated to and q/k recomputed: the same maps either way."""
-    pipe = sd1()
+    pipe = sd1_pipe
     seen: dict[str, bool] = {}
 
     def traced_maps():
@@ -222,10 +222,10 @@ def test_batched_layers_give_each_layer_its_own_probabilities(monkeypatch):
 
 
 
-def test_held_back_queries_are_bounded(monkeypatch):
+def test_held_back_queries_are_bounded(monkeypatch, sd1_pipe):
     from sdlens.capture import probs
 
-    pipe = sd1()
+    pipe = sd1_pipe
     kw = dict(self_attn=True, heads="all", dtype=torch.float32)
     with sdlens.trace(pipe, **kw) as whole_steps:
         run(pipe, steps=2)
@@ -241,8 +241,8 @@ def test_held_back_queries_are_bounded(monkeypatch):
         torch.testing.assert_close(each_call.maps(layer, kind), whole_steps.maps(layer, kind), atol=1e-6, rtol=1e-5)
 
 
-def test_storage_without_a_step_count_grows_and_matches_a_preallocated_one():
-    pipe = sd1()
+def test_storage_without_a_step_count_grows_and_matches_a_preallocated_one(sd1_pipe):
+    pipe = sd1_pipe
     with sdlens.trace(pipe, self_attn=True) as tr:  # the pipeline says 10 steps: storage made once
         run(pipe, steps=10)
     # a bare denoiser does not say how many steps will come: storage starts at 8 steps and grows
@@ -257,8 +257,8 @@ def test_storage_without_a_step_count_grows_and_matches_a_preallocated_one():
     assert tr.nbytes == bare.nbytes == expected
 
 
-def test_interrupted_run_keeps_the_steps_it_made():
-    pipe = sd1()
+def test_interrupted_run_keeps_the_steps_it_made(sd1_pipe):
+    pipe = sd1_pipe
     with sdlens.trace(pipe) as full:
         pipe(PROMPT, num_inference_steps=5, generator=gen(), output_type="latent")
 
@@ -302,8 +302,8 @@ def test_storage_slots_a_layer_skipped_are_nan_and_a_second_call_in_one_step_is_
     assert (out[0] == 0.5).all() and (out[2] == 0.25).all()  # and the refused write changed nothing
 
 
-def test_interrupt_while_held_back_maps_are_computed_still_restores(monkeypatch):
-    pipe = sd1()
+def test_interrupt_while_held_back_maps_are_computed_still_restores(monkeypatch, sd1_pipe):
+    pipe = sd1_pipe
     before = dict(pipe.unet.attn_processors)
 
     def fail_in_forward(module, args, output):
@@ -358,8 +358,8 @@ def _latents(pipe, n, h=64, w=64, seed=1):
     return torch.randn(n, c, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor, generator=gen(seed))
 
 
-def test_batched_prompts_match_single_runs():
-    pipe = sd1()
+def test_batched_prompts_match_single_runs(sd1_pipe):
+    pipe = sd1_pipe
     lat = _latents(pipe, 2)
     prompts = ["a red circle on the left", "a blue square at the top"]
     with sdlens.trace(pipe, dtype=torch.float32) as tr:
@@ -373,8 +373,8 @@ def test_batched_prompts_match_single_runs():
             torch.testing.assert_close(tr.maps(layer)[:, tr.row(i)], single.maps(layer)[:, 0], atol=1e-5, rtol=1e-4)
 
 
-def test_negative_prompt_is_the_uncond_half():
-    pipe = sd1()
+def test_negative_prompt_is_the_uncond_half(sd1_pipe):
+    pipe = sd1_pipe
     lat = _latents(pipe, 1)
     with sdlens.trace(pipe, cfg="both", steps=[0], dtype=torch.float32) as tr:
         pipe("red", negative_prompt="blue", num_inference_steps=2, latents=lat, output_type="latent")
@@ -387,8 +387,8 @@ def test_negative_prompt_is_the_uncond_half():
     torch.testing.assert_close(tr.maps(layer)[0, tr.row(0, half="uncond")], ref.maps(layer)[0, 0], atol=1e-5, rtol=1e-4)
 
 
-def test_no_cfg_batch_and_images_per_prompt_and_non_square():
-    pipe = sd1()
+def test_no_cfg_batch_and_images_per_prompt_and_non_square(sd1_pipe):
+    pipe = sd1_pipe
     with sdlens.trace(pipe) as tr:
         pipe(["a red circle", "a blue square"], num_images_per_prompt=2, guidance_scale=1.0,
              num_inference_steps=2, height=64, width=96, generator=gen(), output_type="latent")
@@ -402,8 +402,8 @@ def test_no_cfg_batch_and_images_per_prompt_and_non_square():
 
 
 # ---------------------------------------------------------------- restoration
-def test_restores_on_exception_and_keyboard_interrupt_and_custom_processors():
-    pipe = sd1()
+def test_restores_on_exception_and_keyboard_interrupt_and_custom_processors(sd1_pipe):
+    pipe = sd1_pipe
     custom = AttnProcessor()  # a user's own processor must come back, and be used while tracing
     pipe.unet.set_attn_processor(custom)
     before = dict(pipe.unet.attn_processors)
@@ -423,8 +423,8 @@ def test_restores_on_exception_and_keyboard_interrupt_and_custom_processors():
     pipe.unet.set_attn_processor(AttnProcessor2_0())
 
 
-def test_nested_trace_is_an_error():
-    pipe = sd1()
+def test_nested_trace_is_an_error(sd1_pipe):
+    pipe = sd1_pipe
     with sdlens.trace(pipe):
         with pytest.raises(CaptureError, match="already being traced"):
             with sdlens.trace(pipe):
@@ -433,8 +433,8 @@ def test_nested_trace_is_an_error():
         pass
 
 
-def test_uncaptured_layers_keep_their_processor():
-    pipe = sd1()
+def test_uncaptured_layers_keep_their_processor(sd1_pipe):
+    pipe = sd1_pipe
     with sdlens.trace(pipe, layers="down_blocks.*"):
         procs = pipe.unet.attn_processors
         pipe(PROMPT, num_inference_steps=1, output_type="latent")
@@ -445,8 +445,8 @@ def test_uncaptured_layers_keep_their_processor():
     assert kinds["down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"] == "AttnProcessor2_0"
 
 
-def test_one_call_per_trace():
-    pipe = sd1()
+def test_one_call_per_trace(sd1_pipe):
+    pipe = sd1_pipe
     with pytest.raises(CaptureError, match="one pipeline call"):
         with sdlens.trace(pipe):
             run(pipe, steps=1)
@@ -454,8 +454,8 @@ def test_one_call_per_trace():
 
 
 # ---------------------------------------------------------------- spec: selection, budget
-def test_selection_by_pattern_size_predicate_steps_heads():
-    pipe = sd1()
+def test_selection_by_pattern_size_predicate_steps_heads(sd1_pipe):
+    pipe = sd1_pipe
     with sdlens.trace(pipe, layers=16, steps=[0, -1], heads=[1]) as tr:
         run(pipe, steps=4)
     assert tr.steps == [0, 3] and len(tr.timesteps) == 2
@@ -477,8 +477,8 @@ def test_selection_by_pattern_size_predicate_steps_heads():
     assert pipe.unet.attn_processors["down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"].__class__ is AttnProcessor2_0
 
 
-def test_budget_raises_before_the_first_forward_and_estimate_is_accurate():
-    pipe = sd1()
+def test_budget_raises_before_the_first_forward_and_estimate_is_accurate(sd1_pipe):
+    pipe = sd1_pipe
     calls = []
     h = pipe.unet.conv_in.register_forward_hook(lambda *a: calls.append(1))
     try:
@@ -503,8 +503,8 @@ def test_budget_raises_before_the_first_forward_and_estimate_is_accurate():
     assert rec_estimate == tr2.nbytes
 
 
-def test_self_layers_pick_self_attention_apart_from_cross_attention():
-    pipe = sd1()
+def test_self_layers_pick_self_attention_apart_from_cross_attention(sd1_pipe):
+    pipe = sd1_pipe
     with sdlens.trace(pipe, self_attn=True) as full:
         run(pipe, steps=2)
     small = min(full.map_size(n)[0] for n in full.layers_of("self"))
@@ -533,16 +533,16 @@ def test_self_layers_pick_self_attention_apart_from_cross_attention():
     assert all(type(p) is AttnProcessor2_0 for p in pipe.unet.attn_processors.values())
 
 
-def test_budget_message_points_to_self_layers():
-    pipe = sd1()
+def test_budget_message_points_to_self_layers(sd1_pipe):
+    pipe = sd1_pipe
     with pytest.raises(BudgetError, match="self_layers=8 or 16"):
         with sdlens.trace(pipe, self_attn=True, max_bytes=1000):
             run(pipe, steps=1)
 
 
 # ---------------------------------------------------------------- words, tokens, save/load
-def test_word_and_token_maps(tmp_path):
-    pipe = sd1()
+def test_word_and_token_maps(tmp_path, sd1_pipe):
+    pipe = sd1_pipe
     prompt = "a photorealistic red circle and a red square"
     with sdlens.trace(pipe, heads="all", dtype=torch.float32) as tr:
         run(pipe, prompt=prompt, steps=2)
@@ -564,8 +564,8 @@ def test_word_and_token_maps(tmp_path):
     torch.testing.assert_close(tr.token_map(1, layers=layer, size=(h, w)), m, atol=1e-6, rtol=1e-5)
 
 
-def test_save_load_round_trip(tmp_path):
-    pipe = sd1()
+def test_save_load_round_trip(tmp_path, sd1_pipe):
+    pipe = sd1_pipe
     with sdlens.trace(pipe, self_attn=True, cfg="both", heads="all") as tr:
         pipe(["a red circle", "a blue square"], negative_prompt=["green", "green"], num_inference_steps=2,
              generator=gen(), output_type="latent")
@@ -585,7 +585,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 # ---------------------------------------------------------------- denoising record
-def test_record_latents_and_x0_formulas_match_the_schedulers():
+def test_record_latents_and_x0_formulas_match_the_schedulers(sd1_pipe):
     from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
     from sdlens.capture.denoising import noise_level_and_x0
@@ -606,7 +606,7 @@ def test_record_latents_and_x0_formulas_match_the_schedulers():
         torch.testing.assert_close(ours, out.pred_original_sample, atol=1e-4, rtol=1e-4)
         assert 0 < level < 1
 
-    pipe = sd1()
+    pipe = sd1_pipe
     with sdlens.trace(pipe, record_latents=True, steps=[0, 2]) as tr:
         img = run(pipe, steps=3)
     assert tr.latents.shape == (2, 1, 4, 32, 32) and tr.x0.shape == tr.latents.shape
@@ -629,8 +629,8 @@ def test_img2img_counts_only_the_steps_it_runs():
     assert r.n_steps_expected == 5 and tr.num_steps == 5 and tr.steps == [4]
 
 
-def test_latents_only_trace_installs_no_processor():
-    pipe = sd1()
+def test_latents_only_trace_installs_no_processor(sd1_pipe):
+    pipe = sd1_pipe
     with sdlens.trace(pipe, cross=False, record_latents=True) as tr:
         procs = dict(pipe.unet.attn_processors)
         run(pipe, steps=2)

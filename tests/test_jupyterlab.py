@@ -195,6 +195,9 @@ def _accept_kernel_dialog(page, wait: float = 3.0) -> None:
     dialog.locator("button.jp-mod-accept").click()
 
 
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.notebook
 def test_start_here_explorer_in_jupyterlab(jupyterlab_server, tmp_path: Path) -> None:
     """Run All on "Start here" in JupyterLab; the attention explorer renders; its step slider changes the picture."""
     from playwright.sync_api import sync_playwright

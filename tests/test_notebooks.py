@@ -133,6 +133,8 @@ def read_notebook(path: Path):
     return nbformat.read(path, as_version=4)
 
 
+@pytest.mark.slow
+@pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs_offline(path: Path, notebook_times) -> None:
     """The notebook runs top to bottom in a fresh kernel with no error and no network."""
