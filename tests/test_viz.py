@@ -17,7 +17,6 @@ from PIL import Image
 import sdlens
 import sdlens.viz as viz
 from sdlens.cli import main as cli_main
-from sdlens.models.families import sd1
 from sdlens.viz._figure import new_figure
 from sdlens.viz.frames import heat_frame, overlay_frame, self_frame, target_map
 
@@ -35,8 +34,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return sd1()
+def pipe(sd1_pipe):
+    return sd1_pipe
 
 
 @pytest.fixture(scope="module")

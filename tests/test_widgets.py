@@ -13,7 +13,6 @@ import torch
 
 import sdlens
 import sdlens.viz as viz
-from sdlens.models.families import sd1
 from sdlens.widgets import AttentionExplorer, DenoisingExplorer, SelfAttentionExplorer
 from sdlens.widgets.base import decode_png
 
@@ -30,9 +29,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def saved(tmp_path_factory, sd1_pipe):
     """A trace saved to disk and loaded back: the explorers get no pipeline at all, so cannot re-run one."""
-    pipe = sd1()
+    pipe = sd1_pipe
     with sdlens.trace(pipe, self_attn=True, heads="all", record_latents=True) as tr:
         image = pipe(PROMPT, num_inference_steps=3, height=64, width=64,
                      generator=torch.Generator().manual_seed(0)).images[0]
@@ -118,9 +117,9 @@ def test_attention_explorer_options(saved):
     shows(ex, drawn(viz.overlay(avg, "a")))
 
 
-def test_attention_explorer_repeated_words():
+def test_attention_explorer_repeated_words(sd1_pipe):
     """A word the prompt holds twice is offered, and accepted, as "red (1)" / "red (2)"."""
-    pipe = sd1()
+    pipe = sd1_pipe
     with sdlens.trace(pipe) as tr:
         pipe("a red circle and a red square", num_inference_steps=2, height=64, width=64,
              generator=torch.Generator().manual_seed(0))
