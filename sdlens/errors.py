@@ -7,6 +7,12 @@ whose message says what was wrong and what would be valid.
 
 from __future__ import annotations
 
+import sys
+import warnings
+from pathlib import Path
+
+_PACKAGE = str(Path(__file__).resolve().parent)
+
 
 class CaptureError(ValueError):
     """A capture spec, a hook, or a trace query that cannot be satisfied; the message lists valid choices."""
@@ -16,4 +22,16 @@ class BudgetError(CaptureError):
     """The capture would take more memory than ``max_bytes`` allows."""
 
 
-__all__ = ["BudgetError", "CaptureError"]
+class TraceWarning(UserWarning):
+    """A traced run that kept less than was asked for (no step at all, or steps the run never made)."""
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` pointing at the first caller outside sdlens (the user's ``with`` block)."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, category, stacklevel=level)
+
+
+__all__ = ["BudgetError", "CaptureError", "TraceWarning", "warn"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _reference import reference_cross_maps
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import sdlens
@@ -67,36 +68,13 @@ def test_rows_sum_to_one(family):
             torch.testing.assert_close(s, torch.ones_like(s), atol=1e-5, rtol=0)
 
 
-class _RecordingReference(AttnProcessor):
-    """diffusers' own explicit-softmax processor, keeping the probabilities it computes."""
-
-    def __init__(self, store, name):
-        self.store, self.name = store, name
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        k = attn.head_to_batch_dim(attn.to_k(hidden_states if encoder_hidden_states is None else encoder_hidden_states))
-        self.store.setdefault(self.name, []).append(attn.get_attention_scores(q, k, attention_mask))
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-
-
 def test_maps_match_diffusers_explicit_attention(sd1_pipe):
     pipe = sd1_pipe
     with sdlens.trace(pipe, heads="all", cfg="both", dtype=torch.float32) as tr:
         run(pipe, steps=2)
-    ref: dict = {}
-    names = [k for k in pipe.unet.attn_processors if k.endswith("attn2.processor")]
-    original = dict(pipe.unet.attn_processors)
-    procs = dict(original)
-    for k in names:
-        procs[k] = _RecordingReference(ref, k.removesuffix(".processor"))
-    pipe.unet.set_attn_processor(procs)
-    try:
-        run(pipe, steps=2)
-    finally:
-        pipe.unet.set_attn_processor(dict(original))
-    for layer, probs in ref.items():
-        expected = torch.stack(probs)  # (steps, batch·heads, n, 77)
+    ref = reference_cross_maps(pipe, lambda: run(pipe, steps=2))
+    assert ref
+    for layer, expected in ref.items():  # (steps, batch·heads, n, 77)
         ours = tr.maps(layer, "cross")  # (steps, rows, heads, h, w, 77); rows = uncond, cond
         ours = ours.flatten(3, 4).flatten(1, 2)
         torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)
@@ -312,7 +290,9 @@ def test_interrupt_while_held_back_maps_are_computed_still_restores(monkeypatch,
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("sdlens.capture.controller.compute_pending", interrupted)
+    # the denoiser fails mid-call; the trace drops that step and finishes its recording, and a Ctrl-C
+    # while it does so still leaves nothing of the trace on the model
+    monkeypatch.setattr("sdlens.result.recording.Recording.finish", interrupted)
     h = pipe.unet.conv_out.register_forward_hook(fail_in_forward)  # queries and keys are held back then
     try:
         with pytest.raises(KeyboardInterrupt):  # Ctrl-C while the trace cleans up after the failure

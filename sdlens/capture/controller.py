@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import BudgetError, CaptureError
+from ..errors import BudgetError, CaptureError, TraceWarning, warn
 from ..hooks.attach import Run
 from ..hooks.layers import LayerInfo, infer_map_size
 from ..hooks.processor import Call, Controller
 from ..result.attention_trace import AttentionTrace, TraceInfo
 from ..result.recording import Recording
 from ..select import select_steps
-from ..tokens import tokenize
+from ..tokens import load_clip_tokenizer, tokenize
 from . import probs
 from .denoising import DenoisingRecorder
 from .probs import Pending, Rows, compute_pending, take
-from .spec import CaptureSpec, Estimate
+from .spec import CFG_HALVES, CaptureSpec, Estimate
 
 
 def _describe(selector):
@@ -58,7 +58,9 @@ class Capture(Controller):
         self.candidates: list[LayerInfo] = []
         self.kinds_at: dict[str, tuple[str, ...]] = {}  # layer -> the kinds kept there
         self.kept_steps: set[int] | None = None
-        self.estimate: Estimate | None = None
+        self.estimate: Estimate | None = None  # the whole capture's size, when the step count is known
+        self.per_step: int | None = None  # bytes one kept step adds
+        self._step_open = False  # a denoiser call is under way (begun, not yet returned)
         self.denoising = DenoisingRecorder(self) if spec.record_latents else None
         self._row_ids: list[int] = []
         self._rows: dict[tuple, Rows] = {}
@@ -101,51 +103,103 @@ class Capture(Controller):
                 self.kept_steps = set(select_steps(spec.steps, 10**9))
             else:
                 self.kept_steps = set(select_steps(spec.steps, run.expected_steps))
-        self.estimate = self._estimate(chosen, run)
-        if spec.max_bytes is not None and self.estimate is not None and self.estimate.total > spec.max_bytes:
-            raise BudgetError(self.estimate.message(spec.max_bytes, spec))
-        self.recording.capacity = self.estimate.steps if self.estimate else None
+        self._check_pag(chosen, run)
+        n_steps = len(self.kept_steps) if self.kept_steps is not None else run.expected_steps
+        one = self._estimate(chosen, run, 1)
+        self.per_step = one.total
+        self.estimate = None if n_steps is None else self._estimate(chosen, run, n_steps)
+        budget = spec.max_bytes
+        if budget is not None:  # before any attention is computed
+            if self.estimate is not None and self.estimate.total > budget:
+                raise BudgetError(self.estimate.message(budget, spec))
+            if self.estimate is None and self.per_step > budget:
+                raise BudgetError(one.message(budget, spec))
+        if self.estimate is not None:
+            self.recording.capacity = self.estimate.steps
+        elif budget is not None and self.per_step:  # unknown step count: never allocate past the budget
+            self.recording.max_steps = int(budget // self.per_step)
+            self.recording.capacity = min(8, self.recording.max_steps)
         return [i.name for i in chosen]
+
+    def _check_pag(self, chosen: list[LayerInfo], run: Run) -> None:
+        """PAG replaces some self-attention layers by the identity on its perturbed rows: there is no
+        attention map to keep there, so asking for one is an error, not a made-up map."""
+        if not any(r.half == "perturbed" for r in self.info.rows):
+            return
+        current = run.denoiser.attn_processors
+        bad = [i.name for i in chosen if "self" in self.kinds_at.get(i.name, ())
+               and type(current[f"{i.name}.processor"]).__name__.startswith("PAG")]
+        if bad:
+            raise CaptureError(
+                f"cfg={self.spec.cfg!r} keeps PAG's perturbed rows, whose self-attention in {bad} is replaced by "
+                "the identity (no attention map exists there): leave those layers out (self_layers=...), or "
+                "keep the other rows (cfg='cond', 'uncond' or 'both')"
+            )
 
     def begin_step(self, run: Run) -> None:
         info = self.info
+        keeping = self.kept_steps is None or run.step in self.kept_steps
+        if keeping:
+            self._check_running_budget()  # before this step computes anything
+        self._step_open = True
         info.all_timesteps.append(run.timestep)
         info.num_steps = run.step + 1
-        self.active = bool(self.kinds_at) and (self.kept_steps is None or run.step in self.kept_steps)
-        self.keeping = self.kept_steps is None or run.step in self.kept_steps  # the denoising recorder's too
-        if self.keeping:
+        self.active = bool(self.kinds_at) and keeping
+        self.keeping = keeping  # the denoising recorder's too
+        if keeping:
             info.steps.append(run.step)
-            self._check_running_budget()
 
     def end_step(self, run: Run) -> None:
         self.flush()
+        self._step_open = False
 
     def close(self, run: Run, error: BaseException | None) -> None:
+        info = self.info
         try:
-            if self._pending:  # the denoiser raised mid-call: keep the layers that ran, as they were
-                self.flush()
-        except Exception:  # noqa: BLE001 - closing goes on; the error that stopped the run is raised
-            pass
-        finally:  # even a Ctrl-C during that computation leaves a finished recording
+            if self._step_open:  # the denoiser raised mid-call: that step is dropped from every layer
+                self._pending.clear()
+                if info.steps and info.steps[-1] == run.step:
+                    info.steps.pop()
+                info.num_steps = run.step
+                info.all_timesteps = info.all_timesteps[: run.step]
+        finally:  # even a Ctrl-C here leaves a finished recording
             self._pending.clear()
+            self._step_open = False
             self.active = False
             if self.denoising is not None:
                 self.denoising.uninstall()
-            self.info.all_timesteps = [float(t) for t in self.info.all_timesteps]  # GPU timesteps read once, here
-            self.recording.finish()
-        if error is None and self.denoising is not None:
-            self.denoising.finish(self.info, run.pipe)
+            info.all_timesteps = [float(t) for t in info.all_timesteps]  # GPU timesteps read once, here
+            self.recording.finish(len(info.steps))
+        if error is None:
+            self._warn_if_short(run)
+            if self.denoising is not None:
+                self.denoising.finish(info, run.pipe)
+
+    def _warn_if_short(self, run: Run) -> None:
+        """A run that kept no step, or fewer than asked, says so: an empty trace is no answer."""
+        info, spec = self.info, self.spec
+        if run.step < 0:
+            warn("sdlens.trace captured nothing: the traced denoiser was not called inside the `with` block",
+                 TraceWarning)
+        elif self.kept_steps is not None and not set(self.kept_steps) <= set(info.steps):
+            missed = sorted(set(self.kept_steps) - set(info.steps))
+            warn(
+                f"sdlens.trace kept steps {info.steps} of steps={spec.steps!r}: the run made {info.num_steps} steps"
+                f"{f' (it was expected to make {run.expected_steps})' if run.expected_steps else ''}, so steps "
+                f"{missed} never came", TraceWarning)
 
     # ------------------------------------------------------------------ setup
     def _setup_rows(self, run: Run) -> None:
         layout, info, spec = run.layout, self.info, self.spec
-        if not layout.cfg and spec.cfg != "cond":
+        if not layout.cfg and spec.cfg in ("uncond", "both"):
             raise CaptureError(
                 f"cfg={spec.cfg!r} needs a classifier-free-guidance batch, but this run has none "
                 "(guidance_scale <= 1): use cfg='cond'"
             )
-        halves = {"cond": ["cond"], "uncond": ["uncond"], "both": ["uncond", "cond"]}[spec.cfg]
-        self._row_ids = layout.indices(halves)
+        if not layout.pag and spec.cfg == "perturbed":
+            raise CaptureError("cfg='perturbed' keeps the rows of Perturbed-Attention Guidance, which this run "
+                               "does not use: use cfg='cond'")
+        self._row_ids = layout.indices(CFG_HALVES[spec.cfg])
         info.rows = [layout.rows[i] for i in self._row_ids]
         info.images_per_prompt = layout.images_per_prompt
         info.prompts = list(layout.prompts)
@@ -153,12 +207,23 @@ class Capture(Controller):
 
     def _setup_tokens(self, run: Run) -> None:
         info = self.info
-        tokenizer = getattr(run.pipe, "tokenizer", None) if run.pipe is not None else None
-        if tokenizer is None or not info.prompts:
+        if not info.prompts:
             return
+        # a bare denoiser (prompt= given) has no tokenizer of its own: SD 1.x's CLIP tokenizer ships here
+        tokenizer = getattr(run.pipe, "tokenizer", None) or load_clip_tokenizer()
         info.tokenizations["cond"] = [tokenize(p, tokenizer) for p in info.prompts]
         if info.negative_prompts is not None:
             info.tokenizations["uncond"] = [tokenize(p, tokenizer) for p in info.negative_prompts]
+        tokenizer_2 = getattr(run.pipe, "tokenizer_2", None)
+        if tokenizer_2 is not None:  # SDXL: the second encoder reads prompt_2 (default: the prompt) into the same slots
+            call = run.call or {}
+            for half, first, second in (("cond", info.prompts, "prompt_2"),
+                                        ("uncond", info.negative_prompts, "negative_prompt_2")):
+                if first is None:
+                    continue
+                given = call.get(second)
+                texts = first if given is None else ([given] * len(first) if isinstance(given, str) else list(given))
+                info.tokenizations[f"{half}_2"] = [tokenize(p, tokenizer_2) for p in texts]
         n_slots = len(info.tokenizations["cond"][0].ids)
         if run.context_len > n_slots:  # SD3: CLIP slots, then T5's
             extra = run.context_len - n_slots
@@ -168,11 +233,8 @@ class Capture(Controller):
                 ids = t5(info.prompts[0], padding="max_length", max_length=extra, truncation=True).input_ids
                 info.key_labels = [f"t5:{s}" for s in t5.convert_ids_to_tokens(ids)]
 
-    def _estimate(self, chosen: list[LayerInfo], run: Run) -> Estimate | None:
+    def _estimate(self, chosen: list[LayerInfo], run: Run, n_steps: int) -> Estimate:
         spec = self.spec
-        n_steps = len(self.kept_steps) if self.kept_steps is not None else run.expected_steps
-        if n_steps is None:
-            return None
         item = torch.empty((), dtype=spec.dtype).element_size()
         per_layer = {}
         for info in chosen:
@@ -186,14 +248,15 @@ class Capture(Controller):
         return Estimate(total=sum(per_layer.values()), per_layer=per_layer, steps=n_steps)
 
     def _check_running_budget(self) -> None:
+        """With no known step count, each kept step is checked before it runs: the maps never pass the budget."""
         mb = self.spec.max_bytes
-        if mb is None or self.estimate is not None:
+        if mb is None or self.estimate is not None or self.per_step is None:
             return
-        held = self.recording.allocated_bytes()  # storage grown for steps to come counts too
-        if held > mb:
+        after = (len(self.info.steps) + 1) * self.per_step
+        if after > mb:
             raise BudgetError(
-                f"the capture passed max_bytes={mb} after {len(self.info.steps)} steps ({held} bytes held); "
-                "capture fewer layers or steps, or average heads"
+                f"the capture would pass max_bytes={mb} at step {len(self.info.steps)} ({after} bytes with this "
+                f"step's maps, {self.per_step} a step); capture fewer layers or steps, or average heads"
             )
 
     # ------------------------------------------------------------------ named points

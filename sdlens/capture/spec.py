@@ -16,7 +16,11 @@ from ..errors import BudgetError, CaptureError
 from ..hooks.layers import LayerInfo
 from ..select import LayerSelector, StepSelector, by_size, check_steps, select_layers
 
-CFG_CHOICES = ("cond", "uncond", "both")
+CFG_CHOICES = ("cond", "uncond", "both", "perturbed", "all")
+"""Which rows a trace keeps: the conditional ones, the unconditional ones, both (uncond first), PAG's
+perturbed branch, or every row of the batch in batch order."""
+CFG_HALVES = {"cond": ("cond",), "uncond": ("uncond",), "both": ("uncond", "cond"), "perturbed": ("perturbed",),
+              "all": ("uncond", "cond", "perturbed")}
 
 
 def _fmt_bytes(n: float) -> str:
@@ -161,7 +165,7 @@ class Estimate:
             tips.append("average the heads (heads='mean')")
         if spec.self_attn:
             tips.append("capture self-attention only at small maps (self_layers=8 or 16; layers= then picks the cross-attention layers)")
-        if spec.cfg == "both":
+        if spec.cfg in ("both", "all"):
             tips.append("keep one CFG half (cfg='cond')")
         if spec.dtype.itemsize > 2:
             tips.append("store in float16")

@@ -2,7 +2,14 @@
 
 What it touches, and restores in ``finally`` (normal exit, exception, KeyboardInterrupt):
 
-- the denoiser's attention processors (``set_attn_processor`` with the original objects);
+- the processors of the hooked layers: each is wrapped at the denoiser's first call (so processors
+  the pipeline sets for its run, such as PAG's, are the ones run and traced) and put back at the
+  end where the hook is still in place (a pipeline that restored its own processors is left so);
+  a processor the pipeline swaps in mid-run is wrapped in its turn at the next step. When the run
+  ends in an exception, every processor is set back to what it was on entering (the pipeline's own
+  clean-up after its loop never ran);
+- a ``torch.compile``'d denoiser of a pipeline: the pipeline runs its original module (the one
+  under the compiled wrapper) while hooked, and gets its compiled module back afterwards;
 - a forward pre-hook on the denoiser that counts steps (one denoiser call = one step), and a
   forward hook that ends each step;
 - an instance attribute ``encode_prompt`` on the pipeline that notes the prompts, negative prompts
@@ -20,7 +27,7 @@ import inspect
 import torch
 
 from ..errors import CaptureError
-from .layers import LayerInfo, attention_layers, denoiser_of
+from .layers import LayerInfo, attention_layers, compiled_denoiser, denoiser_of
 from .processor import Controller, HookProcessor
 from .rows import RowLayout, row_layout
 
@@ -39,6 +46,7 @@ class Run:
         self.denoiser = denoiser
         self.layers: list[LayerInfo] = attention_layers(denoiser)
         self.call: dict | None = {"prompt": prompt} if prompt is not None else None  # encode_prompt's arguments
+        self.encoded = False  # the traced pipeline's encode_prompt ran (so it is the pipeline that runs)
         self.step = -1  # the denoiser call under way (sampling order, from 0)
         self.timestep = None  # its timestep (a tensor on a GPU run: read at the end, no sync per step)
         self.layout: RowLayout | None = None
@@ -63,14 +71,20 @@ class Run:
         return self._rows[key]
 
     def _expected_steps(self) -> int | None:
-        # diffusers pipelines set _num_timesteps = len(timesteps) just before their loop (img2img too)
-        n = getattr(self.pipe, "_num_timesteps", None)
-        if isinstance(n, int) and n > 0:
-            return n
-        sched = getattr(self.pipe, "scheduler", None)
+        # diffusers pipelines set _num_timesteps = len(timesteps) just before their loop (img2img too);
+        # it is this run's only if the traced pipeline is the one running, else it is a past run's
+        if self.encoded:
+            n = getattr(self.pipe, "_num_timesteps", None)
+            if isinstance(n, int) and n > 0:
+                return n
+        sched = getattr(self.pipe, "scheduler", None)  # shared with pipelines made from its components
         ts = getattr(sched, "timesteps", None)
         if ts is None or not len(ts):
             return None
+        if self.timestep is not None:  # the run goes from this step's timestep to the end of the schedule
+            here = ((ts.float().cpu() - float(self.timestep)).abs() < 1e-3).nonzero()
+            if len(here):
+                return len(ts) - int(here[0, 0])
         begin = getattr(sched, "begin_index", None) or 0
         return len(ts) - begin
 
@@ -80,8 +94,11 @@ class Run:
         self.image_size = (self.latent_size[0] * vsf, self.latent_size[1] * vsf) if vsf else self.latent_size
         self.context_len = context.shape[1] if context is not None else 0
         self.expected_steps = self._expected_steps()
-        pipe_cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
-        self.layout = row_layout(sample.shape[0], self.call, pipe_cfg)
+        cfg, pag = None, False  # what the running pipeline says, when it is the traced one
+        if self.encoded:
+            cfg = self.call.get("cfg", getattr(self.pipe, "do_classifier_free_guidance", None))
+            pag = bool(getattr(self.pipe, "do_perturbed_attention_guidance", False))
+        self.layout = row_layout(sample.shape[0], self.call, cfg, pag)
 
 
 class Attachment:
@@ -92,10 +109,12 @@ class Attachment:
             raise CaptureError(f"attach needs a list of sdlens.hooks.Controller objects; got {controllers!r}")
         self.denoiser = denoiser_of(target)
         self.pipe = None if target is self.denoiser else target
+        self.compiled = compiled_denoiser(self.pipe) if self.pipe is not None else None
         self.controllers = list(controllers)
         self.run = Run(self.pipe, self.denoiser, prompt)
-        self.installed: dict[str, HookProcessor] = {}
-        self._originals: dict | None = None
+        self.installed: dict[str, HookProcessor] = {}  # layer -> the hook in place there
+        self._at_enter: dict = {}
+        self._modules: dict[str, torch.nn.Module] = {}
         self._handles: list = []
         self._patched_encode = False
 
@@ -106,9 +125,11 @@ class Attachment:
                 "this pipeline is already being traced: nest no sdlens.trace inside another on the same model; "
                 "capture both kinds with one trace (cross=True, self_attn=True)"
             )
-        self._originals = dict(self.denoiser.attn_processors)
         setattr(self.denoiser, _ACTIVE, self)
+        self._at_enter = dict(self.denoiser.attn_processors)
         try:
+            if self.compiled is not None:  # the pipeline calls the original module while hooked
+                setattr(self.pipe, self.compiled[0], self.denoiser)
             self._handles.append(self.denoiser.register_forward_pre_hook(self._begin_step, with_kwargs=True))
             self._handles.append(self.denoiser.register_forward_hook(self._end_step))
             if self.pipe is not None and hasattr(self.pipe, "encode_prompt") and "encode_prompt" not in vars(self.pipe):
@@ -125,11 +146,10 @@ class Attachment:
         self._restore(exc)
 
     def _restore(self, error: BaseException | None) -> None:
-        """Original processors first, then the controllers close (they may compute what they held
-        back), then every hook comes off, even if a Ctrl-C lands in between."""
+        """Processors first, then the controllers close (they may compute what they held back), then
+        every hook comes off, even if a Ctrl-C lands in between."""
         try:
-            if self.installed and self._originals is not None:
-                self.denoiser.set_attn_processor(dict(self._originals))  # it pops from the dict it gets
+            self._uninstall(error)
         finally:
             try:
                 _close_all(self.controllers, self.run, error)
@@ -140,9 +160,10 @@ class Attachment:
                 if self._patched_encode:
                     del self.pipe.encode_prompt
                     self._patched_encode = False
+                if self.compiled is not None and getattr(self.pipe, self.compiled[0], None) is self.denoiser:
+                    setattr(self.pipe, self.compiled[0], self.compiled[1])
                 if getattr(self.denoiser, _ACTIVE, None) is self:
                     delattr(self.denoiser, _ACTIVE)
-                self.installed = {}
 
     # ------------------------------------------------------------------ prompt bookkeeping
     def _wrap_encode(self, original):
@@ -157,11 +178,15 @@ class Attachment:
             call = self.run.call or {}
             if call.get("prompt") is None:
                 call["prompt"] = bound.get("prompt")
+            for second in ("prompt_2", "negative_prompt_2"):  # SDXL's and SD 3's second text encoder
+                if bound.get(second) is not None:
+                    call[second] = bound[second]
             call["negative_prompt"] = bound.get("negative_prompt")
             call["num_images_per_prompt"] = int(bound.get("num_images_per_prompt", 1) or 1)
             if "do_classifier_free_guidance" in bound:
                 call["cfg"] = bool(bound["do_classifier_free_guidance"])
             self.run.call = call
+            self.run.encoded = True
             return original(*args, **kwargs)
 
         return encode_prompt
@@ -181,6 +206,8 @@ class Attachment:
         if run.step == 0:
             run._start(sample, context)
             self._install()
+        else:
+            self._rewrap()
         for c in self.controllers:
             c.begin_step(run)
 
@@ -189,7 +216,8 @@ class Attachment:
             c.end_step(self.run)
 
     def _install(self) -> None:
-        """Ask each controller for its layers; hook their union, every other layer keeps its processor."""
+        """Ask each controller for its layers; hook their union around the processors in place now
+        (the pipeline's own for this run included); every other layer keeps its processor."""
         wanted: dict[str, list[Controller]] = {}
         for c in self.controllers:
             for name in c.layers(self.run):
@@ -197,13 +225,40 @@ class Attachment:
         if not wanted:
             return
         infos = {info.name: info for info in self.run.layers}
-        procs = dict(self._originals)
+        modules = dict(self.denoiser.named_modules())
+        current = self.denoiser.attn_processors
+        procs = dict(current)
         installed = {}
         for name, controllers in wanted.items():
             key = f"{name}.processor"
-            installed[name] = procs[key] = HookProcessor(self.run, infos[name], self._originals[key], controllers)
-        self.denoiser.set_attn_processor(procs)
+            installed[name] = procs[key] = HookProcessor(self.run, infos[name], current[key], controllers)
+            self._modules[name] = modules[name]
+        self.denoiser.set_attn_processor(procs)  # it pops from the dict it gets
         self.installed = installed
+
+    def _rewrap(self) -> None:
+        """A processor the pipeline set on a hooked layer since the last step is hooked in its turn."""
+        for name, hook in self.installed.items():
+            module = self._modules[name]
+            if module.processor is not hook:
+                if isinstance(module.processor, HookProcessor):  # another attachment's: not ours to wrap
+                    continue
+                new = HookProcessor(self.run, hook.info, module.processor, hook.controllers)
+                module.set_processor(new)
+                self.installed[name] = new
+
+    def _uninstall(self, error: BaseException | None) -> None:
+        """Each hooked layer gets back the processor its hook wraps, where the hook is still in place;
+        after an exception, every layer gets the processor it had on entering."""
+        installed, self.installed = self.installed, {}
+        if error is not None and self.denoiser.attn_processors != self._at_enter:
+            self.denoiser.set_attn_processor(dict(self._at_enter))  # it pops from the dict it gets
+        else:
+            for name, hook in installed.items():
+                module = self._modules[name]
+                if module.processor is hook:
+                    module.set_processor(hook.original)
+        self._modules = {}
 
 
 def _close_all(controllers: list[Controller], run: Run, error: BaseException | None) -> None:

@@ -55,12 +55,42 @@ class LayerInfo:
         return h // self.factor, w // self.factor
 
 
+DENOISER_ATTRIBUTES = ("unet", "transformer", "prior")
+
+
+def _is_compiled(module) -> bool:
+    """``module`` is the wrapper ``torch.compile`` returns (its original module is ``_orig_mod``)."""
+    return type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod")
+
+
+def compiled_denoiser(pipe) -> tuple[str, torch.nn.Module] | None:
+    """``(attribute, compiled module)`` when a pipeline's denoiser is a ``torch.compile`` wrapper, else None."""
+    for attr in DENOISER_ATTRIBUTES:
+        mod = getattr(pipe, attr, None)
+        if _is_compiled(mod):
+            return attr, mod
+    return None
+
+
 def denoiser_of(obj) -> torch.nn.Module:
-    """The denoiser (UNet or transformer) of a pipeline, or ``obj`` itself if it is one."""
+    """The denoiser (UNet or transformer) of a pipeline, or ``obj`` itself if it is one.
+
+    A pipeline's ``torch.compile``'d denoiser gives the module under the wrapper (a compiled graph
+    would not see the processors sdlens installs); a compiled denoiser given directly is refused.
+    """
+    if _is_compiled(obj):
+        raise CaptureError(
+            "this denoiser is a torch.compile'd module, whose compiled graph would not see the attention "
+            "processors sdlens installs: trace the pipeline instead (sdlens.trace(pipe) runs the original "
+            "module while tracing and puts the compiled one back), or trace the original module "
+            "(compiled._orig_mod) and call that one inside the trace"
+        )
     if hasattr(obj, "attn_processors") and hasattr(obj, "set_attn_processor"):
         return obj
-    for attr in ("unet", "transformer", "prior"):
+    for attr in DENOISER_ATTRIBUTES:
         mod = getattr(obj, attr, None)
+        if _is_compiled(mod):
+            mod = mod._orig_mod
         if mod is not None and hasattr(mod, "attn_processors"):
             return mod
     raise CaptureError(

@@ -168,16 +168,35 @@ class AttentionTrace:
         return n
 
     # ------------------------------------------------------------------ words and tokens
-    def tokenization(self, prompt: int = 0, *, half: str = "cond") -> Tokenization:
-        """The ``Tokenization`` of prompt ``prompt`` (of the negative prompt with ``half='uncond'``)."""
+    def tokenization(self, prompt: int = 0, *, half: str = "cond", encoder: int = 1) -> Tokenization:
+        """The ``Tokenization`` of prompt ``prompt`` (of the negative prompt with ``half='uncond'``).
+
+        ``encoder=2``: as SDXL's second text encoder read it (``prompt_2``; by default the same text),
+        into the same slots as the first.
+        """
         if half not in ("cond", "uncond"):
             raise CaptureError(f"half={half!r} is not valid; use 'cond' or 'uncond'")
+        if encoder not in (1, 2):
+            raise CaptureError(f"encoder={encoder!r} is not valid; use 1 or 2 (SDXL's second text encoder)")
+        if encoder == 2:
+            toks = self.tokenizations.get(f"{half}_2")
+            if not toks:
+                raise CaptureError("this trace has no second text encoder's tokens (only SDXL-style pipelines, "
+                                   "with tokenizer_2, have them); use encoder=1")
+            return self._pick_prompt(toks, prompt)
         toks = self.tokenizations.get(half)
         if not toks:
+            if half == "uncond" and self.tokenizations.get("cond"):
+                raise CaptureError("this trace has no negative prompts (the run used no classifier-free guidance)")
             raise CaptureError(
-                "this trace does not know its prompts' tokens (the pipeline was called with prompt_embeds, "
-                "or the denoiser was traced directly); use token_map(index) with a slot index"
+                "this trace does not know its prompts: the traced pipeline's encode_prompt did not run with a "
+                "prompt (it got prompt_embeds, or the denoiser was called directly or by another pipeline "
+                "sharing it). Pass the prompts with sdlens.trace(..., prompt=[...]), or use token_map(slot)"
             )
+        return self._pick_prompt(toks, prompt)
+
+    @staticmethod
+    def _pick_prompt(toks: list[Tokenization | None], prompt: int) -> Tokenization:
         if isinstance(prompt, bool) or not isinstance(prompt, int) or not 0 <= prompt < len(toks):
             raise CaptureError(f"prompt={prompt!r} is out of range: this trace has prompts 0..{len(toks) - 1}")
         tok = toks[prompt]
@@ -185,22 +204,23 @@ class AttentionTrace:
             raise CaptureError(f"prompt {prompt} has no known tokens (it was given as embeddings)")
         return tok
 
-    def tokens(self, prompt: int = 0, *, half: str = "cond") -> list[str]:
+    def tokens(self, prompt: int = 0, *, half: str = "cond", encoder: int = 1) -> list[str]:
         """Display strings of the key slots of ``prompt`` (``'<start>'``, words' BPE pieces, ``'<end>'``, ``'<pad>'``)."""
-        labels = list(self.tokenization(prompt, half=half).tokens)
+        labels = list(self.tokenization(prompt, half=half, encoder=encoder).tokens)
         if self.key_labels:
             labels += self.key_labels
         return labels
 
-    def words(self, prompt: int = 0, *, half: str = "cond") -> list[str]:
+    def words(self, prompt: int = 0, *, half: str = "cond", encoder: int = 1) -> list[str]:
         """The whitespace-separated words of ``prompt`` as the tokenizer sees them."""
-        return list(self.tokenization(prompt, half=half).words)
+        return list(self.tokenization(prompt, half=half, encoder=encoder).words)
 
-    def word_index(self, word: str | int, prompt: int = 0, *, occurrence: int | None = None, half: str = "cond") -> int:
+    def word_index(self, word: str | int, prompt: int = 0, *, occurrence: int | None = None, half: str = "cond",
+                   encoder: int = 1) -> int:
         """Index into ``words(prompt)`` of ``word``: a word, its label (``"red (2)"`` for the second "red",
         see ``Tokenization.word_labels``) or an index; a word the prompt holds twice needs a label, an
-        index or ``occurrence=``."""
-        tok = self.tokenization(prompt, half=half)
+        index or ``occurrence=``. ``encoder=2``: a word of SDXL's second prompt (``prompt_2``)."""
+        tok = self.tokenization(prompt, half=half, encoder=encoder)
         if isinstance(word, bool) or not isinstance(word, (str, int, np.integer)):
             raise CaptureError(f"a word is a word of the prompt or its index; got {word!r}")
         if isinstance(word, (int, np.integer)):
@@ -210,8 +230,17 @@ class AttentionTrace:
         try:
             return tok.word_index(word, occurrence)
         except ValueError as e:
+            if tok.truncated and not tok.word_indices(word) and _in_text(word, tok.prompt):
+                raise CaptureError(
+                    f"{word!r} was cut off: the prompt is longer than the {len(tok.ids)} slots of the text "
+                    f"encoder, which saw only its first {len(tok.words)} words (up to {tok.words[-1]!r})"
+                ) from None
             n = len(tok.word_indices(word))
             hint = f", or pass occurrence=0..{n - 1}" if n > 1 and occurrence is None else ""
+            if encoder == 1 and not n and self.tokenizations.get(f"{half}_2"):
+                other = self.tokenization(prompt, half=half, encoder=2)
+                if other.word_indices(word):
+                    hint = "; it is a word of the second prompt (prompt_2): pass encoder=2"
             raise CaptureError(f"{e}{hint}") from None
 
     # ------------------------------------------------------------------ selections
@@ -326,13 +355,15 @@ class AttentionTrace:
             raise CaptureError(f"token index must be an int slot (0..{len(self.tokens()) - 1}); got {index!r}")
         return self.slot_map([index], kind="cross", **kw)
 
-    def word_map(self, word: str | int, *, prompt: int = 0, occurrence: int | None = None, half: str = "cond", **kw):
+    def word_map(self, word: str | int, *, prompt: int = 0, occurrence: int | None = None, half: str = "cond",
+                 encoder: int = 1, **kw):
         """Cross-attention map of a prompt word (mean of its BPE tokens' maps): ``(H, W)``.
 
-        ``word`` as ``word_index`` takes it. Other keywords as ``slot_map``.
+        ``word`` as ``word_index`` takes it (``encoder=2``: a word of SDXL's ``prompt_2``). Other
+        keywords as ``slot_map``.
         """
-        wi = self.word_index(word, prompt, occurrence=occurrence, half=half)
-        slots = self.tokenization(prompt, half=half).word_tokens[wi]
+        wi = self.word_index(word, prompt, occurrence=occurrence, half=half, encoder=encoder)
+        slots = self.tokenization(prompt, half=half, encoder=encoder).word_tokens[wi]
         return self.slot_map(slots, kind="cross", prompt=prompt, half=half, **kw)
 
     def self_map(
@@ -429,6 +460,12 @@ class AttentionTrace:
                 tensors[f"extra/{name}"] = torch.from_numpy(np.ascontiguousarray(extra)) if isinstance(
                     extra, np.ndarray) else extra
         return io.write(path, tensors, _metadata(self._info))
+
+
+def _in_text(word: str, prompt: str) -> bool:
+    """``word`` is one of the whitespace-separated words of ``prompt`` (case and end punctuation ignored)."""
+    strip = ",.;:!?\"'()"
+    return word.lower().strip(strip) in {w.lower().strip(strip) for w in prompt.split()}
 
 
 _INFO_FIELDS = frozenset(f.name for f in dataclasses.fields(TraceInfo)) - {"sizes"}

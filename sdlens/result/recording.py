@@ -28,7 +28,8 @@ class StepStorage:
     the GPU mid-run. Where page-locking fails, copies are ordinary (synchronous) ones.
     """
 
-    def __init__(self, probs: torch.Tensor, capacity: int | None, device, dtype: torch.dtype) -> None:
+    def __init__(self, probs: torch.Tensor, capacity: int | None, device, dtype: torch.dtype,
+                 max_steps: int | None = None) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         self.shape = probs.shape
@@ -37,6 +38,7 @@ class StepStorage:
         self.pinned = probs.device.type == "cuda" and self.device.type == "cpu"
         self.cast_first = probs.device != self.device  # cast where the maps were made: half the bytes to move
         self.count = 0
+        self.max_steps = max_steps  # growth never passes this (a memory budget), when set
         self.written: list[bool] = []
         self.buffer: torch.Tensor | None = None
         self._allocate(max(1, capacity or 8))
@@ -61,7 +63,8 @@ class StepStorage:
             )
         if slot >= len(self.slots):  # more steps than expected: grow (rare: unknown step count)
             self.wait()
-            self._allocate(max(slot + 1, 2 * len(self.slots)))
+            grown = 2 * len(self.slots) if self.max_steps is None else min(2 * len(self.slots), self.max_steps)
+            self._allocate(max(slot + 1, grown))
         if self.written[slot]:
             raise CaptureError(
                 f"layer {layer!r} was called twice in one denoiser call; a trace keeps one map per layer and "
@@ -83,15 +86,20 @@ class StepStorage:
         self.wait()
         return self.buffer[: self.count]
 
-    def result(self) -> torch.Tensor:
-        """The final tensor ``(count, ...)``, page-locking released: the storage itself, or a copy of
-        its first ``count`` steps where fewer came than were allocated (an interrupted run, an unknown
-        step count). Steps a layer was not called at (it skipped them) hold NaN, not stale memory."""
+    def result(self, steps: int | None = None) -> torch.Tensor:
+        """The final tensor ``(steps, ...)`` (default: the steps written), page-locking released: the
+        storage itself, or a copy of its first ``steps`` where fewer came than were allocated (an
+        interrupted run, an unknown step count). Steps a layer was not called at (it skipped them, or
+        the run stopped before it) hold NaN, not stale memory."""
         self.wait()
-        for slot in range(self.count):
+        n = self.count if steps is None else steps
+        for slot in range(min(n, len(self.written))):
             if not self.written[slot]:
                 self.buffer[slot].fill_(float("nan"))
-        out = self.buffer if self.count == self.buffer.shape[0] else self.buffer[: self.count].clone()
+        if n > self.buffer.shape[0]:
+            self._allocate(n)
+            self.buffer[self.count:].fill_(float("nan"))
+        out = self.buffer if n == self.buffer.shape[0] else self.buffer[:n].clone()
         self._unlock(self.buffer)
         return out
 
@@ -115,6 +123,7 @@ class Recording(Mapping):
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float16) -> None:
         self.device, self.dtype = torch.device(device), dtype
         self.capacity: int | None = None
+        self.max_steps: int | None = None
         self.storage: dict[tuple[str, str], StepStorage] = {}
         self.done: dict[tuple[str, str], torch.Tensor] | None = None
 
@@ -123,20 +132,21 @@ class Recording(Mapping):
         key = (kind, layer)
         store = self.storage.get(key)
         if store is None:
-            store = self.storage[key] = StepStorage(probs, self.capacity, self.device, self.dtype)
+            store = self.storage[key] = StepStorage(probs, self.capacity, self.device, self.dtype, self.max_steps)
         store.write(slot, probs, layer)
 
     def allocated_bytes(self) -> int:
         """Bytes the storage holds now, written or not (grown storage counts)."""
         return sum(s.allocated for s in self.storage.values())
 
-    def finish(self) -> None:
-        """Wait for asynchronous copies, release page-locking, keep the final tensors."""
+    def finish(self, steps: int | None = None) -> None:
+        """Wait for asynchronous copies, release page-locking, keep the final tensors: ``steps`` steps
+        in every layer (a step some layer did not reach is NaN there; one past it is dropped)."""
         if self.done is not None:
             return
         for device in {s.source for s in self.storage.values() if s.pinned}:  # one synchronize per GPU
             torch.cuda.synchronize(device)
-        self.done = {key: s.result().to(self.device) for key, s in self.storage.items()}
+        self.done = {key: s.result(steps).to(self.device) for key, s in self.storage.items()}
         self.storage = {}
 
     @property
