@@ -84,6 +84,10 @@ def add_train_tiny(subparsers) -> None:
     m.add_argument("--snr-gamma", type=float, default=d.snr_gamma, help="min-SNR weighting; 0 turns it off")
     m.add_argument("--two-object-prob", type=float, default=d.two_object_prob,
                    help="share of training scenes with two objects (the rest have one)")
+    m.add_argument("--free-position-prob", type=float, default=d.free_position_prob,
+                   help="share of training captions that give no positions (the objects go anywhere)")
+    m.add_argument("--size-word-prob", type=float, default=d.size_word_prob,
+                   help="each object's chance of a size word (small or big) in a training caption")
     p.set_defaults(func=run_train_tiny)
 
 
@@ -106,6 +110,8 @@ def run_train_tiny(args: argparse.Namespace) -> int:
             caption_dropout=args.caption_dropout,
             snr_gamma=args.snr_gamma or None,
             two_object_prob=args.two_object_prob,
+            free_position_prob=args.free_position_prob,
+            size_word_prob=args.size_word_prob,
         )
         budgets = {}
         for stage in STAGES:

@@ -30,19 +30,24 @@ from sdlens.world import (
     score,
 )
 from sdlens.world.analyze import connected_components, position_of, segment, to_rgb
-from sdlens.world.scene import OPPOSITE
+from sdlens.world.scene import OPPOSITE, SIZES
 
 
 def all_scenes() -> list[Scene]:
-    """Every valid scene: 48 with one object, 432 with two."""
-    singles = [Scene((Obj(s, c, p),)) for s, c, p in itertools.product(SHAPES, COLORS, POSITIONS)]
+    """Every valid scene: 180 with one object, 3888 with two at positions, 972 with two placed freely."""
+    places = [*POSITIONS, None]
+    singles = [Scene((Obj(s, c, p, z),)) for s, c, p, z in itertools.product(SHAPES, COLORS, places, SIZE_WORDS)]
     pairs = [
-        Scene((Obj(s1, c1, p), Obj(s2, c2, OPPOSITE[p])))
+        Scene((Obj(s1, c1, p, z1), Obj(s2, c2, None if p is None else OPPOSITE[p], z2)))
         for s1, s2 in itertools.product(SHAPES, SHAPES)
         for c1, c2 in itertools.permutations(COLORS, 2)
-        for p in POSITIONS
+        for p in places
+        for z1, z2 in itertools.product(SIZE_WORDS, SIZE_WORDS)
     ]
     return singles + pairs
+
+
+SIZE_WORDS = (None, *SIZES)
 
 
 def centroid(mask: np.ndarray) -> tuple[float, float]:
@@ -96,7 +101,9 @@ def test_caption_examples(objects, text):
 
 def test_parse_inverts_caption_for_every_scene_and_vocab_covers_every_word():
     scenes = all_scenes()
-    assert len(scenes) == 48 + 432
+    assert len(scenes) == 180 + 3888 + 972
+    plain = [s for s in scenes if s.positioned and not any(o.size for o in s.objects)]
+    assert len(plain) == 48 + 432  # the captions with positions and no size words
     words = set()
     for scene in scenes:
         text = caption(scene)
@@ -184,7 +191,7 @@ def test_masks_match_the_colours_in_the_image_and_objects_stay_apart():
             area = {"circle": np.pi, "square": 4.0, "triangle": 2.0}[obj.shape] * radius**2
             assert abs(mask.sum() - area) <= 4 * radius + 1  # at most about one row and one column of pixels
             assert not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
-            assert position_of(*centroid(mask)) == obj.position
+            assert obj.position is None or position_of(*centroid(mask)) == obj.position
         assert (nearest[~r.masks.any(0)] == 0).all()  # everything else is background
         if len(scene.objects) == 2:
             grown = F.max_pool2d(torch.from_numpy(r.masks[:1]).float(), 5, stride=1, padding=2).bool().numpy()
@@ -343,3 +350,72 @@ def test_docstring_examples(name):
     # importlib, because sdlens.world.render and sdlens.world.analyze are also the names of functions
     result = doctest.testmod(importlib.import_module(name))
     assert result.failed == 0
+
+
+# --- captions that leave the place to the noise, and size words -------------------------------------
+
+
+def test_every_caption_kind_round_trips_and_renders_as_its_caption_says():
+    for i, scene in enumerate(all_scenes()[::7]):  # every kind, a seventh of them
+        text = caption(scene)
+        assert parse_caption(text) == scene
+        rendering = render(scene, seed=i)
+        assert score(rendering.image, scene)["all"], text
+        if len(scene.objects) == 2:
+            assert not (rendering.masks[0] & rendering.masks[1]).any()
+
+
+def test_objects_without_a_position_cover_the_image():
+    """Centres of position-free objects spread over a 3×3 grid: every cell gets some, none a third.
+
+    A fixed seed and loose bounds (uniform would give each cell 1/9 of the centres, minus the border
+    cells' margin)."""
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng, free_prob=1.0) for _ in range(600)]
+    images, masks = render_batch(scenes, generator=torch.Generator().manual_seed(0))
+    cells = np.zeros((3, 3))
+    for scene, mask in zip(scenes, masks):
+        for m in mask[: len(scene.objects)]:
+            x, y = centroid(m.numpy())
+            cells[min(int(y * 3), 2), min(int(x * 3), 2)] += 1
+    share = cells / cells.sum()
+    assert share.min() > 0.04 and share.max() < 1 / 3, share.round(3)
+    assert not (masks[:, 0] & masks[:, 1]).any()  # two free objects never overlap
+
+
+def test_size_words_order_the_objects_areas():
+    rng = np.random.default_rng(1)
+    areas: dict = {"small": [], None: [], "big": []}
+    shapes_drawn = []
+    for i in range(300):
+        base = sample_scene(rng, n_objects=1, free_prob=0.5)
+        obj = base.objects[0]
+        shapes_drawn.append(obj.shape)
+        for size in areas:
+            scene = Scene((Obj(obj.shape, obj.color, obj.position, size),))
+            areas[size].append(render(scene, seed=i).masks[0].sum())
+    small, usual, big = (np.array(areas[k]) for k in ("small", None, "big"))
+    assert (small < usual).all() and (usual < big).all()  # same seed: the same shape, drawn smaller or bigger
+    # and the ranges do not meet: every small object is smaller than any usual one of its shape, and so on
+    ratio = {"circle": np.pi, "square": 4.0, "triangle": 2.0}
+    shapes = np.array([ratio[s] for s in shapes_drawn])
+    side = {k: np.sqrt(v / shapes) for k, v in (("small", small), (None, usual), ("big", big))}  # ~ 2r·64/2
+    assert side["small"].max() < side[None].min() and side[None].max() < side["big"].min()
+
+
+def test_score_judges_size_words_and_leaves_open_positions_unjudged():
+    image = render(parse_caption("a big red circle on the left"), seed=0).image
+    assert score(image, "a big red circle")["all"]  # no position in the caption: not judged
+    assert score(image, "a red circle on the left")["all"]  # no size word: not judged
+    wrong = score(image, "a small red circle on the left")
+    assert not wrong["all"] and not wrong["size"] and wrong["position"]
+    assert not score(image, "a big red circle on the right")["position"]
+
+
+def test_a_scene_gives_positions_to_both_objects_or_to_neither():
+    with pytest.raises(ValueError, match="both objects"):
+        Scene((Obj("circle", "red", "left"), Obj("square", "blue")))
+    with pytest.raises(ValueError, match="unknown size 'huge'"):
+        Obj("circle", "red", size="huge")
+    with pytest.raises(ValueError, match="free_prob"):
+        sample_scene(np.random.default_rng(0), free_prob=2.0)

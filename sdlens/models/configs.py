@@ -86,6 +86,10 @@ class TinyConfig:
     # --- training ---
     caption_dropout: float = 0.1  # share of captions replaced by "" so that classifier-free guidance works
     two_object_prob: float = 0.5
+    # the caption kinds (sdlens.world.sample_scene): scenes whose caption gives no positions (the
+    # objects are placed anywhere), and each object's chance of a size word ("small" / "big")
+    free_position_prob: float = 0.0
+    size_word_prob: float = 0.0
     snr_gamma: float | None = 5.0  # min-SNR loss weighting (Hang et al. 2023); None: plain MSE
 
     def __post_init__(self) -> None:
@@ -106,8 +110,9 @@ class TinyConfig:
             )
         if self.image_size % self.latent_factor:
             raise ValueError(f"image_size {self.image_size} is not a multiple of {self.latent_factor}")
-        if not 0.0 <= self.two_object_prob <= 1.0:
-            raise ValueError(f"two_object_prob must be between 0 and 1, got {self.two_object_prob}")
+        for name in ("two_object_prob", "free_position_prob", "size_word_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
 
     @property
     def latent_factor(self) -> int:

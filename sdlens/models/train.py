@@ -345,6 +345,8 @@ def sample(run: Run, budget: Budget, generator: torch.Generator):
         size=run.cfg.image_size,
         two_object_prob=run.cfg.two_object_prob,
         device=run.device,
+        free_prob=run.cfg.free_position_prob,
+        size_prob=run.cfg.size_word_prob,
     )
     return images, captions
 
@@ -502,6 +504,34 @@ def init_from_export(path: str | os.PathLike, unet: nn.Module, text_encoder: nn.
     unet.load_state_dict(src.state_dict())
     te = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=torch.float32, local_files_only=True)
     text_encoder.load_state_dict(te.state_dict())
+    fill_new_words(text_encoder)
+
+
+def fill_new_words(text_encoder: nn.Module, seed: int = 0) -> list[int]:
+    """Give the world's words whose token-embedding rows are all zero a random row; returns their token ids.
+
+    An export zeroes the rows no world caption used (``export_pipeline``), so a word the world gained
+    since ("small", "big") would read as its position alone, like any unknown word. It gets a random
+    row of the same norm as the world's other rows (seeded, so a run repeats), as a frozen text
+    encoder's untrained rows are: the UNet then learns to read it.
+    """
+    from sdlens.tokens import load_clip_tokenizer
+
+    table = text_encoder.get_input_embeddings().weight  # (49408, width)
+    tokenizer = load_clip_tokenizer()
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    ids = [i for i in world_token_ids(tokenizer) if i not in special]
+    empty = [i for i in ids if not table[i].detach().any()]
+    if empty:
+        used = [i for i in ids if i not in empty]
+        norm = table[used].detach().norm(dim=-1).mean() if used else torch.tensor(1.0)
+        g = torch.Generator().manual_seed(seed)
+        rows = torch.randn(len(empty), table.shape[1], generator=g)
+        with torch.no_grad():
+            table[empty] = (rows / rows.norm(dim=-1, keepdim=True) * norm).to(table)
+        print(f"[unet] new world words get random token rows: {tokenizer.convert_ids_to_tokens(empty)}",
+              file=sys.stderr)
+    return empty
 
 
 def find_vae(path: str | os.PathLike) -> Path:

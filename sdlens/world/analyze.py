@@ -9,7 +9,9 @@ a model's (blurry, noisy) samples:
    that overlaps the blob best (intersection over union) wins. A square fills its box, a circle
    π/4 ≈ 0.785 of it, a triangle 0.5, so the three are far apart;
 4. position: the blob's centroid is left/right of the centre if it is further from the centre
-   horizontally than vertically, else top/bottom.
+   horizontally than vertically, else top/bottom;
+5. size: the half-size r that a shape of the blob's area has (a circle covers πr², a square 4r², a
+   triangle 2r²) against the midpoints between the size ranges: "small", usual (None) or "big".
 
 >>> from sdlens.world import parse_caption, render
 >>> image = render(parse_caption("a red circle on the left")).image
@@ -21,18 +23,22 @@ False
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from sdlens.world.render import signed_distance
+from sdlens.world.render import SIZE_RADII, signed_distance
 from sdlens.world.scene import BACKGROUND, COLORS, SHAPES, Obj, Scene, parse_caption
 
 PALETTE_NAMES: tuple[str, ...] = ("background", *COLORS)
 PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.float64)  # (5, 3) RGB 0..255
 MIN_AREA_FRACTION = 0.01  # blobs smaller than this fraction of the image are noise, not objects
+SHAPE_AREA = {"circle": math.pi, "square": 4.0, "triangle": 2.0}  # a shape's area over its half-size squared
+# Half-sizes (unit coordinates) between the size ranges: below the first is "small", above the second "big".
+SIZE_BOUNDS = ((SIZE_RADII["small"][1] + SIZE_RADII[None][0]) / 2, (SIZE_RADII[None][1] + SIZE_RADII["big"][0]) / 2)
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,6 +49,8 @@ class Detected:
     centroid:     (x, y) in unit coordinates (x to the right, y downwards, 0..1)
     area:         number of pixels
     shape_scores: intersection over union of the blob with each ideal shape
+    radius:       the half-size of its shape with the blob's area, in unit coordinates
+    size:         "small", None (the usual size) or "big", from the radius
     """
 
     color: str
@@ -52,6 +60,8 @@ class Detected:
     centroid: tuple[float, float]
     area: int
     shape_scores: dict[str, float] = field(default_factory=dict)
+    radius: float = 0.0
+    size: str | None = None
 
 
 def to_rgb(image: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -121,6 +131,13 @@ def classify_shape(mask: np.ndarray) -> tuple[str, dict[str, float]]:
     return max(scores, key=scores.__getitem__), scores
 
 
+def size_of(radius: float) -> str | None:
+    """The size word of an object's half-size: "small", None (the usual size) or "big"."""
+    if radius < SIZE_BOUNDS[0]:
+        return "small"
+    return "big" if radius > SIZE_BOUNDS[1] else None
+
+
 def position_of(x: float, y: float) -> str:
     """Which position region a point (unit coordinates) is in: the larger offset from the centre decides."""
     dx, dy = x - 0.5, y - 0.5
@@ -147,7 +164,9 @@ def analyze(image: np.ndarray | torch.Tensor, min_area_fraction: float = MIN_ARE
         centroid = ((cols.mean() + 0.5) / w, (rows.mean() + 0.5) / h)
         shape, scores = classify_shape(mask)
         color = PALETTE_NAMES[labels.reshape(-1)[component]]
-        found.append(Detected(color, shape, position_of(*centroid), mask, centroid, area, scores))
+        radius = math.sqrt(area / SHAPE_AREA[shape]) / max(h, w)  # the half-size a shape of this area has
+        found.append(Detected(color, shape, position_of(*centroid), mask, centroid, area, scores,
+                              float(radius), size_of(radius)))
     return sorted(found, key=lambda d: -d.area)
 
 
@@ -172,10 +191,11 @@ def _match(objects: tuple[Obj, ...], detected: list[Detected]) -> list[Detected 
 def score(image: np.ndarray | torch.Tensor, caption: str | Scene) -> dict[str, Any]:
     """How well an image shows a caption.
 
-    Returns a dict with booleans ``color``, ``shape`` and ``position`` (true when every object of the
-    caption has it right), ``count`` (as many objects in the image as in the caption) and ``all``
-    (all four); ``objects``, one dict per caption object with its ``object``, matched ``detected``
-    (or None) and the three booleans; and ``detected``, everything the analyzer found.
+    Returns a dict with booleans ``color``, ``shape``, ``position`` and ``size`` (true when every
+    object of the caption has it right; a position or size the caption does not give is not judged,
+    so it counts as right), ``count`` (as many objects in the image as in the caption) and ``all``
+    (all five); ``objects``, one dict per caption object with its ``object``, matched ``detected``
+    (or None) and the four booleans; and ``detected``, everything the analyzer found.
     """
     scene = parse_caption(caption) if isinstance(caption, str) else caption
     detected = analyze(image)
@@ -187,12 +207,14 @@ def score(image: np.ndarray | torch.Tensor, caption: str | Scene) -> dict[str, A
                 "detected": det,
                 "color": det is not None and det.color == obj.color,
                 "shape": det is not None and det.shape == obj.shape,
-                "position": det is not None and det.position == obj.position,
+                "position": det is not None and (obj.position is None or det.position == obj.position),
+                "size": det is not None and (obj.size is None or det.size == obj.size),
             }
         )
-    result: dict[str, Any] = {key: all(o[key] for o in objects) for key in ("color", "shape", "position")}
+    keys = ("color", "shape", "position", "size")
+    result: dict[str, Any] = {key: all(o[key] for o in objects) for key in keys}
     result["count"] = len(detected) == len(scene.objects)
-    result["all"] = result["color"] and result["shape"] and result["position"] and result["count"]
+    result["all"] = all(result[key] for key in keys) and result["count"]
     result["objects"] = objects
     result["detected"] = detected
     return result

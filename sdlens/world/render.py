@@ -8,9 +8,15 @@ any image size works): an object at position "left" is centred near (0.25, 0.5),
 - square:   the points with max(|dx|, |dy|) < r, an axis-aligned square of side 2r;
 - triangle: apex up at (0, -r), base corners at (±r, +r) relative to the centre (fills half its box).
 
-The seed jitters each centre by up to ±CENTRE_JITTER along each axis and the half-size by up to
-±RADIUS_JITTER around RADIUS. With these numbers two objects at opposite positions are always at
-least 0.08 apart (5 pixels at 64×64) and every object keeps 0.04 from the image's border.
+The seed jitters each centre by up to ±CENTRE_JITTER along each axis and draws the half-size
+uniformly from its size's range (``SIZE_RADII``: the usual RADIUS ± RADIUS_JITTER, or the ranges of
+"small" and "big"). With these numbers two objects at opposite positions never overlap and every
+object stays inside the image.
+
+An object whose caption gives no position is placed anywhere: its centre is uniform over the
+places where it keeps MARGIN from the border, and a second such object is drawn again until its
+box keeps GAP from the first's (at most FREE_TRIES draws; the rare scene that finds no place falls
+back to the left/right centres), so the objects never overlap and the masks stay exact.
 
 Both renderers draw from a signed distance ``sd`` (negative inside the shape, in units of the image
 width). A pixel's coverage is ``clip(0.5 - sd · size, 0, 1)``: 1 well inside, 0 well outside and a
@@ -37,6 +43,17 @@ POSITION_CENTERS: dict[str, tuple[float, float]] = {
 CENTER_JITTER = 0.05  # each centre coordinate moves by up to ± this
 RADIUS = 0.14  # an object's half-size: 9 pixels at 64×64
 RADIUS_JITTER = 0.02  # the half-size varies by up to ± this, so objects are 15 to 20 pixels across at 64×64
+# The half-size range of each size word (None: no word). Far apart, so a size is readable from the
+# image; "big" stays small enough that two big objects at opposite positions keep 2 pixels apart.
+SIZE_RADII: dict[str | None, tuple[float, float]] = {
+    None: (RADIUS - RADIUS_JITTER, RADIUS + RADIUS_JITTER),
+    "small": (0.08, 0.095),
+    "big": (0.17, 0.185),
+}
+MARGIN = 0.02  # an object placed freely keeps this from the image's border
+GAP = 0.03  # two objects placed freely keep their boxes this far apart (2 pixels at 64×64)
+FREE_TRIES = 32  # draws for the second of two freely placed objects
+FALLBACK_CENTERS = ((0.25, 0.5), (0.75, 0.5))  # where they go if no draw fits (about 1 scene in 10^6)
 
 MAX_OBJECTS = 2
 
@@ -66,15 +83,36 @@ class Rendering:
     placements: tuple[Placement, ...]
 
 
+def _radius(size: str | None, u: float) -> float:
+    """The half-size at ``u`` in [-1, 1] across the range of ``size`` (its middle at 0)."""
+    lo, hi = SIZE_RADII[size]
+    return (lo + hi) / 2 + u * (hi - lo) / 2
+
+
+def _apart(a: Placement, b: Placement) -> bool:
+    """The boxes of two placements keep GAP between them (so the shapes inside cannot touch)."""
+    return max(abs(a.x - b.x), abs(a.y - b.y)) > a.r + b.r + GAP
+
+
 def place(scene: Scene, rng: np.random.Generator) -> tuple[Placement, ...]:
-    """Jittered centre and size of each object (uniform within ±CENTER_JITTER and ±RADIUS_JITTER)."""
-    placements = []
+    """Centre and size of each object: at its position, jittered within ±CENTER_JITTER, or anywhere
+    (uniform, never overlapping) when the caption gives none; the size uniform in its range."""
+    placements: list[Placement] = []
     for obj in scene.objects:
-        x0, y0 = POSITION_CENTERS[obj.position]
         jx, jy, jr = rng.uniform(-1.0, 1.0, size=3)
-        placements.append(
-            Placement(x0 + jx * CENTER_JITTER, y0 + jy * CENTER_JITTER, RADIUS + jr * RADIUS_JITTER)
-        )
+        r = float(_radius(obj.size, jr))
+        if obj.position is not None:
+            x0, y0 = POSITION_CENTERS[obj.position]
+            placements.append(Placement(x0 + jx * CENTER_JITTER, y0 + jy * CENTER_JITTER, r))
+            continue
+        for _ in range(FREE_TRIES):
+            x, y = rng.uniform(r + MARGIN, 1 - r - MARGIN, size=2)
+            candidate = Placement(float(x), float(y), r)
+            if all(_apart(candidate, p) for p in placements):
+                placements.append(candidate)
+                break
+        else:  # no free place found: the fixed left/right centres never overlap
+            placements = [Placement(*FALLBACK_CENTERS[i], p.r) for i, p in enumerate([*placements, candidate])]
     return tuple(placements)
 
 
@@ -125,21 +163,24 @@ _SHAPE_IDS = {name: i for i, name in enumerate(SHAPES)}  # circle 0, square 1, t
 def _encode(scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scenes as tables with MAX_OBJECTS slots; empty slots hold zeros.
 
-    Returns shape_ids (N, 2) long, colors (N, 2, 3) float 0..255, present (N, 2) bool and
-    base centres (N, 2, 2) float (x, y) before jitter.
+    Returns shape_ids (N, 2) long, colors (N, 2, 3) float 0..255, present (N, 2) bool,
+    base centres (N, 2, 2) float (x, y) before jitter (0 where the caption gives no position) and
+    the half-size range of each object (N, 2, 2) float (low, high).
     """
-    shape_ids, colors, present, centers = [], [], [], []
+    shape_ids, colors, present, centers, ranges = [], [], [], [], []
     for scene in scenes:
         objs, pad = scene.objects, MAX_OBJECTS - len(scene.objects)
         shape_ids.append([_SHAPE_IDS[o.shape] for o in objs] + [0] * pad)
         colors.append([COLORS[o.color] for o in objs] + [(0, 0, 0)] * pad)
         present.append([True] * len(objs) + [False] * pad)
-        centers.append([POSITION_CENTERS[o.position] for o in objs] + [(0.0, 0.0)] * pad)
+        centers.append([POSITION_CENTERS.get(o.position, (0.0, 0.0)) for o in objs] + [(0.0, 0.0)] * pad)
+        ranges.append([SIZE_RADII[o.size] for o in objs] + [SIZE_RADII[None]] * pad)
     return (
         torch.tensor(shape_ids, dtype=torch.long).reshape(-1, MAX_OBJECTS),
         torch.tensor(colors, dtype=torch.float32).reshape(-1, MAX_OBJECTS, 3),
         torch.tensor(present, dtype=torch.bool).reshape(-1, MAX_OBJECTS),
         torch.tensor(centers, dtype=torch.float32).reshape(-1, MAX_OBJECTS, 2),
+        torch.tensor(ranges, dtype=torch.float32).reshape(-1, MAX_OBJECTS, 2),
     )
 
 
@@ -156,7 +197,7 @@ def draw_batch(
     radii:   (N, 2) float, each object's half-size
     Returns images (N, 3, H, W) float in [-1, 1] and masks (N, 2, H, W) bool (empty slots all False).
     """
-    shape_ids, colors, present, _ = (t.to(device) for t in _encode(scenes))
+    shape_ids, colors, present, _, _ = (t.to(device) for t in _encode(scenes))
     centers, radii = centers.to(device, torch.float32), radii.to(device, torch.float32)
     coords = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size  # (S,)
     dx = coords[None, None, None, :] - centers[..., 0, None, None]  # (N, 2, 1, W)
@@ -193,9 +234,33 @@ def render_batch(
     missing second object is all False. Draws exactly what :func:`render` draws for the same
     placements (see :func:`draw_batch`).
     """
-    _, _, _, base = _encode(scenes)
+    _, _, present, base, ranges = _encode(scenes)
     gen_device = generator.device if generator is not None else "cpu"
     u = torch.rand(len(scenes), MAX_OBJECTS, 3, generator=generator, device=gen_device).cpu() * 2 - 1
     centers = base + u[..., :2] * CENTER_JITTER  # (N, 2, 2)
-    radii = RADIUS + u[..., 2] * RADIUS_JITTER  # (N, 2)
+    lo, hi = ranges.unbind(-1)  # (N, 2) each
+    radii = (lo + hi) / 2 + u[..., 2] * (hi - lo) / 2  # (N, 2)
+    free = torch.tensor([not s.positioned for s in scenes], dtype=torch.bool)  # (N,)
+    if free.any():  # drawn only when needed, so batches without free objects repeat as before
+        tries = torch.rand(len(scenes), MAX_OBJECTS, FREE_TRIES, 2, generator=generator, device=gen_device).cpu()
+        centers = torch.where(free[:, None, None], _free_centers(tries, radii, present), centers)
     return draw_batch(scenes, centers, radii, size=size, device=device)
+
+
+def _free_centers(tries: torch.Tensor, radii: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Centres of freely placed objects, as ``place`` draws them: the first object at its first draw,
+    the second at its first draw whose box keeps GAP from the first's (else the fallback centres).
+
+    tries: (N, 2, T, 2) uniform in [0, 1); radii, present: (N, 2). Returns (N, 2, 2).
+    """
+    r = radii[..., None, None]  # (N, 2, 1, 1)
+    cand = r + MARGIN + tries * (1 - 2 * (r + MARGIN))  # (N, 2, T, 2), inside the margin
+    first = cand[:, 0, 0]  # (N, 2)
+    dist = (cand[:, 1] - first[:, None]).abs().amax(-1)  # (N, T): box distance of each draw of the second
+    fits = dist > (radii[:, 0] + radii[:, 1] + GAP)[:, None]  # (N, T)
+    pick = fits.float().argmax(-1)  # the first draw that fits (0 if none does)
+    second = cand[:, 1].gather(1, pick[:, None, None].expand(-1, 1, 2))[:, 0]  # (N, 2)
+    out = torch.stack([first, second], dim=1)  # (N, 2, 2)
+    stuck = present[:, 1] & ~fits.any(-1)  # two objects and no draw fits
+    fallback = torch.tensor(FALLBACK_CENTERS, dtype=out.dtype)
+    return torch.where(stuck[:, None, None], fallback, out)
