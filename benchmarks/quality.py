@@ -2,15 +2,19 @@
 
     python benchmarks/quality.py                          # the built-in model, 100 + 100 captions
     python benchmarks/quality.py --model runs/tiny --n 40 --json runs/tiny/quality.json
+    python benchmarks/quality.py --kinds positioned,free,sized   # every caption kind of the world
 
-For N one-object and N two-object captions, drawn with held-out seeds (the training run's data
-comes from other seeds), it generates one image per caption at 25 steps and guidance 7.5 (one
+For each caption kind (`--kinds`: "positioned", captions with positions as the world always had;
+"free", captions without positions; "sized", every object with a size word, half of them with
+positions) it draws N one-object and N two-object captions with held-out seeds (the training run's
+data comes from other seeds), generates one image per caption at 25 steps and guidance 7.5 (one
 seeded generator per caption, so the figures do not depend on the batch size), traces the
 cross-attention with `sdlens.trace`, and measures:
 
-- adherence: `sdlens.world.score` says every object's colour, shape and position is right and
-  there are no extra objects ("all"); the three parts are reported too.
-- localisation, for the colour, shape and position word of each object:
+- adherence: `sdlens.world.score` says every object's colour, shape, position and size is right
+  (a position or size the caption does not give is not judged) and there are no extra objects
+  ("all"); the parts are reported too.
+- localisation, for the colour, shape, position and size word of each object (where it has one):
   * IoU: the word map (what `trace.word_map` gives: cross-attention of the word averaged over
     all steps, layers and heads, upsampled to 64x64) is min-max normalised to [0, 1] and
     thresholded at 0.5; IoU of that region with the object's true mask;
@@ -26,6 +30,11 @@ cross-attention with `sdlens.trace`, and measures:
 - attention mass: the share of the cross-attention probability (averaged over steps, layers,
   heads and pixels) that goes to the start slot, the caption's words, the end slot and the
   padding slots.
+- with "free": where the noise puts the objects: the detected objects' centres over a 3x3 grid
+  of the image (a model that ignores the noise piles them into a few cells).
+- with "sized": whether size words are obeyed: for N one-object captions without positions, "a
+  small ..." and "a big ..." from the same seed; obeyed when the small object's detected half-size
+  is below the big one's.
 
 It prints markdown tables; `--json OUT` saves every figure and the per-caption records.
 """
@@ -42,34 +51,66 @@ import numpy as np
 import torch
 
 EVAL_SEED = 2_000_000_007  # held out: training draws its data from seed * 1_000_003 + small offsets
-WORD_KINDS = ("color", "shape", "position")
-WORD_OFFSETS = {"color": 1, "shape": 2, "position": 5}  # in "a <colour> <shape> on the left"
-OBJECT_WORDS = 6  # words per object phrase; two phrases are joined by "and"
+WORD_KINDS = ("color", "shape", "position", "size")
 GROUPS = ("single", "first", "second")
-TARGETS = {  # issue 3's targets for the shipped model
-    "adherence single": ("adherence", "single", 0.95),
-    "adherence two": ("adherence", "two", 0.90),
-    "shape IoU single": ("localisation", "single.shape.iou", 0.45),
-    "colour peak first": ("localisation", "first.color.peak", 0.80),
-    "shape peak first": ("localisation", "first.shape.peak", 0.80),
+CAPTION_KINDS = {  # sample_scene's settings for each caption kind
+    "positioned": {},
+    "free": {"free_prob": 1.0},
+    "sized": {"free_prob": 0.5, "size_prob": 1.0},
+}
+TARGETS = {  # the shipped model's targets (issues 3 and 13); those whose figure a run lacks are skipped
+    "adherence single": ("adherence", "single", 0.95, ">="),
+    "adherence two": ("adherence", "two", 0.90, ">="),
+    "shape IoU single": ("localisation", "single.shape.iou", 0.5, ">="),
+    "colour peak first": ("localisation", "first.color.peak", 0.80, ">="),
+    "shape peak first": ("localisation", "first.shape.peak", 0.80, ">="),
+    "colour peak second": ("localisation", "second.color.peak", 0.80, ">="),
+    "shape peak second": ("localisation", "second.shape.peak", 0.80, ">="),
+    "size words obeyed": ("sizes", "obeyed", 0.90, ">="),
+    "largest grid cell (free)": ("grid", "max_share", 1 / 3, "<="),
 }
 
 
-def eval_captions(n: int, seed: int = EVAL_SEED) -> list[tuple[str, int]]:
-    """n one-object then n two-object captions, each with its own generation seed."""
+def eval_captions(n: int, seed: int = EVAL_SEED, kinds: tuple[str, ...] = ("positioned",)) -> list[tuple[str, int]]:
+    """For each caption kind, n one-object then n two-object captions, each with its own generation seed."""
     from sdlens.world import caption, sample_scene
 
     rng = np.random.default_rng(seed)
     out = []
-    for n_objects in (1, 2):
-        for _ in range(n):
-            out.append((caption(sample_scene(rng, n_objects=n_objects)), int(rng.integers(0, 2**31))))
+    for kind in kinds:
+        for n_objects in (1, 2):
+            for _ in range(n):
+                scene = sample_scene(rng, n_objects=n_objects, **CAPTION_KINDS[kind])
+                out.append((caption(scene), int(rng.integers(0, 2**31))))
     return out
 
 
-def word_index(obj: int, kind: str) -> int:
-    """Index in the caption's words of object `obj`'s colour, shape or position word."""
-    return obj * (OBJECT_WORDS + 1) + WORD_OFFSETS[kind]
+def caption_kind(scene) -> str:
+    """Which kind of caption describes ``scene``."""
+    if any(o.size for o in scene.objects):
+        return "sized"
+    return "positioned" if scene.positioned else "free"
+
+
+def object_words(text: str) -> list[dict[str, int]]:
+    """Per object of a caption, the index in its words of the object's colour, shape, position and
+    size word (the last word of "on the left"; position and size only where the caption has them)."""
+    from sdlens.world import parse_caption
+
+    words, out, start = text.split(), [], 0
+    for obj in parse_caption(text).objects:
+        i = start + 1 + (obj.size is not None)  # after "a" and the size word
+        entry = {"color": i, "shape": i + 1}
+        if obj.size is not None:
+            entry["size"] = i - 1
+        end = i + 2
+        if obj.position is not None:
+            entry["position"] = i + 4
+            end = i + 5
+        out.append(entry)
+        start = end + 1  # past "and"
+    assert all(words[e["color"]] == o.color for e, o in zip(out, parse_caption(text).objects))
+    return out
 
 
 def localisation(heat: torch.Tensor, mask: np.ndarray) -> dict[str, float]:
@@ -140,17 +181,17 @@ def evaluate(pipe, captions, *, steps: int, guidance: float, batch: int, device)
             if words != prompt.split():
                 raise RuntimeError(f"the trace's words {words} are not the caption's {prompt.split()}")
             maps = PromptMaps(tr, i, size)
+            indices = object_words(prompt)
             if i == 0:  # the shortcut computes what the trace computes
-                reference = tr.word_map(word_index(0, "shape"), prompt=i, size=size)
-                torch.testing.assert_close(
-                    maps.word_map(word_index(0, "shape")), reference, rtol=1e-3, atol=1e-6
-                )
+                reference = tr.word_map(indices[0]["shape"], prompt=i, size=size)
+                torch.testing.assert_close(maps.word_map(indices[0]["shape"]), reference, rtol=1e-3, atol=1e-6)
             result = score(images[i], scene)
             record = {
                 "caption": prompt,
                 "seed": seed,
+                "kind": caption_kind(scene),
                 "n_objects": len(scene.objects),
-                **{k: bool(result[k]) for k in ("all", "color", "shape", "position", "count")},
+                **{k: bool(result[k]) for k in ("all", "color", "shape", "position", "size", "count")},
                 "slot_mass": maps.slot_mass(),
                 "objects": [],
             }
@@ -161,69 +202,124 @@ def evaluate(pipe, captions, *, steps: int, guidance: float, batch: int, device)
                     "found": det is not None,
                 }
                 if det is not None:
-                    for kind in WORD_KINDS:
-                        heat = maps.word_map(word_index(k, kind))
-                        entry[kind] = localisation(heat, det.mask)
+                    entry["centroid"] = [float(c) for c in det.centroid]
+                    entry["radius"] = det.radius
+                    for kind, index in indices[k].items():
+                        entry[kind] = localisation(maps.word_map(index), det.mask)
                 record["objects"].append(entry)
             records.append(record)
         print(f"  {min(start + batch, len(captions))}/{len(captions)} captions", file=sys.stderr)
     return records
 
 
-def summarize(records: list[dict]) -> dict:
+def size_pairs(pipe, n: int, seed: int, *, steps: int, guidance: float, device) -> list[dict]:
+    """n one-object captions without positions, drawn "small" and "big" from one seed: the detected
+    half-size of each (None where the object's colour is not found)."""
+    from sdlens.world import Obj, Scene, analyze, caption, sample_scene
+
+    rng = np.random.default_rng(seed + 1)
+    out = []
+    for _ in range(n):
+        obj = sample_scene(rng, n_objects=1, free_prob=1.0).objects[0]
+        s = int(rng.integers(0, 2**31))
+        pair = {}
+        for size in ("small", "big"):
+            text = caption(Scene((Obj(obj.shape, obj.color, None, size),)))
+            image = pipe(text, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+                         generator=torch.Generator(device).manual_seed(s)).images[0]
+            det = next((d for d in analyze((image * 255).round().astype(np.uint8)) if d.color == obj.color), None)
+            pair[size] = None if det is None else det.radius
+        out.append({"object": f"{obj.color} {obj.shape}", "seed": s, **pair})
+    return out
+
+
+def summarize(records: list[dict], pairs: list[dict] | None = None) -> dict:
     def mean(xs):
         return float(np.mean(xs)) if len(xs) else float("nan")
 
-    summary: dict = {"adherence": {}, "parts": {}, "localisation": {}, "slot_mass": {}}
+    summary: dict = {"adherence": {}, "parts": {}, "localisation": {}, "slot_mass": {}, "by_kind": {}}
     for name, n_obj in (("single", 1), ("two", 2)):
         rs = [r for r in records if r["n_objects"] == n_obj]
         summary["adherence"][name] = mean([r["all"] for r in rs])
         summary["parts"][name] = {
-            k: mean([r[k] for r in rs]) for k in ("color", "shape", "position", "count")
+            k: mean([r[k] for r in rs]) for k in ("color", "shape", "position", "size", "count")
         }
         summary["parts"][name]["n"] = len(rs)
         summary["slot_mass"][name] = {
             k: mean([r["slot_mass"][k] for r in rs]) for k in ("start", "word", "end", "pad")
         }
+        for kind in CAPTION_KINDS:
+            ks = [r for r in rs if r.get("kind", "positioned") == kind]
+            if ks:
+                summary["by_kind"].setdefault(kind, {})[name] = {"n": len(ks), "adherence": mean([r["all"] for r in ks])}
     for group in GROUPS:
         objs = [o for r in records for o in r["objects"] if o["group"] == group]
         found = [o for o in objs if o["found"]]
         g = {"n": len(objs), "measured": len(found)}
         for kind in WORD_KINDS:
-            g[kind] = {
-                "iou": mean([o[kind]["iou"] for o in found]),
-                "peak": mean([o[kind]["peak"] for o in found]),
-            }
+            have = [o[kind] for o in found if kind in o]
+            g[kind] = {"iou": mean([x["iou"] for x in have]), "peak": mean([x["peak"] for x in have]), "n": len(have)}
         summary["localisation"][group] = g
+    free = [o["centroid"] for r in records if r.get("kind") == "free" for o in r["objects"] if o["found"]]
+    if free:
+        cells = np.zeros((3, 3))
+        for x, y in free:
+            cells[min(int(y * 3), 2), min(int(x * 3), 2)] += 1
+        shares = cells / cells.sum()
+        summary["grid"] = {"n": len(free), "shares": shares.round(3).tolist(), "max_share": float(shares.max())}
+    if pairs:
+        both = [p for p in pairs if p["small"] is not None and p["big"] is not None]
+        summary["sizes"] = {"n": len(pairs), "measured": len(both),
+                            "obeyed": mean([p["small"] < p["big"] for p in both])}
     summary["targets"] = {}
-    for label, (section, key, goal) in TARGETS.items():
+    for label, (section, key, goal, sense) in TARGETS.items():
+        if section not in summary:
+            continue
         value = summary[section]
         for part in key.split("."):
             value = value[part]
-        summary["targets"][label] = {"value": value, "goal": goal, "met": bool(value >= goal)}
+        met = value >= goal if sense == ">=" else value <= goal
+        summary["targets"][label] = {"value": value, "goal": goal, "sense": sense, "met": bool(met)}
     return summary
 
 
 def markdown(summary: dict) -> str:
     a, p = summary["adherence"], summary["parts"]
     lines = [
-        "| captions | n | adherence | colour | shape | position | count |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| captions | n | adherence | colour | shape | position | size | count |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in ("single", "two"):
         q = p[name]
         lines.append(
-            f"| {name} | {q['n']} | {a[name]:.1%} | {q['color']:.1%} | {q['shape']:.1%} | {q['position']:.1%} | {q['count']:.1%} |"
+            f"| {name} | {q['n']} | {a[name]:.1%} | {q['color']:.1%} | {q['shape']:.1%} | {q['position']:.1%} "
+            f"| {q['size']:.1%} | {q['count']:.1%} |"
         )
+    if len(summary["by_kind"]) > 1:
+        lines += ["", "| caption kind | adherence, one object | adherence, two objects |", "| --- | ---: | ---: |"]
+        for kind, k in summary["by_kind"].items():
+            lines.append(f"| {kind} | {k['single']['adherence']:.1%} ({k['single']['n']}) "
+                         f"| {k['two']['adherence']:.1%} ({k['two']['n']}) |")
     lines += [
         "",
-        "| object | measured / n | colour IoU | colour peak | shape IoU | shape peak | position IoU | position peak |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| object | measured / n | colour IoU | colour peak | shape IoU | shape peak | position IoU | position peak "
+        "| size IoU | size peak |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for group in GROUPS:
         g = summary["localisation"][group]
-        cells = " | ".join(f"{g[k]['iou']:.2f} | {g[k]['peak']:.0%}" for k in WORD_KINDS)
+        cells = " | ".join(f"{g[k]['iou']:.2f} | {g[k]['peak']:.0%}" if g[k]["n"] else "– | –" for k in WORD_KINDS)
         lines.append(f"| {group} | {g['measured']} / {g['n']} | {cells} |")
+    if "grid" in summary:
+        rows = summary["grid"]["shares"]
+        lines += ["", f"Object centres for captions without positions ({summary['grid']['n']} objects), "
+                  "share per cell of a 3x3 grid of the image:", "", "| | left | middle | right |", "| --- | ---: | ---: | ---: |"]
+        for name, row in zip(("top", "middle", "bottom"), rows):
+            lines.append(f"| {name} | " + " | ".join(f"{v:.0%}" for v in row) + " |")
+    if "sizes" in summary:
+        s = summary["sizes"]
+        lines += ["", f"Size words: the small object below the big one from the same seed in {s['obeyed']:.0%} "
+                  f"of {s['measured']} pairs measured ({s['n']} drawn)."]
     lines += [
         "",
         "| captions | start slot | words | end slot | padding |",
@@ -234,7 +330,7 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {name} | {m['start']:.1%} | {m['word']:.1%} | {m['end']:.1%} | {m['pad']:.1%} |")
     lines += ["", "| target | value | goal | met |", "| --- | ---: | ---: | --- |"]
     for label, t in summary["targets"].items():
-        lines.append(f"| {label} | {t['value']:.2f} | {t['goal']:.2f} | {'yes' if t['met'] else 'no'} |")
+        lines.append(f"| {label} | {t['value']:.2f} | {t['sense']} {t['goal']:.2f} | {'yes' if t['met'] else 'no'} |")
     return "\n".join(lines)
 
 
@@ -246,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--batch", type=int, default=50, help="captions per pipeline call")
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="held-out seed for captions and noise")
+    parser.add_argument("--kinds", default="positioned",
+                        help=f"caption kinds, comma-separated, of: {', '.join(CAPTION_KINDS)}")
     parser.add_argument("--device", default=None)
     parser.add_argument(
         "--json", default=None, metavar="OUT", help="save the figures (and per-caption records)"
@@ -254,17 +352,25 @@ def main(argv: list[str] | None = None) -> int:
 
     from sdlens.models import load_pipeline
 
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    bad = [k for k in kinds if k not in CAPTION_KINDS]
+    if bad or not kinds:
+        parser.error(f"--kinds {args.kinds!r}: choose from {', '.join(CAPTION_KINDS)}")
     pipe = load_pipeline(args.model, device=args.device)
     device = pipe.device
-    captions = eval_captions(args.n, args.seed)
+    captions = eval_captions(args.n, args.seed, kinds)
     started = time.time()
     records = evaluate(
         pipe, captions, steps=args.steps, guidance=args.guidance, batch=args.batch, device=device
     )
-    summary = summarize(records)
+    pairs = None
+    if "sized" in kinds:
+        pairs = size_pairs(pipe, args.n, args.seed, steps=args.steps, guidance=args.guidance, device=device)
+    summary = summarize(records, pairs)
     summary["setup"] = {
         "model": str(args.model),
         "n_per_kind": args.n,
+        "kinds": list(kinds),
         "steps": args.steps,
         "guidance": args.guidance,
         "seed": args.seed,
@@ -274,11 +380,13 @@ def main(argv: list[str] | None = None) -> int:
         "threshold": "word map min-max normalised, thresholded at 0.5",
         "true_mask": "the generated image's detected object of the caption object's colour",
     }
-    print(f"model {args.model}: {args.n} + {args.n} captions, {args.steps} steps, guidance {args.guidance}\n")
+    print(f"model {args.model}: {args.n} + {args.n} captions of each kind ({', '.join(kinds)}), {args.steps} steps, "
+          f"guidance {args.guidance}\n")
     print(markdown(summary))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"summary": summary, "records": records}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"summary": summary, "records": records, "size_pairs": pairs},
+                                              indent=1) + "\n")
     return 0
 
 

@@ -18,15 +18,21 @@ def quality():
 
 
 def test_word_index_points_at_each_objects_words(quality):
-    """The word positions the benchmark scores are the caption's colour, shape and position words."""
+    """The word positions the benchmark scores are the caption's colour, shape, position and size words."""
     captions = quality.eval_captions(30, seed=3)
     assert [len(parse_caption(c).objects) for c, _ in captions] == [1] * 30 + [2] * 30
-    for text, _ in captions:
+    every_kind = quality.eval_captions(30, seed=3, kinds=tuple(quality.CAPTION_KINDS))
+    assert every_kind[:60] == captions  # the default kind's captions come first, as they always did
+    for text, _ in every_kind:
         words = text.split()
-        for k, obj in enumerate(parse_caption(text).objects):
-            assert words[quality.word_index(k, "color")] == obj.color
-            assert words[quality.word_index(k, "shape")] == obj.shape
-            assert words[quality.word_index(k, "position")] == obj.position
+        scene = parse_caption(text)
+        assert {"positioned": scene.positioned, "free": not scene.positioned,
+                "sized": all(o.size for o in scene.objects)}[quality.caption_kind(scene)]
+        for entry, obj in zip(quality.object_words(text), scene.objects):
+            assert words[entry["color"]] == obj.color
+            assert words[entry["shape"]] == obj.shape
+            assert words[entry["position"]] == obj.position if obj.position else "position" not in entry
+            assert words[entry["size"]] == obj.size if obj.size else "size" not in entry
     assert quality.eval_captions(5, seed=3) == quality.eval_captions(5, seed=3)  # held-out and fixed
 
 
