@@ -5,24 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from _reference import reference_cross_maps
+from _runs import PROMPT, gen, run
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import sdlens
 from sdlens.capture import BudgetError, CaptureError
 from sdlens.hooks import attention_layers
 from sdlens.models.families import FAMILIES, sd1, sd15_layout, sd15_layout_unet
-
-PROMPT = "a red circle on the left"
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def run(pipe, prompt=PROMPT, steps=3, **kw):
-    kw.setdefault("height", 64)
-    kw.setdefault("width", 64)
-    return pipe(prompt, num_inference_steps=steps, generator=gen(), output_type="np", **kw).images
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 from _reference import reference_cross_maps
+from _runs import PROMPT, gen, run
 from diffusers import AutoPipelineForText2Image, StableDiffusionImg2ImgPipeline
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -21,18 +22,6 @@ import sdlens
 from sdlens import BudgetError, CaptureError
 from sdlens.errors import TraceWarning
 from sdlens.models.families import FAMILIES, sd1
-
-PROMPT = "a red circle on the left"
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def run(pipe, prompt=PROMPT, steps=3, **kw):
-    kw.setdefault("height", 64)
-    kw.setdefault("width", 64)
-    return pipe(prompt, num_inference_steps=steps, generator=gen(), output_type="np", **kw).images
 
 
 def processors(denoiser) -> dict:

@@ -11,6 +11,8 @@ it keeps those (``probs`` point): what the model really used.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..errors import BudgetError, CaptureError, TraceWarning, warn
@@ -68,7 +70,7 @@ class Capture(Controller):
         self._pending: list[Pending] = []  # this step's captured calls, computed when the denoiser returns
         self._pending_bytes = 0
         self._seen: set[str] = set()  # layers already in info.layers
-        self._stores: dict[str, callable] = {}
+        self._stores: dict[str, Callable[[torch.Tensor, int], None]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def open(self, run: Run) -> None:

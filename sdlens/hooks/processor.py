@@ -119,7 +119,9 @@ class HookProcessor:
         # diffusers' default SDPA processor is re-run op for op (see attention.sdpa_inputs); joint
         # (SD3) layers and any other processor run themselves.
         self.fused = type(original) is AttnProcessor2_0 and info.role in ("cross", "self")
-        self.points = {p: [c for c in controllers if _overrides(c, p)] for p in ("qkv", "probs", "out")}
+        # per named point, its controllers in call order (editors first), sorted once, not per call
+        self.points = {p: [c for c in controllers if _overrides(c, p) and c.edits]
+                       + [c for c in controllers if _overrides(c, p) and not c.edits] for p in ("qkv", "probs", "out")}
         if not self.fused:
             editors = [type(c).__name__ for c in controllers if c.edits]
             if editors:
@@ -194,9 +196,8 @@ _CALL_ARGS = ("encoder_hidden_states", "attention_mask", "temb")
 
 
 def _ordered(controllers: list[Controller]) -> list[Controller]:
-    """The active controllers of a point: editors first (in attach order), then observers."""
-    active = [c for c in controllers if c.active]
-    return [c for c in active if c.edits] + [c for c in active if not c.edits]
+    """The active controllers of a point (``HookProcessor.points`` keeps editors before observers)."""
+    return [c for c in controllers if c.active]
 
 
 def _no_grad(x: torch.Tensor) -> torch.Tensor:

@@ -107,10 +107,6 @@ class StepStorage:
         if self.pinned:
             page_unlock(buffer)
 
-    @property
-    def allocated(self) -> int:
-        """Bytes the storage holds, written or not."""
-        return self.buffer.numel() * self.buffer.element_size()
 
 
 class Recording(Mapping):
@@ -134,10 +130,6 @@ class Recording(Mapping):
         if store is None:
             store = self.storage[key] = StepStorage(probs, self.capacity, self.device, self.dtype, self.max_steps)
         store.write(slot, probs, layer)
-
-    def allocated_bytes(self) -> int:
-        """Bytes the storage holds now, written or not (grown storage counts)."""
-        return sum(s.allocated for s in self.storage.values())
 
     def finish(self, steps: int | None = None) -> None:
         """Wait for asynchronous copies, release page-locking, keep the final tensors: ``steps`` steps
