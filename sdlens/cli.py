@@ -21,7 +21,7 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 
 def add_train_tiny(subparsers) -> None:
     from sdlens.models.configs import TEXT_MODES, TinyConfig
-    from sdlens.models.train import DEFAULT_BUDGETS, STAGES
+    from sdlens.models.train import DEFAULT_BUDGETS, PRECISIONS, STAGES
 
     d = TinyConfig()
     p = subparsers.add_parser(
@@ -35,6 +35,8 @@ def add_train_tiny(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 autocast on CUDA, float32 on the CPU; bf16 also on a CPU with AMX")
     p.add_argument(
         "--stages",
         type=lambda s: tuple(s.split(",")),
@@ -144,6 +146,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         zero_unused_tokens=not args.keep_unused_tokens,
         command=["sdlens", *sys.argv[1:]],
         init_from=args.init_from,
+        precision=args.precision,
     )
     print(out)
     return 0

@@ -265,3 +265,18 @@ def test_cli_bad_budget_or_config_is_one_line_and_writes_nothing(tmp_path, capsy
     assert main(["train-tiny", "--out", str(out), "--two-object-prob", "1.5"]) == 2
     assert "two_object_prob must be between 0 and 1, got 1.5" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_precision_bf16_autocasts_on_the_cpu_and_a_bad_value_is_named(tmp_path):
+    from sdlens.models.train import Run
+
+    def matmul_dtype(precision: str) -> torch.dtype:
+        with Run(tmp_path / precision, TinyConfig(), device="cpu", precision=precision).autocast():
+            return (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+
+    assert matmul_dtype("bf16") == torch.bfloat16
+    assert matmul_dtype("fp32") == torch.float32
+    assert matmul_dtype("auto") == torch.float32  # auto means bf16 on CUDA only
+    with pytest.raises(ValueError, match="precision 'fp16' is not one of auto, fp32, bf16"):
+        Run(tmp_path / "never", TinyConfig(), device="cpu", precision="fp16")
+    assert not (tmp_path / "never").exists()

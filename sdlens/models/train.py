@@ -87,6 +87,9 @@ DEFAULT_BUDGETS: dict[str, Budget] = {
 # The run: where it writes, on which device, and the shared helpers.
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 class Run:
     """One training run: output folder, config, seed, device, precision and the loss log."""
 
@@ -101,7 +104,10 @@ class Run:
         progress: bool = True,
         log_every: int = 50,
         checkpoint_minutes: float = 5.0,
+        precision: str = "auto",
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         self.out = Path(out)
         self.train_dir = self.out / "train"
         self.cfg = cfg
@@ -111,6 +117,8 @@ class Run:
         self.progress = progress
         self.log_every = log_every
         self.checkpoint_minutes = checkpoint_minutes
+        # "auto": bf16 on CUDA, float32 on the CPU (bf16 pays on CPUs with AMX / AVX512-BF16 only)
+        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         self.stage_reports: dict[str, dict] = {}
         self.init_from: str | os.PathLike | None = None  # UNet/text weights to start from
         if self.device.type == "cuda":
@@ -120,9 +128,9 @@ class Run:
         self.train_dir.mkdir(parents=True, exist_ok=True)
 
     def autocast(self):
-        """bf16 mixed precision on CUDA (weights and optimiser stay float32); plain float32 on the CPU."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 mixed precision when `self.bf16` (weights and optimiser stay float32), else float32."""
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     def log(self, entry: dict) -> None:
@@ -752,6 +760,7 @@ def train_tiny(
     zero_unused_tokens: bool = True,
     command: list[str] | None = None,
     init_from: str | os.PathLike | None = None,
+    precision: str = "auto",
 ) -> Path:
     """Train the tiny model and write its pipeline folder to `out`. Returns `out`.
 
@@ -761,6 +770,8 @@ def train_tiny(
     budgets:  per stage, a `Budget` (steps and/or minutes, batch size, learning rate); stages
               not given use DEFAULT_BUDGETS.
     resume:   continue from the checkpoints in `out` (each stage goes on to its budget).
+    precision: "auto" (bf16 autocast on CUDA, float32 on the CPU), "fp32" or "bf16" (also on
+              the CPU, where AMX makes a UNet step about 1.3x faster).
     """
     from sdlens.tokens import load_clip_tokenizer
 
@@ -800,6 +811,7 @@ def train_tiny(
         progress=progress,
         log_every=log_every,
         checkpoint_minutes=checkpoint_minutes,
+        precision=precision,
     )
     run.init_from = init_from
     started = time.monotonic()
