@@ -267,9 +267,10 @@ def test_cli_bad_budget_or_config_is_one_line_and_writes_nothing(tmp_path, capsy
     assert not out.exists()
 
 
-def test_precision_bf16_autocasts_on_the_cpu_and_a_bad_value_is_named(tmp_path):
+def test_precision_bf16_autocasts_on_the_cpu_and_a_bad_value_is_named(trained, tmp_path):
     from sdlens.models.train import Run
 
+    assert json.loads((trained / "training.json").read_text())["precision"] == "fp32"  # CPU, auto
     def matmul_dtype(precision: str) -> torch.dtype:
         with Run(tmp_path / precision, TinyConfig(), device="cpu", precision=precision).autocast():
             return (torch.ones(2, 2) @ torch.ones(2, 2)).dtype

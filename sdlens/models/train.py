@@ -851,6 +851,7 @@ def train_tiny(
         "budgets": {s: vars(budgets[s]) for s in stages},
         "vae_from": str(vae_from) if vae_from else None,
         "device": _describe_device(run.device),
+        "precision": "bf16" if run.bf16 else "fp32",  # what the autocast ran, whatever was asked
         "wall_minutes": round((time.monotonic() - started) / 60, 2),
         "versions": _versions(),
     }
