@@ -90,6 +90,8 @@ def add_train_tiny(subparsers) -> None:
                    help="share of training captions that give no positions (the objects go anywhere)")
     m.add_argument("--size-word-prob", type=float, default=d.size_word_prob,
                    help="each object's chance of a size word (small or big) in a training caption")
+    m.add_argument("--word-dropout", type=float, default=d.word_dropout,
+                   help="each word slot's chance of being zeroed in the UNet's input while training")
     p.set_defaults(func=run_train_tiny)
 
 
@@ -114,6 +116,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
             two_object_prob=args.two_object_prob,
             free_position_prob=args.free_position_prob,
             size_word_prob=args.size_word_prob,
+            word_dropout=args.word_dropout,
         )
         budgets = {}
         for stage in STAGES:

@@ -281,3 +281,29 @@ def test_precision_bf16_autocasts_on_the_cpu_and_a_bad_value_is_named(trained, t
     with pytest.raises(ValueError, match="precision 'fp16' is not one of auto, fp32, bf16"):
         Run(tmp_path / "never", TinyConfig(), device="cpu", precision="fp16")
     assert not (tmp_path / "never").exists()
+
+
+def test_word_dropout_zeroes_only_word_slots_at_its_rate():
+    from sdlens.models.train import word_slot_dropout
+    from sdlens.tokens import load_clip_tokenizer
+
+    tok = load_clip_tokenizer()
+    captions = ["a small red circle on the left and a blue square", "a green triangle", ""] * 200
+    ids = torch.tensor(tok(captions, padding="max_length", max_length=77).input_ids)  # (600, 77)
+    special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+    is_word = torch.tensor([[i not in special for i in row] for row in ids.tolist()])
+    assert is_word.sum(1)[:3].tolist() == [11, 3, 0]  # one slot per word in this vocabulary
+
+    dropped = word_slot_dropout(ids, tok, 0.25, torch.Generator().manual_seed(0))
+    assert not (dropped & ~is_word).any()  # never a start, end or padding slot
+    rate = dropped.sum().item() / is_word.sum().item()
+    assert abs(rate - 0.25) < 0.03, rate  # 2,800 word slots: the rate's standard error is 0.0085
+    assert not word_slot_dropout(ids, tok, 0.0, torch.Generator()).any()
+    with pytest.raises(ValueError, match="word_dropout must be between 0 and 1, got -0.1"):
+        TinyConfig(word_dropout=-0.1)
+
+
+def test_word_dropout_is_a_recorded_training_setting(tmp_path):
+    out = tmp_path / "run"
+    run_cli("--out", str(out), "--vae-steps", "1", "--unet-steps", "2", "--word-dropout", "0.3", *SMOKE)
+    assert json.loads((out / "training.json").read_text())["config"]["word_dropout"] == 0.3

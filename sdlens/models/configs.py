@@ -90,6 +90,11 @@ class TinyConfig:
     # objects are placed anywhere), and each object's chance of a size word ("small" / "big")
     free_position_prob: float = 0.0
     size_word_prob: float = 0.0
+    # each word slot's chance of being zeroed in the UNet's input during training: a causal text
+    # encoder lets a noun's slot carry its adjectives too, and then the adjective's own slot (the
+    # colour word's map) need not point at the object; with a word's slot sometimes missing, the
+    # others must each carry what they name. Start, end and padding slots are never dropped.
+    word_dropout: float = 0.0
     snr_gamma: float | None = 5.0  # min-SNR loss weighting (Hang et al. 2023); None: plain MSE
 
     def __post_init__(self) -> None:
@@ -110,7 +115,7 @@ class TinyConfig:
             )
         if self.image_size % self.latent_factor:
             raise ValueError(f"image_size {self.image_size} is not a multiple of {self.latent_factor}")
-        for name in ("two_object_prob", "free_position_prob", "size_word_prob"):
+        for name in ("two_object_prob", "free_position_prob", "size_word_prob", "word_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
 
