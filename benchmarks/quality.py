@@ -252,14 +252,20 @@ def summarize(records: list[dict], pairs: list[dict] | None = None) -> dict:
             ks = [r for r in rs if r.get("kind", "positioned") == kind]
             if ks:
                 summary["by_kind"].setdefault(kind, {})[name] = {"n": len(ks), "adherence": mean([r["all"] for r in ks])}
-    for group in GROUPS:
-        objs = [o for r in records for o in r["objects"] if o["group"] == group]
+    def localise(rs: list[dict], group: str) -> dict:
+        objs = [o for r in rs for o in r["objects"] if o["group"] == group]
         found = [o for o in objs if o["found"]]
         g = {"n": len(objs), "measured": len(found)}
         for kind in WORD_KINDS:
             have = [o[kind] for o in found if kind in o]
             g[kind] = {"iou": mean([x["iou"] for x in have]), "peak": mean([x["peak"] for x in have]), "n": len(have)}
-        summary["localisation"][group] = g
+        return g
+
+    for group in GROUPS:
+        summary["localisation"][group] = localise(records, group)
+    for kind, k in summary["by_kind"].items():
+        ks = [r for r in records if r.get("kind", "positioned") == kind]
+        k["localisation"] = {group: localise(ks, group) for group in GROUPS}
     free = [o["centroid"] for r in records if r.get("kind") == "free" for o in r["objects"] if o["found"]]
     if free:
         cells = np.zeros((3, 3))
@@ -306,10 +312,15 @@ def markdown(summary: dict) -> str:
         "| size IoU | size peak |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for group in GROUPS:
-        g = summary["localisation"][group]
+    def row(label: str, g: dict) -> str:
         cells = " | ".join(f"{g[k]['iou']:.2f} | {g[k]['peak']:.0%}" if g[k]["n"] else "– | –" for k in WORD_KINDS)
-        lines.append(f"| {group} | {g['measured']} / {g['n']} | {cells} |")
+        return f"| {label} | {g['measured']} / {g['n']} | {cells} |"
+
+    for group in GROUPS:
+        lines.append(row(group, summary["localisation"][group]))
+    if len(summary["by_kind"]) > 1:  # the same, per caption kind
+        for kind, k in summary["by_kind"].items():
+            lines += [row(f"{kind}: {group}", k["localisation"][group]) for group in GROUPS]
     if "grid" in summary:
         rows = summary["grid"]["shares"]
         lines += ["", f"Object centres for captions without positions ({summary['grid']['n']} objects), "

@@ -92,6 +92,8 @@ def add_train_tiny(subparsers) -> None:
                    help="each object's chance of a size word (small or big) in a training caption")
     m.add_argument("--word-dropout", type=float, default=d.word_dropout,
                    help="each word slot's chance of being zeroed in the UNet's input while training")
+    m.add_argument("--tail-dropout", type=float, default=d.tail_dropout,
+                   help="each training caption's chance that its slots after a random word are zeroed")
     p.set_defaults(func=run_train_tiny)
 
 
@@ -117,6 +119,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
             free_position_prob=args.free_position_prob,
             size_word_prob=args.size_word_prob,
             word_dropout=args.word_dropout,
+            tail_dropout=args.tail_dropout,
         )
         budgets = {}
         for stage in STAGES:

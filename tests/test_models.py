@@ -307,3 +307,25 @@ def test_word_dropout_is_a_recorded_training_setting(tmp_path):
     out = tmp_path / "run"
     run_cli("--out", str(out), "--vae-steps", "1", "--unet-steps", "2", "--word-dropout", "0.3", *SMOKE)
     assert json.loads((out / "training.json").read_text())["config"]["word_dropout"] == 0.3
+
+
+def test_tail_dropout_cuts_each_hit_caption_after_a_uniform_word():
+    from sdlens.models.train import tail_slot_dropout
+    from sdlens.tokens import load_clip_tokenizer
+
+    tok = load_clip_tokenizer()
+    captions = ["a red circle and a blue square", ""] * 2000  # 7 words in slots 1..7
+    ids = torch.tensor(tok(captions, padding="max_length", max_length=77).input_ids)
+    dropped = tail_slot_dropout(ids, tok, 0.5, torch.Generator().manual_seed(0))
+    full, empty = dropped[0::2], dropped[1::2]
+    assert not empty.any()  # "" has no word to cut after
+    assert not full[:, :2].any()  # the start slot and the first word are always kept
+    hit = full.any(1)
+    assert abs(hit.float().mean().item() - 0.5) < 0.04  # 2,000 captions: standard error 0.011
+    kept = 77 - full[hit].sum(1)  # slots 0..cut: the start slot and the first `cut` words
+    # each cut after word 1..7 equally often (7 ties with no dropped word slot, only the end and padding)
+    counts = torch.bincount(kept - 1, minlength=8)[1:]
+    assert counts.sum() == hit.sum()
+    assert (counts.float() / counts.sum() - 1 / 7).abs().max() < 0.05, counts
+    # a cut is a tail: once a slot is dropped, every later one is
+    assert (full[:, 1:] >= full[:, :-1]).all()

@@ -80,3 +80,38 @@ def test_short_run_on_the_shipped_model(quality, tmp_path, capsys):
     # a loose floor: the shipped model is far above it on 240 captions
     assert summary["adherence"]["single"] >= 0.75 and summary["adherence"]["two"] >= 0.5
     assert summary["localisation"]["single"]["shape"]["peak"] >= 0.75
+
+
+def test_localisation_per_caption_kind_splits_the_overall_figures(quality):
+    """Per-kind rows are the overall figures restricted to that kind's captions (synthetic records)."""
+
+    def obj(group, peak):
+        return {"group": group, "found": True, "color": {"iou": 0.5 * peak, "peak": peak},
+                "shape": {"iou": 0.8, "peak": True}}
+
+    def record(kind, objects):
+        return {"kind": kind, "n_objects": len(objects), "all": True,
+                **{k: True for k in ("color", "shape", "position", "size", "count")},
+                "slot_mass": {"start": 0.1, "word": 0.2, "end": 0.1, "pad": 0.6}, "objects": objects}
+
+    records = [
+        record("positioned", [obj("single", True)]),
+        record("positioned", [obj("first", True), obj("second", True)]),
+        record("free", [obj("single", False)]),
+        record("free", [obj("first", True), obj("second", False)]),
+        record("free", [obj("first", False), obj("second", False)]),
+    ]
+    for r in records:  # free captions need centres for the grid
+        for o in r["objects"]:
+            o["centroid"] = [0.5, 0.5]
+    summary = quality.summarize(records)
+    by_kind = summary["by_kind"]
+    for group in ("single", "first", "second"):
+        total = summary["localisation"][group]
+        parts = [by_kind[k]["localisation"][group] for k in ("positioned", "free")]
+        assert sum(p["measured"] for p in parts) == total["measured"]
+        peaks = [p["color"]["peak"] * p["color"]["n"] for p in parts]
+        assert sum(peaks) == pytest.approx(total["color"]["peak"] * total["color"]["n"])
+    assert by_kind["free"]["localisation"]["second"]["color"]["peak"] == 0.0
+    assert by_kind["positioned"]["localisation"]["second"]["color"]["peak"] == 1.0
+    assert "| free: second | 2 / 2 | 0.00 | 0% |" in quality.markdown(summary)

@@ -95,6 +95,11 @@ class TinyConfig:
     # colour word's map) need not point at the object; with a word's slot sometimes missing, the
     # others must each carry what they name. Start, end and padding slots are never dropped.
     word_dropout: float = 0.0
+    # each caption's chance that every slot after one of its words (drawn uniformly) is zeroed,
+    # end and padding slots included: the UNet then has only the slots up to that word, so a colour
+    # word cut off from its noun must itself say where the colour goes (and the causal encoder has
+    # no later slot to move it into)
+    tail_dropout: float = 0.0
     snr_gamma: float | None = 5.0  # min-SNR loss weighting (Hang et al. 2023); None: plain MSE
 
     def __post_init__(self) -> None:
@@ -115,7 +120,7 @@ class TinyConfig:
             )
         if self.image_size % self.latent_factor:
             raise ValueError(f"image_size {self.image_size} is not a multiple of {self.latent_factor}")
-        for name in ("two_object_prob", "free_position_prob", "size_word_prob", "word_dropout"):
+        for name in ("two_object_prob", "free_position_prob", "size_word_prob", "word_dropout", "tail_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
 

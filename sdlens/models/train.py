@@ -588,8 +588,8 @@ def train_unet(
       2. encode the images to latents with the frozen VAE (times its scaling factor);
       3. draw a timestep t per image and Gaussian noise; mix them by the DDPM schedule:
          noisy = sqrt(alpha_bar_t) * latent + sqrt(1 - alpha_bar_t) * noise;
-      4. the text encoder turns the captions into (N, 77, width) slot vectors; with `word_dropout`,
-         some word slots are zeroed (a zero key and value: the slot tells the UNet nothing); the
+      4. the text encoder turns the captions into (N, 77, width) slot vectors; with `word_dropout`
+         or `tail_dropout`, some slots are zeroed (a zero key and value: the slot tells the UNet nothing); the
          UNet reads them through cross-attention and predicts the noise;
       5. loss: mean squared error between predicted and true noise, each image weighted by
          min(SNR_t, gamma) / SNR_t ("min-SNR": the nearly clean timesteps, which are easy and
@@ -638,8 +638,9 @@ def train_unet(
         with run.autocast():
             with nullcontext() if joint else torch.no_grad():
                 text = text_encoder(input_ids=ids).last_hidden_state  # (N, 77, width)
-            if cfg.word_dropout > 0:
+            if cfg.word_dropout > 0 or cfg.tail_dropout > 0:
                 dropped = word_slot_dropout(ids, tokens.tokenizer, cfg.word_dropout, g)  # (N, 77)
+                dropped |= tail_slot_dropout(ids, tokens.tokenizer, cfg.tail_dropout, g)
                 text = text.masked_fill(dropped[..., None], 0.0)
             predicted = unet(noisy, t, encoder_hidden_states=text).sample  # (N, 4, 16, 16)
         per_image = F.mse_loss(predicted.float(), noise, reduction="none").mean(dim=(1, 2, 3))  # (N,)
@@ -674,6 +675,21 @@ def word_slot_dropout(ids: torch.Tensor, tokenizer, p: float, generator: torch.G
     )
     is_word = ~torch.isin(ids, special)
     return is_word & (torch.rand(ids.shape, generator=generator, device=ids.device) < p)
+
+
+def tail_slot_dropout(ids: torch.Tensor, tokenizer, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Which slots to zero: for each caption of `ids` (N, 77) with chance `p`, every slot after one
+    of its word slots drawn uniformly (the end and padding slots too); captions without words
+    ("") are left whole. Returns a bool (N, 77) on the ids' device."""
+    special = torch.tensor(
+        sorted({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}), device=ids.device
+    )
+    n_words = (~torch.isin(ids, special)).sum(1)  # (N,): words sit in slots 1..n_words
+    u = torch.rand(ids.shape[0], generator=generator, device=ids.device)
+    cut = (u * n_words).long() + 1  # (N,): the last slot kept, a word slot drawn uniformly
+    hit = (torch.rand(ids.shape[0], generator=generator, device=ids.device) < p) & (n_words > 0)
+    position = torch.arange(ids.shape[1], device=ids.device)  # (77,)
+    return hit[:, None] & (position[None, :] > cut[:, None])
 
 
 # ---------------------------------------------------------------------------------------------
