@@ -1,6 +1,10 @@
-"""Draw README's picture: a two-object image from the built-in model, each word's map, the true masks.
+"""Draw README's pictures from the built-in model.
 
-    python scripts/readme_figures.py --out docs/two_objects.png
+    python scripts/readme_figures.py --out docs/two_objects.png --free-out docs/free_position.png
+
+1. a two-object image, each colour and shape word's map, the true masks;
+2. a prompt without a position ("a red circle") from six seeds: where the noise puts the object,
+   and the shape word's map following it (one colour scale for all six maps).
 
 The "true masks" are the generated image's own objects as the shapes-world analyzer finds them
 (as in benchmarks/quality.py): the model places objects itself, so the caption alone does not say
@@ -29,7 +33,14 @@ def main() -> None:
     ap.add_argument("--prompt", default="a red circle on the left and a blue square on the right")
     ap.add_argument("--seed", type=int, default=4)
     ap.add_argument("--out", default="docs/two_objects.png")
+    ap.add_argument("--free-prompt", default="a red circle")
+    ap.add_argument("--free-out", default="docs/free_position.png")
     args = ap.parse_args()
+    two_objects(args)
+    free_position(args)
+
+
+def two_objects(args) -> None:
 
     pipe = sdlens.load_pipeline()
     with sdlens.trace(pipe) as tr:
@@ -61,6 +72,39 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
     print(args.out)
+
+
+def free_position(args, seeds=(0, 1, 2, 3, 4, 5)) -> None:
+    pipe = sdlens.load_pipeline()
+    scene = parse_caption(args.free_prompt)
+    if len(scene.objects) != 1 or scene.objects[0].position is not None:
+        raise SystemExit(f"--free-prompt needs one object and no position, got {args.free_prompt!r}")
+    obj = scene.objects[0]
+    runs = []
+    for seed in seeds:
+        with sdlens.trace(pipe) as tr:
+            image = pipe(args.free_prompt, num_inference_steps=25, output_type="np",
+                         generator=torch.Generator().manual_seed(seed)).images[0]
+        runs.append(((image * 255).round().astype(np.uint8), tr.word_map(obj.shape).numpy()))
+    top = max(float(heat.max()) for _, heat in runs)  # one scale: the maps can be compared
+    fig, axes = plt.subplots(2, len(runs), figsize=(1.9 * len(runs) + 0.9, 4.2), squeeze=False)
+    for seed, (image, heat), ax_im, ax_map in zip(seeds, runs, axes[0], axes[1]):
+        found = [d for d in analyze(image) if d.color == obj.color]
+        ax_im.imshow(image)
+        ax_im.set_title(f"seed {seed}: " + (found[0].position if found else "not found"), fontsize=9)
+        ax_map.imshow(image.mean(axis=2) / 255, cmap="gray", vmin=0, vmax=1)
+        shown = ax_map.imshow(heat, cmap="viridis", alpha=0.7, vmin=0, vmax=top)
+        if found:  # the object's outline, from the analyzer's mask
+            ax_map.contour(found[0].mask, levels=[0.5], colors="white", linewidths=0.8)
+        ax_map.set_title(f"“{obj.shape}”", fontsize=9)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.colorbar(shown, ax=axes[1].tolist(), fraction=0.02, label="attention (0 to max of all six)")
+    fig.suptitle(f"“{args.free_prompt}”: the prompt gives no position, the seed's noise decides it "
+                 "(white outline: the object the analyzer finds)", fontsize=9)
+    Path(args.free_out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.free_out, dpi=110)
+    print(args.free_out)
 
 
 if __name__ == "__main__":
