@@ -1,0 +1,162 @@
+"""Claims the notebooks make about the built-in model, computed with the library.
+
+A notebook sentence such as "the colour words are read at 16×16" is only true of the weights it
+ran on. Each test here recomputes the figure a sentence rests on, with the notebook's own prompts,
+seeds and settings, and names the notebook and section it guards: retraining the model, or a
+change in the library, fails here when a sentence stops being true. (The notebooks themselves are
+run by test_notebooks.py; that proves they run, not that their prose is right.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sdlens
+from sdlens.world import analyze, caption, parse_caption, sample_scene, score
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return sdlens.load_pipeline()
+
+
+def generate(pipe, prompts, seeds, *, steps=20, guidance=7.5, **trace_spec):
+    """One batch, one seeded generator per prompt, traced; returns (trace, uint8 images (N, H, W, 3))."""
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    with sdlens.trace(pipe, **trace_spec) as tr:
+        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                   output_type="np")
+    return tr, (out.images * 255).round().astype(np.uint8)
+
+
+def found(image, color):
+    return next((d for d in analyze(image) if d.color == color), None)
+
+
+def peak_on(heat: torch.Tensor, mask: np.ndarray) -> bool:
+    return bool(mask.flat[int(heat.float().argmax())])
+
+
+def iou(heat: torch.Tensor, mask: np.ndarray) -> float:
+    """IoU of the min-max normalised map's upper half with the mask (notebook 5, section 3)."""
+    m = heat.float().numpy()
+    region = (m - m.min()) / max(float(m.max() - m.min()), 1e-12) >= 0.5
+    return float((region & mask).sum() / max((region | mask).sum(), 1))
+
+
+# --- notebook 1 ---------------------------------------------------------------------------------
+
+
+def test_nb1_s1_more_seeds_change_little_when_the_prompt_gives_positions(pipe):
+    """01_start_here, section 1: "three more seeds give nearly the same picture: the objects shift
+    a little and change size a little"."""
+    prompt = "a blue square on the left and a red circle on the right"
+    _, images = generate(pipe, [prompt] * 4, [0, 1, 2, 3])
+    assert all(score(im, prompt)["all"] for im in images)
+    for color in ("blue", "red"):
+        centres = np.array([found(im, color).centroid for im in images])
+        assert np.abs(centres - centres[0]).max() < 0.1, (color, centres)
+
+
+def test_nb1_s5_the_noise_places_an_object_the_prompt_does_not(pipe):
+    """01_start_here, section 5: "a red circle" from seeds 0-5 lands in different places, and the
+    map of "circle" follows it (peak on the circle)."""
+    tr, images = generate(pipe, ["a red circle"] * 6, range(6))
+    circles = [found(im, "red") for im in images]
+    assert all(c is not None and c.shape == "circle" for c in circles)
+    assert len({c.position for c in circles}) >= 3  # at least three of the five regions
+    centres = np.array([c.centroid for c in circles])
+    assert np.ptp(centres[:, 0]) > 0.3 and np.ptp(centres[:, 1]) > 0.3
+    on_it = [peak_on(tr.word_map("circle", prompt=i), c.mask) for i, c in enumerate(circles)]
+    assert sum(on_it) >= 5, on_it
+
+
+def test_nb1_s5_size_words_set_the_size_and_the_seed_the_place(pipe):
+    """01_start_here, section 5: "a small / a big blue square" from seeds 0-2: the word sets the
+    size, each seed puts the two squares in about the same region."""
+    prompts = ["a small blue square"] * 3 + ["a big blue square"] * 3
+    _, images = generate(pipe, prompts, [0, 1, 2, 0, 1, 2])
+    squares = [found(im, "blue") for im in images]
+    assert all(s is not None and s.shape == "square" for s in squares)
+    assert [s.size for s in squares] == ["small"] * 3 + ["big"] * 3
+    for small, big in zip(squares[:3], squares[3:]):
+        assert np.abs(np.subtract(small.centroid, big.centroid)).max() < 0.25
+
+
+# --- notebook 3 ---------------------------------------------------------------------------------
+
+
+def test_nb3_s6_guidance_decides_whether_the_caption_is_followed(pipe):
+    """03_diffusion, section 6: the sweep over w shows the prompt followed with guidance (w >= 3:
+    every seed) and not without (w = 0: at most one of four)."""
+    prompt = "a red circle on the left and a blue triangle on the right"
+    matches = {}
+    for w in (0.0, 3.0, 7.5):
+        _, images = generate(pipe, [prompt] * 4, range(4), guidance=w)
+        matches[w] = sum(score(im, prompt)["all"] for im in images)
+    assert matches[0.0] <= 1 and matches[3.0] == 4 and matches[7.5] == 4, matches
+
+
+# --- notebook 5 ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nb5(pipe):
+    """Notebook 5's captions and seeds (rng 5: four one-object, four two-object), traced at 20 steps,
+    with every object the analyzer finds: (trace, objects as (prompt, object index, mask))."""
+    rng = np.random.default_rng(5)
+    captions = [caption(sample_scene(rng, n_objects=n)) for n in (1, 1, 1, 1, 2, 2, 2, 2)]
+    seeds = [int(rng.integers(2**31)) for _ in captions]
+    tr, images = generate(pipe, captions, seeds)
+    objects = []
+    for i, text in enumerate(captions):
+        for k, obj in enumerate(parse_caption(text).objects):
+            det = found(images[i], obj.color)
+            if det is not None:
+                objects.append((i, k, det.mask))
+    assert len(objects) >= 10
+    return tr, objects
+
+
+WORD_OFFSET = {"colour": 1, "shape": 2}  # word index of each kind in "a <colour> <shape> on the <position>"
+
+
+def mean_iou(tr, objects, kind, **select) -> float:
+    return float(np.mean([iou(tr.word_map(7 * k + WORD_OFFSET[kind], prompt=i, size=m.shape, **select), m)
+                          for i, k, m in objects]))
+
+
+def test_nb5_s4_shape_maps_form_at_once_colour_maps_late(nb5):
+    """05_cross_attention, section 4: the shape word's map is on its object almost at once; the
+    colour word's starts near zero and climbs to the last step."""
+    tr, objects = nb5
+    steps = tr.steps
+    shape = [mean_iou(tr, objects, "shape", steps=[s]) for s in (steps[1], steps[-1])]
+    colour = [mean_iou(tr, objects, "colour", steps=[s]) for s in (steps[0], steps[len(steps) // 2], steps[-1])]
+    assert shape[0] > 0.5 and shape[1] - shape[0] < 0.25, shape
+    assert colour[0] < 0.15 and colour[0] < colour[1] < colour[2] and colour[2] > 0.3, colour
+
+
+def test_nb5_s5_shape_words_are_read_at_8x8_colour_words_at_16x16(nb5):
+    """05_cross_attention, section 5: the 8×8 maps localise shape words far better than the 16×16
+    ones, the colour words the other way round; the all-layer average is about as good as the best
+    single layer for shapes."""
+    tr, objects = nb5
+    by_size = {size: {kind: mean_iou(tr, objects, kind, layers=size) for kind in WORD_OFFSET} for size in (8, 16)}
+    assert by_size[8]["shape"] > by_size[16]["shape"] + 0.2, by_size
+    assert by_size[16]["colour"] > by_size[8]["colour"] + 0.15, by_size
+    best_layer = max(mean_iou(tr, objects, "shape", layers=name) for name in tr.layers_of("cross"))
+    assert mean_iou(tr, objects, "shape") > best_layer - 0.05
+
+
+def test_nb5_s2_most_attention_goes_to_the_padding(nb5):
+    """05_cross_attention, section 2 and notebook 1, section 4: on the built-in model the padding
+    slots take most of the cross-attention, the start slot little."""
+    from sdlens.viz import attention_share
+
+    tr, _ = nb5
+    pad = [attention_share(tr, "<pad>", prompt=i) for i in range(8)]
+    start = [attention_share(tr, "<start>", prompt=i) for i in range(8)]
+    assert min(pad) > 0.6 and max(start) < 0.05, (pad, start)
