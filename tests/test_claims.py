@@ -160,3 +160,48 @@ def test_nb5_s2_most_attention_goes_to_the_padding(nb5):
     pad = [attention_share(tr, "<pad>", prompt=i) for i in range(8)]
     start = [attention_share(tr, "<start>", prompt=i) for i in range(8)]
     assert min(pad) > 0.6 and max(start) < 0.05, (pad, start)
+
+
+# --- notebook 6 ---------------------------------------------------------------------------------
+
+
+def test_nb6_s3_16x16_self_attention_clusters_find_the_objects_better_than_8x8(pipe):
+    """06_self_attention, section 3: the 16×16 maps, nearly uniform as they are, cluster into objects
+    far better than the 8×8 ones (best cluster against all objects together)."""
+    from sdlens.viz import segment
+
+    prompt = "a green triangle on the left and a yellow circle on the right"
+    tr, images = generate(pipe, [prompt], [0], self_attn=True)
+    objects = analyze(images[0])
+    foreground = np.any([d.mask for d in objects], axis=0)
+    late = tr.steps[len(tr.steps) // 2 :]
+    best = {}
+    for size in (16, 8):
+        _, labels = segment(tr, len(objects) + 2, layers=size, steps=late)  # (size, size) cluster ids
+        up = np.kron(labels.numpy(), np.ones((64 // size, 64 // size), dtype=int))  # nearest upsampling
+        best[size] = max(((up == c) & foreground).sum() / ((up == c) | foreground).sum() for c in np.unique(up))
+    assert best[16] > best[8] + 0.2, best
+
+
+def test_nb6_s4a_8x8_self_attention_follows_the_layout_not_the_object(pipe):
+    """06_self_attention, section 4a: from one starting noise, the 8×8 self-attention maps of prompts
+    with the same layout are nearly the same whatever the object, and unlike across layouts; the
+    16×16 maps are alike for every pair."""
+    from sdlens.viz import self_attention_rows
+
+    contents = ["red circle", "blue square", "green triangle", "yellow circle"]
+    prompts = [f"a {c} {p}" for p in ("on the left", "on the right") for c in contents]
+    noise = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    with sdlens.trace(pipe, self_attn=True, steps=list(range(0, 20, 2))) as tr:
+        pipe(prompts, num_inference_steps=20, guidance_scale=7.5, latents=noise.repeat(len(prompts), 1, 1, 1),
+             output_type="latent")
+
+    def blocks(size):
+        maps = [self_attention_rows(tr, prompt=i, layers=size, steps=tr.steps)[0].flatten() for i in range(8)]
+        sim = np.corrcoef(torch.stack(maps).float().numpy())  # (8, 8) correlations
+        off = ~np.eye(4, dtype=bool)
+        return np.r_[sim[:4, :4][off], sim[4:, 4:][off]].mean(), sim[:4, 4:].mean()
+
+    same, other = blocks(8)
+    assert same > 0.7 and other < 0.2, (same, other)
+    assert min(blocks(16)) > 0.8
