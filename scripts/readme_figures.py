@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 import sdlens  # noqa: E402
 from sdlens.maps import normalize  # noqa: E402
+from sdlens.viz import HEAT_CMAP, framed_mask, outline  # noqa: E402
 from sdlens.world import analyze, parse_caption  # noqa: E402
 
 
@@ -51,23 +52,29 @@ def two_objects(args) -> None:
     found = {d.color: d for d in analyze(image_u8)}
     words = tr.words()
     gray = image_u8.mean(axis=2) / 255  # heat drawn over a grey copy: red heat on a blue object stays readable
-    panels = [("image", image_u8, None)]
+    panels = [("image", image_u8, "", None)]  # (title, picture, heat ("" for none), outline)
     for i, obj in enumerate(scene.objects):
         base = 7 * i  # "a <colour> <shape> on the <position>" then "and"
-        for w in (obj.color, obj.shape):
-            wi = words.index(w, base)
-            panels.append((f"“{w}”", gray, normalize(tr.word_map(wi)).numpy()))
         det = found.get(obj.color)
         mask = det.mask if det is not None else np.zeros(image_u8.shape[:2], bool)
-        panels.append((f"mask: {obj.color} {obj.shape}", mask.astype(float), None))
+        for w in (obj.color, obj.shape):
+            wi = words.index(w, base)
+            panels.append((f"“{w}”", gray, normalize(tr.word_map(wi)).numpy(), mask))
+        panels.append((f"mask: {obj.color} {obj.shape}", mask.astype(float), None, None))
     fig, axes = plt.subplots(1, len(panels), figsize=(2.1 * len(panels), 2.5))
-    for ax, (title, base_img, heat) in zip(axes, panels):
+    for ax, (title, base_img, heat, mask) in zip(axes, panels):
+        if heat is None:  # a mask on its own, framed
+            framed_mask(ax, base_img, title)
+            continue
         ax.imshow(base_img, cmap="gray" if base_img.ndim == 2 else None, vmin=0, vmax=1 if base_img.ndim == 2 else None)
-        if heat is not None:
-            ax.imshow(heat, cmap="jet", alpha=0.55, vmin=0, vmax=1)
+        if isinstance(heat, np.ndarray):
+            ax.imshow(heat, cmap=HEAT_CMAP, alpha=0.6, vmin=0, vmax=1)
+        if mask is not None:  # the object the word names, outlined
+            outline(ax, mask)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
-    fig.suptitle(f"“{args.prompt}” — built-in model, 25 steps; word maps averaged over steps, layers, heads", fontsize=9)
+    fig.suptitle(f"“{args.prompt}” — built-in model, 25 steps; word maps averaged over steps, layers, heads, "
+                 "each scaled to its own 0..1; white line: the object the word names", fontsize=9)
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
@@ -93,9 +100,9 @@ def free_position(args, seeds=(0, 1, 2, 3, 4, 5)) -> None:
         ax_im.imshow(image)
         ax_im.set_title(f"seed {seed}: " + (found[0].position if found else "not found"), fontsize=9)
         ax_map.imshow(image.mean(axis=2) / 255, cmap="gray", vmin=0, vmax=1)
-        shown = ax_map.imshow(heat, cmap="viridis", alpha=0.7, vmin=0, vmax=top)
+        shown = ax_map.imshow(heat, cmap=HEAT_CMAP, alpha=0.7, vmin=0, vmax=top)
         if found:  # the object's outline, from the analyzer's mask
-            ax_map.contour(found[0].mask, levels=[0.5], colors="white", linewidths=0.8)
+            outline(ax_map, found[0].mask)
         ax_map.set_title(f"“{obj.shape}”", fontsize=9)
     for ax in axes.flat:
         ax.axis("off")

@@ -393,3 +393,27 @@ def test_attend_bad_arguments_give_one_line_and_write_nothing(model_dir, tmp_pat
     assert rc != 0
     assert len(err.strip().splitlines()) == 1 and message in err and err.startswith("sdlens attend: error: ")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".sdlens")]
+
+
+def test_style_text_is_dark_on_light_cells_and_light_on_dark_ones():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sdlens.viz import HEAT_CMAP, annotate_cells, outline, text_color
+
+    assert text_color(1.0, 0.0, 1.0) == "black"  # the bright end of the heat map
+    assert text_color(0.0, 0.0, 1.0) == "white"  # the dark end
+    assert text_color(0.2, 0.0, 1.0, cmap="gray") == "white" and text_color(0.9, 0.0, 1.0, cmap="gray") == "black"
+    fig, ax = plt.subplots()
+    values = np.array([[0.0, 1.0], [np.nan, 0.25]])
+    ax.imshow(values, cmap=HEAT_CMAP, vmin=0, vmax=1)
+    annotate_cells(ax, values, vmin=0, vmax=1)
+    assert [(t.get_text(), t.get_color()) for t in ax.texts] == [("0.00", "white"), ("1.00", "black"), ("0.25", "white")]
+    n = len(ax.collections)
+    outline(ax, np.zeros((4, 4), bool))  # nothing to outline: nothing drawn
+    assert len(ax.collections) == n
+    outline(ax, np.eye(4, dtype=bool))
+    assert len(ax.collections) == n + 1
+    plt.close(fig)

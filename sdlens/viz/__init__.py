@@ -14,7 +14,8 @@ functions that draw one panel accept ``ax=`` to draw into an existing axes.
     viz.self_attention_segments(tr, image, n_clusters=3)
     viz.animate(tr, ["circle", "left"], "circle.gif")
 
-The pixels come from ``sdlens.viz.frames``, shared with the ``sdlens.widgets`` explorers.
+The pixels come from ``sdlens.viz.frames``, shared with the ``sdlens.widgets`` explorers; the
+conventions (colour map, numbers on cells, mask outlines) from ``sdlens.viz.style``.
 """
 
 from .animation import animate, animation_frames
@@ -41,21 +42,26 @@ from .self_attention import (
     self_attention_segments,
 )
 from .steps import denoising, step_strip, word_over_steps
+from .style import HEAT_CMAP, annotate_cells, framed_mask, outline, text_color
 
 __all__ = [
+    "HEAT_CMAP",
     "SPECIALS",
     "Frame",
     "Target",
     "animate",
     "animation_frames",
+    "annotate_cells",
     "as_rgb",
     "attention_share",
     "attention_shares",
     "denoising",
     "denoising_frame",
+    "framed_mask",
     "head_grid",
     "kmeans",
     "layer_grid",
+    "outline",
     "overlay",
     "overlay_frame",
     "pca_rgb",
@@ -67,6 +73,7 @@ __all__ = [
     "self_frame",
     "step_strip",
     "target_map",
+    "text_color",
     "word_grid",
     "word_over_steps",
 ]

@@ -24,6 +24,7 @@ from .frames import (
     step_label,
     target_map,
 )
+from .style import HEAT_CMAP
 
 _BG = (255, 255, 255)
 _INK = (20, 20, 20)
@@ -71,7 +72,7 @@ def animation_frames(
     heads=None,
     preview: str | None = "x0",
     alpha: float = 0.6,
-    cmap: str = "jet",
+    cmap: str = HEAT_CMAP,
     scale="shared",
     side: int = 160,
 ) -> list[Image.Image]:
@@ -121,7 +122,7 @@ def animate(
     heads=None,
     preview: str | None = "x0",
     alpha: float = 0.6,
-    cmap: str = "jet",
+    cmap: str = HEAT_CMAP,
     scale="shared",
     fps: float = 4.0,
     hold: int = 4,

@@ -21,6 +21,7 @@ import torch
 
 from .. import maps as _maps
 from ..errors import CaptureError
+from .style import HEAT_CMAP
 
 SPECIALS = ("<start>", "<end>", "<pad>")
 """Names of the key slots that are not words: CLIP's start token, end token and the padding after it."""
@@ -168,7 +169,7 @@ def attention_share(trace, target, **kw) -> float:
 
 
 # ---------------------------------------------------------------------------------------- colours
-def colorize(heat, vmin: float, vmax: float, cmap: str = "jet") -> np.ndarray:
+def colorize(heat, vmin: float, vmax: float, cmap: str = HEAT_CMAP) -> np.ndarray:
     """``heat (H, W)`` → ``uint8 (H, W, 3)`` through matplotlib's colour map ``cmap`` between vmin and vmax."""
     from matplotlib import colormaps
 
@@ -220,10 +221,10 @@ class Frame:
     vmin: float
     vmax: float
     label: str
-    cmap: str = "jet"
+    cmap: str = HEAT_CMAP
 
 
-def heat_frame(heat, image, label: str, *, alpha: float = 0.6, cmap: str = "jet", vrange=None) -> Frame:
+def heat_frame(heat, image, label: str, *, alpha: float = 0.6, cmap: str = HEAT_CMAP, vrange=None) -> Frame:
     """A ``Frame`` from a map already computed: coloured (``vrange`` or its own min..max) and blended on ``image``."""
     h = heat.detach().float().cpu().numpy() if isinstance(heat, torch.Tensor) else np.asarray(heat, np.float32)
     if vrange is None:
@@ -249,7 +250,7 @@ def overlay_frame(
     layers=None,
     heads=None,
     alpha: float = 0.6,
-    cmap: str = "jet",
+    cmap: str = HEAT_CMAP,
     scale="each",
 ) -> Frame:
     """The cross-attention map of ``target`` over ``image``: what ``viz.overlay`` and ``AttentionExplorer`` show.
@@ -289,7 +290,7 @@ def self_frame(
     layers=None,
     heads=None,
     alpha: float = 0.6,
-    cmap: str = "jet",
+    cmap: str = HEAT_CMAP,
     scale="each",
     marker: bool = True,
 ) -> Frame:

@@ -21,6 +21,7 @@ from .frames import (
     size_label,
     target_map,
 )
+from .style import HEAT_CMAP
 
 
 def scale_note(scale) -> str:
@@ -44,7 +45,7 @@ def overlay(
     layers=None,
     heads=None,
     alpha: float = 0.6,
-    cmap: str = "jet",
+    cmap: str = HEAT_CMAP,
     scale="each",
     title: str | None = None,
     colorbar: bool = True,
@@ -81,7 +82,7 @@ def word_grid(
     layers=None,
     heads=None,
     alpha: float = 0.6,
-    cmap: str = "jet",
+    cmap: str = HEAT_CMAP,
     scale="each",
     ncols: int | None = None,
 ):
@@ -123,7 +124,7 @@ def layer_grid(
     steps=None,
     heads=None,
     alpha: float = 0.6,
-    cmap: str = "jet",
+    cmap: str = HEAT_CMAP,
     scale="each",
     ncols: int | None = None,
 ):
@@ -162,7 +163,7 @@ def head_grid(
     prompt: int = 0,
     steps=None,
     alpha: float = 0.6,
-    cmap: str = "jet",
+    cmap: str = HEAT_CMAP,
     scale="each",
     ncols: int | None = None,
 ):

@@ -16,6 +16,7 @@ from .. import maps as _maps
 from ..errors import CaptureError
 from ._figure import draw_frame, figure_and_ax, new_figure, show_rgb
 from .frames import as_rgb, blend, image_size_of, layers_label, map_sizes, self_frame
+from .style import HEAT_CMAP
 
 
 def self_attention_map(
@@ -28,7 +29,7 @@ def self_attention_map(
     layers=None,
     heads=None,
     alpha: float = 0.6,
-    cmap: str = "jet",
+    cmap: str = HEAT_CMAP,
     scale="each",
     marker: bool = True,
     colorbar: bool = True,

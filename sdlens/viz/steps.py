@@ -17,6 +17,7 @@ from .frames import (
     step_position,
     target_map,
 )
+from .style import HEAT_CMAP
 
 
 def pick_steps(trace, steps=None, max_steps: int = 8) -> list[int]:
@@ -42,7 +43,7 @@ def step_strip(
     layers=None,
     heads=None,
     alpha: float = 0.6,
-    cmap: str = "jet",
+    cmap: str = HEAT_CMAP,
     scale="shared",
     previews: bool = True,
 ):

@@ -15,6 +15,7 @@ from ..viz.frames import (
     overlay_frame,
     step_label,
 )
+from ..viz.style import HEAT_CMAP
 from .base import MapExplorer
 
 
@@ -66,7 +67,7 @@ class AttentionExplorer(MapExplorer):
         prompt: int = 0,
         word=None,
         alpha: float = 0.6,
-        cmap: str = "jet",
+        cmap: str = HEAT_CMAP,
         scale="each",
         display_size: int = 320,
     ) -> None:

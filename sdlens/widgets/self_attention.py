@@ -6,6 +6,7 @@ import ipywidgets as W
 
 from ..errors import CaptureError
 from ..viz.frames import image_size_of, layers_label, self_frame, step_label
+from ..viz.style import HEAT_CMAP
 from .base import MapExplorer
 
 
@@ -28,7 +29,7 @@ class SelfAttentionExplorer(MapExplorer):
         prompt: int = 0,
         pixel: tuple[int, int] | None = None,
         alpha: float = 0.6,
-        cmap: str = "jet",
+        cmap: str = HEAT_CMAP,
         scale="each",
         display_size: int = 320,
     ) -> None:
