@@ -257,3 +257,28 @@ def test_nb3_s5_dpm_solver_is_closest_and_pndm_fails_with_few_steps(pipe):
 
     assert all(matches(name, 5) for name in ("DDIM", "Euler", "DPM++"))
     assert not matches("PNDM", 5) and not matches("PNDM", 10)
+
+
+def test_nb3_s10_img2img_keeps_the_picture_at_low_strength_and_forgets_it_at_high(pipe):
+    """03_diffusion, section 10: towards "a blue triangle on the right" from a rendered red circle on
+    the left, strength 0.2 and 0.4 leave the red circle alone, 0.6 draws a triangle where the circle
+    was as well as where the prompt puts it, and from 0.8 the picture is just the prompt's."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    from sdlens.world import render
+
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+    init = render(parse_caption("a red circle on the left"), size=64, seed=3).image
+    edit = "a blue triangle on the right"
+
+    def found_at(strength):
+        out = img2img(edit, image=Image.fromarray(init), strength=strength, num_inference_steps=20,
+                      generator=torch.Generator("cpu").manual_seed(7)).images[0]
+        return sorted((d.color, d.shape, d.position) for d in analyze(np.asarray(out)))
+
+    for strength in (0.2, 0.4):
+        assert found_at(strength) == [("red", "circle", "left")], strength
+    assert found_at(0.6) == [("blue", "triangle", "left"), ("blue", "triangle", "right")]
+    for strength in (0.8, 1.0):
+        assert found_at(strength) == [("blue", "triangle", "right")], strength
