@@ -133,6 +133,18 @@ def mean_iou(tr, objects, kind, **select) -> float:
                           for i, k, m in objects]))
 
 
+def test_nb5_s3_shape_words_find_their_objects_colour_words_less(nb5):
+    """05_cross_attention, section 3 (and notebook 1, section 4): over all objects, shape-word maps
+    peak on their object far more often than colour-word maps, and cover it better."""
+    tr, objects = nb5
+
+    def peak_rate(kind):
+        return np.mean([peak_on(tr.word_map(7 * k + WORD_OFFSET[kind], prompt=i, size=m.shape), m) for i, k, m in objects])
+
+    assert peak_rate("shape") >= 0.9 and peak_rate("colour") < peak_rate("shape") - 0.2
+    assert mean_iou(tr, objects, "shape") > mean_iou(tr, objects, "colour") + 0.2
+
+
 def test_nb5_s4_shape_maps_form_at_once_colour_maps_late(nb5):
     """05_cross_attention, section 4: the shape word's map is on its object almost at once; the
     colour word's starts near zero and climbs to the last step."""

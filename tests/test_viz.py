@@ -417,3 +417,21 @@ def test_style_text_is_dark_on_light_cells_and_light_on_dark_ones():
     outline(ax, np.eye(4, dtype=bool))
     assert len(ax.collections) == n + 1
     plt.close(fig)
+
+
+def test_word_over_steps_starts_at_zero_and_head_grid_names_heads_across_layers():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    pipe = sdlens.load_pipeline()
+    with sdlens.trace(pipe, heads="all") as tr:
+        pipe("a red circle on the left", num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    fig = viz.word_over_steps(tr, "circle")
+    assert fig.axes[0].get_ylim()[0] == 0
+    one = tr.layers_of("cross")[0]
+    titles = [ax.get_title() for ax in viz.head_grid(tr, "circle", one).axes if ax.get_title()]
+    assert "head 0" in titles and not any("mean over" in t for t in titles)
+    size = tr.map_size(one)[0]
+    n = sum(tr.map_size(name)[0] == size for name in tr.layers_of("cross"))
+    titles = [ax.get_title() for ax in viz.head_grid(tr, "circle", size).axes if ax.get_title()]
+    assert f"head 0 (mean over {n} layers)" in titles

@@ -169,7 +169,9 @@ def head_grid(
 ):
     """The map of ``word`` in each kept head of ``layer`` (a layer name, or an int map size), after their mean.
 
-    Needs a trace captured with ``heads="all"`` (or a list of heads).
+    Needs a trace captured with ``heads="all"`` (or a list of heads). Pass one layer's name to see
+    what its heads do: with a map size, "head 1" is the mean of head 1 of every layer of that size,
+    and heads of different layers share nothing but their number (the panels then say so).
     """
     if trace.head_indices is None:
         raise CaptureError("heads were averaged during capture: trace with sdlens.trace(pipe, heads='all') to see heads")
@@ -178,7 +180,9 @@ def head_grid(
         raise CaptureError(f"no head is kept in every layer of {layers_label(trace, layer)}")
     t = resolve_target(trace, word, prompt)
     size = image_size_of(trace, image)
-    sels = [(None, "mean of heads")] + [(h, f"head {h}") for h in heads]
+    n_layers = len(trace.layer_names(layer))
+    across = f" (mean over {n_layers} layers)" if n_layers > 1 else ""
+    sels = [(None, "mean of heads")] + [(h, f"head {h}{across}") for h in heads]
     heats = [target_map(trace, t, prompt=prompt, steps=steps, layers=layer, heads=h, size=size) for h, _ in sels]
     ranges = [None] * len(heats) if scale == "each" else color_range(heats, scale)
     fig, axes = panel_grid(len(heats), ncols, extra_width=0.6 if scale != "each" else 0.0)

@@ -117,5 +117,6 @@ def word_over_steps(trace, word, *, ax=None, prompt: int = 0, layers=None, heads
     ax.plot(trace.steps, shares, "o-", ms=3)
     ax.set_xlabel("step")
     ax.set_ylabel("share of attention")
+    ax.set_ylim(0, max(shares) * 1.1)  # from zero: a small change must not look like a big one
     ax.set_title(f"{t.label!r}: share of the attention mass per step", fontsize=9)
     return fig
