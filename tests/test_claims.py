@@ -85,6 +85,29 @@ def test_nb1_s5_size_words_set_the_size_and_the_seed_the_place(pipe):
         assert np.abs(np.subtract(small.centroid, big.centroid)).max() < 0.25
 
 
+# --- notebook 2 ---------------------------------------------------------------------------------
+
+
+def test_nb2_s6_a_latent_mix_holds_a_circle_at_each_place(pipe):
+    """02_latent_space, section 6: mixing the latents of a circle on the left and one on the right
+    gives two circles half-way (not one in the middle), and only there; the second circle hardly
+    shows at a quarter."""
+    from sdlens.world import render
+
+    vae = pipe.vae
+    a = render(parse_caption("a red circle on the left"), size=64, seed=1).image
+    b = render(parse_caption("a red circle on the right"), size=64, seed=2).image
+    x = torch.from_numpy(np.stack([a, b])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        za, zb = vae.encode(x).latent_dist.mean
+        mixed = vae.decode(torch.stack([(1 - t) * za + t * zb for t in (0, 0.25, 0.5, 0.75, 1)])).sample
+    images = ((mixed.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    found = [analyze(im) for im in images]
+    assert [len(f) for f in found] == [1, 1, 2, 1, 1]
+    assert sorted(d.position for d in found[2]) == ["left", "right"]
+    assert [d.position for d in found[1]] == ["left"] and [d.position for d in found[3]] == ["right"]
+
+
 # --- notebook 3 ---------------------------------------------------------------------------------
 
 
