@@ -589,8 +589,8 @@ def train_unet(
       3. draw a timestep t per image and Gaussian noise; mix them by the DDPM schedule:
          noisy = sqrt(alpha_bar_t) * latent + sqrt(1 - alpha_bar_t) * noise;
       4. the text encoder turns the captions into (N, 77, width) slot vectors; with `word_dropout`
-         or `tail_dropout`, some slots are zeroed (a zero key and value: the slot tells the UNet nothing); the
-         UNet reads them through cross-attention and predicts the noise;
+         or `tail_dropout`, some slots are zeroed (a zero key and value: the slot tells the UNet
+         nothing); the UNet reads them through cross-attention and predicts the noise;
       5. loss: mean squared error between predicted and true noise, each image weighted by
          min(SNR_t, gamma) / SNR_t ("min-SNR": the nearly clean timesteps, which are easy and
          would otherwise dominate the gradient, count less). Nothing looks at attention maps.
@@ -667,24 +667,25 @@ def train_unet(
     return unet_ema, text_ema
 
 
-def word_slot_dropout(ids: torch.Tensor, tokenizer, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Which slots to zero: each word slot of `ids` (N, 77) with chance `p`; never a start, end or
-    padding slot. Returns a bool (N, 77) on the ids' device."""
+def word_slots(ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Bool (N, 77): which slots of `ids` hold a word's token (not start, end or padding)."""
     special = torch.tensor(
         sorted({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}), device=ids.device
     )
-    is_word = ~torch.isin(ids, special)
-    return is_word & (torch.rand(ids.shape, generator=generator, device=ids.device) < p)
+    return ~torch.isin(ids, special)
+
+
+def word_slot_dropout(ids: torch.Tensor, tokenizer, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Which slots to zero: each word slot of `ids` (N, 77) with chance `p`; never a start, end or
+    padding slot. Returns a bool (N, 77) on the ids' device."""
+    return word_slots(ids, tokenizer) & (torch.rand(ids.shape, generator=generator, device=ids.device) < p)
 
 
 def tail_slot_dropout(ids: torch.Tensor, tokenizer, p: float, generator: torch.Generator) -> torch.Tensor:
     """Which slots to zero: for each caption of `ids` (N, 77) with chance `p`, every slot after one
     of its word slots drawn uniformly (the end and padding slots too); captions without words
     ("") are left whole. Returns a bool (N, 77) on the ids' device."""
-    special = torch.tensor(
-        sorted({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}), device=ids.device
-    )
-    n_words = (~torch.isin(ids, special)).sum(1)  # (N,): words sit in slots 1..n_words
+    n_words = word_slots(ids, tokenizer).sum(1)  # (N,): words sit in slots 1..n_words
     u = torch.rand(ids.shape[0], generator=generator, device=ids.device)
     cut = (u * n_words).long() + 1  # (N,): the last slot kept, a word slot drawn uniformly
     hit = (torch.rand(ids.shape[0], generator=generator, device=ids.device) < p) & (n_words > 0)
