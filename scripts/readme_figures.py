@@ -51,7 +51,7 @@ def two_objects(args) -> None:
     scene = parse_caption(args.prompt)
     found = {d.color: d for d in analyze(image_u8)}
     words = tr.words()
-    gray = image_u8.mean(axis=2) / 255  # heat drawn over a grey copy: red heat on a blue object stays readable
+    gray = image_u8.mean(axis=2) / 255  # heat drawn over a grey copy: the heat colours never mix with the objects' own
     panels = [("image", image_u8, "", None)]  # (title, picture, heat ("" for none), outline)
     for i, obj in enumerate(scene.objects):
         base = 7 * i  # "a <colour> <shape> on the <position>" then "and"
