@@ -37,13 +37,12 @@ def main() -> None:
     ap.add_argument("--free-prompt", default="a red circle")
     ap.add_argument("--free-out", default="docs/free_position.png")
     args = ap.parse_args()
-    two_objects(args)
-    free_position(args)
-
-
-def two_objects(args) -> None:
-
     pipe = sdlens.load_pipeline()
+    two_objects(pipe, args)
+    free_position(pipe, args)
+
+
+def two_objects(pipe, args) -> None:
     with sdlens.trace(pipe) as tr:
         image = pipe(args.prompt, num_inference_steps=25, generator=torch.Generator().manual_seed(args.seed),
                      output_type="np").images[0]
@@ -52,27 +51,24 @@ def two_objects(args) -> None:
     found = {d.color: d for d in analyze(image_u8)}
     words = tr.words()
     gray = image_u8.mean(axis=2) / 255  # heat drawn over a grey copy: the heat colours never mix with the objects' own
-    panels = [("image", image_u8, "", None)]  # (title, picture, heat ("" for none), outline)
+    fig, axes = plt.subplots(1, 1 + 3 * len(scene.objects), figsize=(2.1 * (1 + 3 * len(scene.objects)), 2.5))
+    panels = iter(axes)  # the image, then per object: its colour word, its shape word, its mask
+    ax = next(panels)
+    ax.imshow(image_u8)
+    ax.set_title("image", fontsize=9)
+    ax.axis("off")
     for i, obj in enumerate(scene.objects):
         base = 7 * i  # "a <colour> <shape> on the <position>" then "and"
         det = found.get(obj.color)
         mask = det.mask if det is not None else np.zeros(image_u8.shape[:2], bool)
         for w in (obj.color, obj.shape):
-            wi = words.index(w, base)
-            panels.append((f"“{w}”", gray, normalize(tr.word_map(wi)).numpy(), mask))
-        panels.append((f"mask: {obj.color} {obj.shape}", mask.astype(float), None, None))
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.1 * len(panels), 2.5))
-    for ax, (title, base_img, heat, mask) in zip(axes, panels):
-        if heat is None:  # a mask on its own, framed
-            framed_mask(ax, base_img, title)
-            continue
-        ax.imshow(base_img, cmap="gray" if base_img.ndim == 2 else None, vmin=0, vmax=1 if base_img.ndim == 2 else None)
-        if isinstance(heat, np.ndarray):
-            ax.imshow(heat, cmap=HEAT_CMAP, alpha=0.6, vmin=0, vmax=1)
-        if mask is not None:  # the object the word names, outlined
-            outline(ax, mask)
-        ax.set_title(title, fontsize=9)
-        ax.axis("off")
+            ax = next(panels)
+            ax.imshow(gray, cmap="gray", vmin=0, vmax=1)
+            ax.imshow(normalize(tr.word_map(words.index(w, base))).numpy(), cmap=HEAT_CMAP, alpha=0.6, vmin=0, vmax=1)
+            outline(ax, mask)  # the object the word names
+            ax.set_title(f"“{w}”", fontsize=9)
+            ax.axis("off")
+        framed_mask(next(panels), mask, f"mask: {obj.color} {obj.shape}")
     fig.suptitle(f"“{args.prompt}” — built-in model, 25 steps; word maps averaged over steps, layers, heads, "
                  "each scaled to its own 0..1; white line: the object the word names", fontsize=9)
     fig.tight_layout()
@@ -81,8 +77,7 @@ def two_objects(args) -> None:
     print(args.out)
 
 
-def free_position(args, seeds=(0, 1, 2, 3, 4, 5)) -> None:
-    pipe = sdlens.load_pipeline()
+def free_position(pipe, args, seeds=(0, 1, 2, 3, 4, 5)) -> None:
     scene = parse_caption(args.free_prompt)
     if len(scene.objects) != 1 or scene.objects[0].position is not None:
         raise SystemExit(f"--free-prompt needs one object and no position, got {args.free_prompt!r}")
