@@ -9,12 +9,15 @@ run by test_notebooks.py; that proves they run, not that their prose is right.)
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 import torch
 from _load import load_module
 
 import sdlens
+from sdlens.hooks import Controller, attach
 from sdlens.world import analyze, caption, parse_caption, sample_scene, score
 
 
@@ -255,6 +258,56 @@ def test_nb6_s4a_8x8_self_attention_follows_the_layout_not_the_object(pipe):
     same, other = blocks(8)
     assert same > 0.7 and other < 0.2, (same, other)
     assert min(blocks(16)) > 0.8
+
+
+class _Swap(Controller):
+    """B's attention probabilities replaced by A's on one role's layers for the first ``until`` steps.
+
+    The batch is [A_uncond, B_uncond, A_cond, B_cond]: odd rows (B) get the even rows' (A) maps.
+    A second implementation of notebook 6's hand-written ``SwapAttention`` processor.
+    """
+
+    edits = True
+
+    def __init__(self, role: str, until: int) -> None:
+        self.role, self.until = role, until
+
+    def layers(self, run):
+        return [i.name for i in run.layers if i.role == self.role]
+
+    def begin_step(self, run):
+        self.active = run.step < self.until
+
+    def probs(self, call, p):
+        p = p.clone()
+        p[1::2] = p[0::2]
+        return p
+
+
+def test_nb6_s4b_cross_attention_decides_where_self_attention_does_not(pipe):
+    """06_self_attention, section 4b: for each of the notebook's three pairs, B given A's
+    cross-attention maps for the first half of the steps comes out where A's object was, with B's
+    own colour and shape; given A's self-attention maps it comes out as B alone does."""
+    noise = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    pairs = [("a red circle on the left", "a red circle on the right"),
+             ("a red circle on the left", "a blue square on the left"),
+             ("a red circle on the left", "a blue square on the right")]
+
+    def b_image(a, b, role=None):
+        controllers = [_Swap(role, 10)] if role else []
+        with attach(pipe, controllers) if controllers else nullcontext():
+            out = pipe([a, b], num_inference_steps=20, guidance_scale=7.5, latents=noise.repeat(2, 1, 1, 1),
+                       output_type="np")
+        return (out.images[1] * 255).round().astype(np.uint8)
+
+    for a, b in pairs:
+        want_b, want_a = parse_caption(b).objects[0], parse_caption(a).objects[0]
+        plain = analyze(b_image(a, b))
+        assert [(d.color, d.shape, d.position) for d in plain] == [(want_b.color, want_b.shape, want_b.position)]
+        swapped_self = analyze(b_image(a, b, "self"))
+        assert [(d.color, d.shape, d.position) for d in swapped_self] == [(want_b.color, want_b.shape, want_b.position)]
+        swapped_cross = analyze(b_image(a, b, "cross"))
+        assert [(d.color, d.shape, d.position) for d in swapped_cross] == [(want_b.color, want_b.shape, want_a.position)]
 
 
 def test_nb3_s5_dpm_solver_is_closest_and_pndm_fails_with_few_steps(pipe):

@@ -419,6 +419,29 @@ def test_style_text_is_dark_on_light_cells_and_light_on_dark_ones():
     plt.close(fig)
 
 
+def test_overlap_colours_each_pixel_by_region_and_mask_and_names_them():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sdlens.viz import overlap
+    from sdlens.viz.style import OVERLAP_COLOURS
+
+    region = np.array([[True, True], [False, False]])
+    mask = np.array([[True, False], [True, False]])
+    fig, ax = plt.subplots()
+    overlap(ax, region, mask, region_label="map", mask_label="object")
+    shown = ax.images[0].get_array()
+    want = {(0, 0): 3, (0, 1): 1, (1, 0): 2, (1, 1): 0}  # both, region only, mask only, neither
+    for (r, c), k in want.items():
+        assert np.allclose(shown[r, c], OVERLAP_COLOURS[k]), (r, c)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["neither", "map only", "object only", "both"]
+    with pytest.raises(ValueError, match="one shape"):
+        overlap(ax, region, mask[:1])
+    plt.close(fig)
+
+
 def test_word_over_steps_starts_at_zero_and_head_grid_names_heads_across_layers():
     import matplotlib
 

@@ -42,7 +42,7 @@ from .self_attention import (
     self_attention_segments,
 )
 from .steps import denoising, step_strip, word_over_steps
-from .style import HEAT_CMAP, annotate_cells, framed_mask, outline, text_color
+from .style import HEAT_CMAP, annotate_cells, framed_mask, outline, overlap, text_color
 
 __all__ = [
     "HEAT_CMAP",
@@ -62,6 +62,7 @@ __all__ = [
     "kmeans",
     "layer_grid",
     "outline",
+    "overlap",
     "overlay",
     "overlay_frame",
     "pca_rgb",

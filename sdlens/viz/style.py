@@ -7,6 +7,8 @@
   dark ones, two decimals by default.
 - ``outline``: a mask drawn as a contour over a picture, so the picture stays visible; a mask on its
   own is drawn framed, so that white on a white page still has an edge.
+- ``overlap``: a predicted region against a true mask in four named colours with a legend (neither,
+  region only, mask only, both), never as numbers to be decoded from a colour bar.
 """
 
 from __future__ import annotations
@@ -52,3 +54,31 @@ def framed_mask(ax, mask, title: str | None = None) -> None:
         spine.set_color("0.4")
     if title is not None:
         ax.set_title(title, fontsize=9)
+
+
+# neither, region only, mask only, both: light grey, orange, blue, green (tell apart in colour-blind
+# vision too: the three colours differ in lightness as well as hue)
+OVERLAP_COLOURS = ((0.92, 0.92, 0.92), (0.96, 0.56, 0.15), (0.25, 0.45, 0.85), (0.18, 0.62, 0.30))
+OVERLAP_LABELS = ("neither", "region only", "mask only", "both")
+
+
+def overlap(ax, region, mask, *, region_label: str = "region", mask_label: str = "mask",
+            legend: bool = True) -> None:
+    """Draw boolean ``region (H, W)`` against boolean ``mask (H, W)``: each pixel in the colour of
+    neither / region only / mask only / both, framed, with a legend naming the four."""
+    from matplotlib.patches import Patch
+
+    r, m = np.asarray(region, dtype=bool), np.asarray(mask, dtype=bool)
+    if r.shape != m.shape:
+        raise ValueError(f"overlap needs a region and a mask of one shape; got {r.shape} and {m.shape}")
+    code = r.astype(int) + 2 * m.astype(int)  # 0 neither, 1 region only, 2 mask only, 3 both
+    ax.imshow(np.asarray(OVERLAP_COLOURS)[code], interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(True)
+        spine.set_color("0.4")
+    if legend:
+        labels = ("neither", f"{region_label} only", f"{mask_label} only", "both")
+        handles = [Patch(facecolor=c, edgecolor="0.4", label=t) for c, t in zip(OVERLAP_COLOURS, labels)]
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
