@@ -52,6 +52,27 @@ def iou(heat: torch.Tensor, mask: np.ndarray) -> float:
     return _localisation(heat, mask)["iou"]
 
 
+# --- notebook 4 ---------------------------------------------------------------------------------
+
+
+def test_nb4_s2_causal_text_encoder_slots_before_a_word_are_untouched_padding_faintly_moved(pipe):
+    """04_transformers_inside, section 2 (the causal mask, measured): changing the last word changes
+    nothing before it; the end and padding slots change, but by about a hundredth of the word's
+    own change (notebook 5, section 2 leans on this too)."""
+    from sdlens.tokens import tokenize
+
+    p1, p2 = "a red circle on the left", "a red circle on the right"
+    ids = pipe.tokenizer([p1, p2], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        e = pipe.text_encoder(ids)[0].float()
+    change = (e[0] - e[1]).norm(dim=-1)
+    t = tokenize(p1, pipe.tokenizer)
+    last = t.word_tokens[-1][0]
+    assert change[:last].max() < 1e-5
+    ratio = float(change[t.n_real:].mean() / change[last])
+    assert 0.001 < ratio < 0.03, ratio
+
+
 # --- notebook 1 ---------------------------------------------------------------------------------
 
 
