@@ -331,6 +331,28 @@ def test_nb6_s4b_cross_attention_decides_where_self_attention_does_not(pipe):
         assert [(d.color, d.shape, d.position) for d in swapped_cross] == [(want_b.color, want_b.shape, want_a.position)]
 
 
+@torch.no_grad()
+def test_nb3_s3_a_hand_written_loop_gives_the_pipelines_latent(pipe):
+    """03_diffusion, section 3: "write the sampling loop by hand and check that it gives exactly
+    the pipeline's image": text encoder, seeded noise, UNet on both halves, guidance, scheduler step,
+    against ``pipe(..., output_type="latent")`` (1e-4, float32)."""
+    import copy
+
+    prompt, steps, w = "a blue square on the left and a red circle on the right", 20, 7.5
+    theirs = pipe(prompt, num_inference_steps=steps, guidance_scale=w, generator=torch.Generator("cpu").manual_seed(0),
+                  output_type="latent").images
+    scheduler = copy.deepcopy(pipe.scheduler)
+    ids = pipe.tokenizer(["", prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    context = pipe.text_encoder(ids)[0]  # (2, 77, width): the unconditional row first
+    shape = (1, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    x = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(0)) * scheduler.init_noise_sigma
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        uncond, cond = pipe.unet(scheduler.scale_model_input(torch.cat([x, x]), t), t, context).sample.chunk(2)
+        x = scheduler.step(uncond + w * (cond - uncond), t, x).prev_sample
+    assert (x - theirs).abs().max() < 1e-4
+
+
 def test_nb3_s5_dpm_solver_is_closest_and_pndm_fails_with_few_steps(pipe):
     """03_diffusion, section 5: against 50 DPM-Solver++ steps, DPM-Solver++ is the closest and PNDM
     the farthest at 5, 10 and 20 steps; DDIM, Euler and DPM-Solver++ draw the caption at 5 steps,
