@@ -1,7 +1,8 @@
 """The one error type of sdlens: a choice that cannot be satisfied, with the valid choices named.
 
 Every bad argument — a word not in the prompt, a layer, step or head that was not captured, a
-spec the model cannot give, an unreadable trace file — raises ``CaptureError`` (a ``ValueError``),
+spec the model cannot give, an unreadable trace file, an edit that cannot be made — raises
+``CaptureError`` (a ``ValueError``; edits raise its subclass ``EditError``),
 whose message says what was wrong and what would be valid.
 """
 
@@ -22,6 +23,11 @@ class BudgetError(CaptureError):
     """The capture would take more memory than ``max_bytes`` allows."""
 
 
+class EditError(CaptureError):
+    """An attention edit that cannot be made as asked (prompts that do not align, a word not in the
+    prompt, a step fraction outside [0, 1], ...); raised before any denoising."""
+
+
 class TraceWarning(UserWarning):
     """A traced run that kept less than was asked for (no step at all, or steps the run never made)."""
 
@@ -34,4 +40,4 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     warnings.warn(message, category, stacklevel=level)
 
 
-__all__ = ["BudgetError", "CaptureError", "TraceWarning", "warn"]
+__all__ = ["BudgetError", "CaptureError", "EditError", "TraceWarning", "warn"]

@@ -1,0 +1,292 @@
+"""The editing entry points: ``replace``, ``refine``, ``reweight`` and ``inject_self``.
+
+Each runs the base prompt and the edited prompt(s) as one batch from one starting noise (seeded as
+a plain ``pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed))`` would draw it), with
+the edit's controllers (and, when asked, a capture) attached to the pipeline's attention layers.
+Every argument is checked before any denoising; the pipeline's processors are restored whatever
+happens (``sdlens.hooks.attach``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..capture.controller import Capture
+from ..capture.spec import CaptureSpec
+from ..errors import EditError
+from ..hooks.attach import attach
+from ..hooks.layers import attention_layers, denoiser_of
+from ..hooks.processor import Controller
+from ..result.attention_trace import AttentionTrace
+from ..tokens import Tokenization, tokenize
+from .align import Alignment, align
+from .blend import Blend, BlendMask
+from .controllers import CrossEdit, MutualSelfAttention, SelfInject
+from .inversion import Inversion, invert
+from .steps import window, word_windows
+
+# arguments the edit sets itself; passing them would silently change what the edit compares
+_RESERVED = ("prompt", "latents", "num_images_per_prompt", "prompt_embeds", "negative_prompt_embeds", "generator")
+
+
+@dataclass
+class EditResult:
+    """What an edit returns.
+
+    Attributes:
+        images: the base image first (with ``image=``, the reconstruction of that image), then one
+            per edited prompt; in the pipeline's ``output_type`` (PIL images by default).
+        settings: what was applied, defaults filled in.
+        trace: the ``AttentionTrace`` of the run when ``trace`` was asked: one trace whose prompts are
+            the branches (``prompt=0`` the base, ``1`` the first edit, ...).
+        masks: the local blend's last masks ``(edits, 1, h, w)`` at the latent's size (None without blend).
+        reconstruction_error: with ``image=``: the mean absolute difference, in 0..1 pixel values,
+            between the given image and the base branch's reconstruction of it.
+    """
+
+    images: list
+    settings: dict
+    trace: AttentionTrace | None = None
+    masks: torch.Tensor | None = None
+    reconstruction_error: float | None = None
+    inversion: Inversion | None = field(default=None, repr=False)
+
+
+def _prompts(base, targets) -> tuple[str, list[str]]:
+    targets = [targets] if isinstance(targets, str) else list(targets) if targets is not None else []
+    for name, p in [("base", base)] + [("target", t) for t in targets]:
+        if not isinstance(p, str) or not p.strip():
+            raise EditError(f"the {name} prompt must be a non-empty str; got {p!r}")
+    if not targets:
+        raise EditError("an edit needs at least one target prompt")
+    return base, targets
+
+
+def _weights(weights, targets: list[Tokenization]) -> list[torch.Tensor | None]:
+    """``{word: factor}`` as a per-slot factor vector for each target prompt."""
+    if weights is None:
+        return [None] * len(targets)
+    if not isinstance(weights, dict) or not weights:
+        raise EditError(f"weights must be a dict {{word: factor}}; got {weights!r}")
+    out = []
+    for t in targets:
+        vec = torch.ones(len(t.ids))
+        for word, factor in weights.items():
+            if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor >= 0:
+                raise EditError(f"weights[{word!r}] must be a number ≥ 0; got {factor!r}")
+            try:
+                index = t.word_index(word)
+            except ValueError as e:
+                raise EditError(f"weights: {e}") from None
+            vec[t.word_tokens[index]] = float(factor)
+        out.append(vec)
+    return out
+
+
+def _check_processors(denoiser, names: list[str]) -> None:
+    procs = denoiser.attn_processors
+    bad = sorted({type(procs[f"{n}.processor"]).__name__ for n in names} - {"AttnProcessor2_0"})
+    if bad:
+        raise EditError(f"attention is edited only on diffusers' AttnProcessor2_0, and this model's layers run {bad}; "
+                        "pipe.unet.set_attn_processor(AttnProcessor2_0()) installs it")
+
+
+def _latent_size(pipe, kwargs) -> tuple[int, int]:
+    unet = pipe.unet
+    f = pipe.vae_scale_factor
+    default = unet.config.sample_size * f
+    return int(kwargs.get("height") or default) // f, int(kwargs.get("width") or default) // f
+
+
+def _noise(pipe, seed: int, latent: tuple[int, int]) -> torch.Tensor:
+    from diffusers.utils.torch_utils import randn_tensor
+
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise EditError(f"seed must be an int; got {seed!r}")
+    dtype = pipe.text_encoder.dtype if getattr(pipe, "text_encoder", None) is not None else pipe.unet.dtype
+    shape = (1, pipe.unet.config.in_channels, *latent)
+    return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), device=pipe._execution_device,
+                        dtype=dtype)
+
+
+def edit(pipe, base: str, targets, *, kind: str | None, seed: int = 0, cross_steps=0.8, self_steps=0.4,
+         self_max_size: int = 32, mutual: bool = False, blend=None, weights=None, image=None, trace=False,
+         **pipe_kwargs) -> EditResult:
+    """The one function behind ``replace``, ``refine``, ``reweight`` and ``inject_self``.
+
+    ``kind``: ``"replace"`` or ``"refine"`` (how the edited prompt's cross-attention slots align
+    with the base's), or None (cross-attention untouched: only ``weights`` may act on it).
+    """
+    base, targets = _prompts(base, targets)
+    reserved = sorted(set(pipe_kwargs) & set(_RESERVED))
+    if reserved:
+        raise EditError(f"{reserved} cannot be passed to an edit: it sets the prompts and the starting noise itself "
+                        "(use seed=, and image= for a real image)")
+    if getattr(pipe, "unet", None) is None or getattr(pipe, "tokenizer", None) is None:
+        raise EditError(f"attention edits support UNet pipelines (SD 1.x/2.x, SDXL); {type(pipe).__name__} has no "
+                        "unet and tokenizer (SD 3's joint attention is not supported yet)")
+    denoiser = denoiser_of(pipe)
+    layers = attention_layers(denoiser)
+    if any(i.role == "joint" for i in layers):
+        raise EditError("attention edits do not support joint (SD 3) attention yet; valid: SD 1.x/2.x/SDXL UNets")
+    latent = _latent_size(pipe, pipe_kwargs)
+    cross_layers = [i for i in layers if i.role == "cross"]
+    cross_sizes = sorted({max(i.map_size(latent)) for i in cross_layers})
+
+    base_tok = tokenize(base, pipe.tokenizer)
+    target_toks = [tokenize(t, pipe.tokenizer) for t in targets]
+    weight_vecs = _weights(weights, target_toks)
+    controllers: list[Controller] = []
+    settings: dict = {"kind": kind or "self", "base": base, "targets": targets, "seed": seed}
+
+    if kind is not None or weights is not None:
+        alignments: list[Alignment] = [align(base_tok, t, kind or "refine") for t in target_toks]
+        windows = [word_windows(cross_steps if kind is not None else 0.0, t) for t in target_toks]
+        controllers.append(CrossEdit(alignments, windows, weight_vecs))
+        settings["cross_steps"] = cross_steps if kind is not None else 0.0
+        settings["swapped"] = [a.swapped for a in alignments]
+        settings["added"] = [a.added for a in alignments]
+        _check_processors(denoiser, [i.name for i in cross_layers])
+    else:
+        settings["cross_steps"] = 0.0
+    settings["weights"] = dict(weights) if weights else None
+
+    steps = window(self_steps, "self_steps")
+    if not isinstance(self_max_size, int) or isinstance(self_max_size, bool) or self_max_size < 1:
+        raise EditError(f"self_max_size must be a positive int (a map side); got {self_max_size!r}")
+    self_layers = [i.name for i in layers if i.role == "self" and max(i.map_size(latent)) <= self_max_size]
+    settings.update(self_steps=steps, self_max_size=self_max_size, mutual=bool(mutual))
+    if steps[1] > steps[0]:
+        if not self_layers:
+            sizes = sorted({max(i.map_size(latent)) for i in layers if i.role == "self"})
+            raise EditError(f"no self-attention layer has maps of side ≤ self_max_size={self_max_size}; this model's "
+                            f"self-attention map sides at this size: {sizes}")
+        _check_processors(denoiser, self_layers)
+        cls = MutualSelfAttention if mutual else SelfInject
+        controllers.append(cls(len(targets), steps, self_max_size))
+    settings["self_layers"] = self_layers if steps[1] > steps[0] else []
+
+    blend_spec = Blend.of(blend)
+    mask = None
+    if blend_spec is not None:
+        slots = blend_spec.check([base_tok, *target_toks], cross_sizes)
+        mask = BlendMask(blend_spec, slots)
+        controllers.append(mask)
+        settings["blend"] = asdict(blend_spec)
+    else:
+        settings["blend"] = None
+
+    capture = None
+    if trace:
+        spec = CaptureSpec() if trace is True else CaptureSpec(**trace) if isinstance(trace, dict) else None
+        if spec is None:
+            raise EditError(f"trace must be True or a dict of sdlens.trace's arguments; got {trace!r}")
+        capture = Capture(spec)
+        controllers.append(capture)
+
+    inversion = None
+    if image is not None:
+        inversion = invert(pipe, image, base, latent, **{k: v for k, v in pipe_kwargs.items()
+                                                        if k in ("num_inference_steps", "guidance_scale")})
+        start = inversion.latent
+        settings["image"] = {"size": inversion.size, "inversion": inversion.method}
+    else:
+        start = _noise(pipe, seed, latent)
+    settings.update({k: v for k, v in pipe_kwargs.items() if isinstance(v, (int, float, str, bool, type(None)))})
+
+    call = dict(pipe_kwargs)
+    n = 1 + len(targets)
+    if mask is not None:
+        user_callback = call.pop("callback_on_step_end", None)
+
+        def blend_step(p, i, t, kwargs):
+            out = {"latents": mask.apply(i, kwargs["latents"])}
+            if user_callback is not None:
+                out.update(user_callback(p, i, t, {**kwargs, **out}) or {})
+            return out
+
+        call["callback_on_step_end"] = blend_step
+        call["callback_on_step_end_tensor_inputs"] = ["latents"]
+    scheduler = pipe.scheduler
+    if inversion is not None:  # sample with the DDIM scheduler the image was inverted for
+        pipe.scheduler = inversion.scheduler
+    try:
+        if not controllers:  # nothing to hook (an edit with every window empty): a plain batch
+            out = pipe([base, *targets], latents=start.repeat(n, 1, 1, 1), **call)
+        else:
+            with attach(pipe, controllers):
+                out = pipe([base, *targets], latents=start.repeat(n, 1, 1, 1), **call)
+    finally:
+        pipe.scheduler = scheduler
+    result = EditResult(list(out.images), settings, capture.trace if capture is not None else None,
+                        mask.masks if mask is not None else None, inversion=inversion)
+    if inversion is not None:
+        result.reconstruction_error = inversion.error(result.images[0])
+    return result
+
+
+def replace(pipe, base: str, target, *, seed: int = 0, cross_steps=0.8, self_steps=0.4, self_max_size: int = 32,
+            blend=None, weights=None, image=None, trace=False, **pipe_kwargs) -> EditResult:
+    """Word swap (Prompt-to-Prompt): the edited prompt's cross-attention maps are the base's.
+
+    Args:
+        pipe: a diffusers SD 1.x/2.x/SDXL pipeline (or the built-in model, ``sdlens.load_pipeline()``).
+        base: the base prompt. With ``image=`` it describes that image.
+        target: the edited prompt (or a list of them), with as many words as ``base``: word ``i`` of
+            the target takes the map of word ``i`` of the base (word by word, whatever their token counts).
+        seed: the starting noise, as ``pipe(base, generator=torch.Generator("cpu").manual_seed(seed))`` draws it.
+        cross_steps: when the maps are copied: a fraction of the steps from the start (0.8: the first
+            80%), a ``(start, end)`` pair, or a dict ``{target word: fraction or pair, "default": ...}``.
+        self_steps: when the base's self-attention maps are copied too (sides ≤ ``self_max_size``).
+        blend: local blend: a word, a list of words, a dict or a ``Blend``; only where those words
+            are does the edit change the base.
+        weights: ``{target word: factor}``: scale those words' attention in the edited branch.
+        image: a real image (PIL, ``(H, W, 3)`` array or ``(3, H, W)`` tensor) to edit instead of a
+            generated one: DDIM-inverted with ``base`` first.
+        trace: True (or a dict of ``sdlens.trace`` arguments) to capture the run's attention.
+        **pipe_kwargs: passed to the pipeline (``num_inference_steps``, ``guidance_scale``, ``height``, ...).
+
+    Returns an ``EditResult``: ``.images`` (base first), ``.settings``, ``.trace``, ``.masks``.
+
+    Example::
+
+        result = sdlens.edit.replace(pipe, "a red circle", "a blue circle", seed=3)
+        result.images[0], result.images[1]   # the base, and the same scene with a blue circle
+    """
+    return edit(pipe, base, target, kind="replace", seed=seed, cross_steps=cross_steps, self_steps=self_steps,
+                self_max_size=self_max_size, blend=blend, weights=weights, image=image, trace=trace, **pipe_kwargs)
+
+
+def refine(pipe, base: str, target, *, seed: int = 0, cross_steps=0.8, self_steps=0.4, self_max_size: int = 32,
+           blend=None, weights=None, image=None, trace=False, **pipe_kwargs) -> EditResult:
+    """Refinement (Prompt-to-Prompt): words added to or removed from the base prompt.
+
+    The words both prompts share keep the base's maps; added words keep their own. Arguments as
+    ``replace``.
+    """
+    return edit(pipe, base, target, kind="refine", seed=seed, cross_steps=cross_steps, self_steps=self_steps,
+                self_max_size=self_max_size, blend=blend, weights=weights, image=image, trace=trace, **pipe_kwargs)
+
+
+def reweight(pipe, prompt: str, weights: dict, *, seed: int = 0, cross_steps=0.8, self_steps=0.4,
+             self_max_size: int = 32, blend=None, image=None, trace=False, **pipe_kwargs) -> EditResult:
+    """Attention reweighting (Prompt-to-Prompt's equalizer): ``prompt`` again, with the attention of
+    the words in ``weights`` (``{"big": 2.0}``) scaled in the edited branch; the base's maps are
+    kept for ``cross_steps`` and its self-attention for ``self_steps``, so the scene stays."""
+    return edit(pipe, prompt, prompt, kind="replace", seed=seed, cross_steps=cross_steps, self_steps=self_steps,
+                self_max_size=self_max_size, blend=blend, weights=weights, image=image, trace=trace, **pipe_kwargs)
+
+
+def inject_self(pipe, base: str, target, *, seed: int = 0, self_steps=0.5, self_max_size: int = 32,
+                mutual: bool = False, blend=None, weights=None, image=None, trace=False, **pipe_kwargs) -> EditResult:
+    """Self-attention injection (Free-Prompt-Editing): the base's self-attention maps (sides ≤
+    ``self_max_size``) are copied into the edited branch for ``self_steps``; cross-attention is
+    left alone, so any target prompt works. ``mutual=True``: instead, the edited branch's queries
+    read the base's keys and values (MasaCtrl's mutual self-attention)."""
+    return edit(pipe, base, target, kind=None, seed=seed, self_steps=self_steps, self_max_size=self_max_size,
+                mutual=mutual, blend=blend, weights=weights, image=image, trace=trace, **pipe_kwargs)
+
+
+__all__ = ["EditResult", "edit", "inject_self", "refine", "replace", "reweight"]
