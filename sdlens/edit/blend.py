@@ -4,7 +4,8 @@ While the edit runs, ``BlendMask`` observes the cross-attention of the blend wor
 branch's conditional row (the maps each branch computes itself, before any edit), at the layers
 of one map size, and sums them over the steps so far. After each scheduler step the mask of a
 branch is that sum, max-pooled over 3×3 cells (so that it closes small gaps), resized to the
-latent, divided by its maximum and thresholded; an edited latent keeps the base latent outside
+latent, scaled to 0..1 (min to max) and thresholded (the region at or above ``threshold``); an
+edited latent keeps the base latent outside
 the union of its own mask and the base's:
 
     x_edit ← x_base + mask · (x_edit − x_base)
@@ -32,11 +33,11 @@ from .steps import in_window, window
 @dataclass(frozen=True)
 class Blend:
     """What a local blend uses: ``words`` (looked up in every prompt that has them), the ``threshold``
-    on the max-normalised map (0..1), the map ``size`` (a side the model's cross-attention layers
+    on the min-max normalised map (0..1; 0 keeps the whole edit), the map ``size`` (a side the model's cross-attention layers
     have; None: every cross-attention layer), and the fraction of the steps where it ``start``s."""
 
     words: tuple[str, ...]
-    threshold: float = 0.3
+    threshold: float = 0.5
     size: int | None = None
     start: float = 0.2
     pool: int = 1  # max-pooling radius in map cells (3×3)
@@ -133,8 +134,10 @@ class BlendMask(Controller):
         r = self.blend.pool
         m = F.max_pool2d(self.total[:, None], 2 * r + 1, stride=1, padding=r) if r else self.total[:, None]
         m = F.interpolate(m, size=latents.shape[-2:], mode="bilinear", align_corners=False)
-        m = m / m.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
-        m = (m > self.blend.threshold).float()
+        lo = m.flatten(1).amin(1)[:, None, None, None]
+        hi = m.flatten(1).amax(1)[:, None, None, None]
+        m = (m - lo) / (hi - lo).clamp_min(1e-12)  # min-max: a word read everywhere a little still has a region
+        m = (m >= self.blend.threshold).float()
         self.masks = torch.maximum(m[:1], m[1:])  # each edit: its own region or the base's
         mask = self.masks.to(latents.device, latents.dtype)
         base = latents[:1]

@@ -134,8 +134,8 @@ class MutualSelfAttention(SelfInject):
     def qkv(self, call: Call, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None):
         k, v = k.clone(), v.clone()
         for base, edited in self.rows:
-            k[edited] = k[base]
-            v[edited] = v[base]
+            k[edited] = k[base].clone()
+            v[edited] = v[base].clone()
         return q, k, v
 
 

@@ -13,6 +13,7 @@ sampling at a higher guidance drifts from the image, and the reconstruction erro
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +79,18 @@ def as_image_array(image, size: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def ddim_pair(scheduler) -> tuple[DDIMScheduler, DDIMInverseScheduler]:
+    """A DDIM sampler and its inverse on ``scheduler``'s noise schedule, both with "trailing" timesteps
+    (the inverse scheduler takes no "linspace"; "trailing" reaches t = T - 1, pure noise, at its end)."""
+
+    def own(cls) -> dict:
+        keys = inspect.signature(cls.__init__).parameters
+        # latents are not in [-1, 1]: DDIM's default clipping of the predicted x0 would wreck them
+        return {k: v for k, v in scheduler.config.items() if k in keys} | {"timestep_spacing": "trailing", "clip_sample": False}
+
+    return DDIMScheduler.from_config(own(DDIMScheduler)), DDIMInverseScheduler.from_config(own(DDIMInverseScheduler))
+
+
 @torch.no_grad()
 def invert(pipe, image, prompt: str, latent_size: tuple[int, int], *, num_inference_steps: int = 50,
            guidance_scale: float | None = None) -> Inversion:
@@ -93,8 +106,7 @@ def invert(pipe, image, prompt: str, latent_size: tuple[int, int], *, num_infere
     ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids.to(device)
     context = pipe.text_encoder(ids)[0].to(dtype)
-    sampler = DDIMScheduler.from_config(pipe.scheduler.config)
-    inverse = DDIMInverseScheduler.from_config(sampler.config)
+    sampler, inverse = ddim_pair(pipe.scheduler)
     inverse.set_timesteps(num_inference_steps, device=device)
     latent = z.to(dtype)
     for t in inverse.timesteps:
@@ -103,4 +115,4 @@ def invert(pipe, image, prompt: str, latent_size: tuple[int, int], *, num_infere
     return Inversion(latent, arr, sampler, num_inference_steps)
 
 
-__all__ = ["Inversion", "as_image_array", "invert"]
+__all__ = ["Inversion", "as_image_array", "ddim_pair", "invert"]

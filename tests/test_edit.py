@@ -1,0 +1,261 @@
+"""sdlens.edit: each edit's base branch is a plain generation, empty edits are plain generations of
+the target, the copied maps are the base's (read back through a capture), bad input is refused
+before any denoising with the pipeline left as it was."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sdlens
+from sdlens import edit
+from sdlens.errors import EditError
+from sdlens.tokens import tokenize
+
+KW = {"num_inference_steps": 6, "guidance_scale": 7.5, "output_type": "np"}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return sdlens.load_pipeline()
+
+
+def plain(pipe, prompt, seed=0, **kw):
+    return pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **{**KW, **kw}).images[0]
+
+
+def untouched(pipe):
+    """A snapshot of what an edit must leave as it found it."""
+    return dict(pipe.unet.attn_processors), pipe.scheduler, vars(pipe).get("encode_prompt")
+
+
+# ------------------------------------------------------------------ alignment
+
+
+def test_replace_alignment_maps_word_to_word_across_token_counts():
+    base = tokenize("a photorealistic red circle")  # "photorealistic" takes two tokens
+    target = tokenize("a blue red circle")
+    a = edit.replace_alignment(base, target)
+    m = a.matrix
+    # the two tokens of "photorealistic" (slots 2, 3) both feed "blue" (slot 2), whole
+    assert m[2, 2] == 1 and m[3, 2] == 1
+    # later words shift by one slot: "red" 4 -> 3, "circle" 5 -> 4, the end 6 -> 5
+    assert m[4, 3] == 1 and m[5, 4] == 1 and m[6, 5] == 1
+    # every base slot hands on all of its probability
+    torch.testing.assert_close(m.sum(1), torch.ones(77))
+    assert a.swapped == [("photorealistic", "blue")]
+    # a one-token word swapped for a two-token word: half to each
+    b = edit.replace_alignment(target, base)
+    assert b.matrix[2, 2] == 0.5 and b.matrix[2, 3] == 0.5
+
+
+def test_replace_alignment_names_the_unmatched_words():
+    with pytest.raises(EditError, match=r"unmatched words \[\] in the base and \['big'\] in the target.*refine"):
+        edit.replace_alignment(tokenize("a red circle"), tokenize("a big red circle"))
+
+
+def test_refine_alignment_keeps_shared_words_and_leaves_new_ones_their_own_maps():
+    a = edit.refine_alignment(tokenize("a red circle"), tokenize("a big red circle"))
+    assert a.added == ["big"]
+    assert not a.aligned[2]  # "big" keeps its own map
+    assert a.matrix[2, 3] == 1 and a.matrix[3, 4] == 1  # red, circle shift by one
+    assert a.aligned[[0, 1, 3, 4, 5]].all()
+    with pytest.raises(EditError, match="share none"):
+        edit.refine_alignment(tokenize("red"), tokenize("blue"))
+
+
+# ------------------------------------------------------------------ equalities with plain generations
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: edit.replace(p, "a red circle", "a blue circle", **KW),
+    lambda p: edit.refine(p, "a red circle", "a big red circle", **KW),
+    lambda p: edit.reweight(p, "a red circle", {"circle": 2.0}, **KW),
+    lambda p: edit.inject_self(p, "a red circle", "a blue square", **KW),
+    lambda p: edit.inject_self(p, "a red circle", "a blue square", mutual=True, **KW),
+    lambda p: edit.replace(p, "a red circle", "a blue circle", blend="circle", **KW),
+], ids=["replace", "refine", "reweight", "inject_self", "mutual", "blend"])
+def test_the_base_branch_is_a_plain_generation_of_the_base_prompt(pipe, make):
+    before = untouched(pipe)
+    result = make(pipe)
+    assert np.abs(result.images[0] - plain(pipe, "a red circle")).max() <= 1e-4
+    assert untouched(pipe) == before
+
+
+def test_empty_windows_give_a_plain_generation_of_the_target(pipe):
+    result = edit.replace(pipe, "a red circle on the left", "a blue square on the left", cross_steps=0, self_steps=0, **KW)
+    assert np.abs(result.images[1] - plain(pipe, "a blue square on the left")).max() <= 1e-4
+    # and an edit that acts changes the picture
+    acted = edit.replace(pipe, "a red circle on the left", "a blue square on the left", **KW)
+    assert np.abs(acted.images[1] - result.images[1]).max() > 0.05
+
+
+def test_weights_of_one_change_nothing(pipe):
+    a = edit.replace(pipe, "a big red circle", "a big blue circle", **KW)
+    b = edit.replace(pipe, "a big red circle", "a big blue circle", weights={"big": 1.0, "blue": 1.0}, **KW)
+    assert np.abs(a.images[1] - b.images[1]).max() <= 1e-4  # the weighted run computes every step explicitly
+    c = edit.reweight(pipe, "a big red circle", {"big": 1.0}, **KW)
+    assert np.abs(c.images[1] - c.images[0]).max() <= 1e-4
+    d = edit.reweight(pipe, "a big red circle", {"big": 3.0}, **KW)
+    assert np.abs(d.images[1] - d.images[0]).max() > 0.01
+
+
+def test_replace_copies_the_base_maps_into_the_edited_branch(pipe):
+    """Read back through a capture: with cross_steps=1, every cross-attention map of the edited
+    prompt equals the base prompt's (one token per word, so the mapping is the identity), and with
+    cross_steps=0 they differ; the capture does not change the images."""
+    r = edit.replace(pipe, "a red circle", "a blue square", cross_steps=1.0, self_steps=0, trace=True, **KW)
+    tr = r.trace
+    assert tr.prompts == ["a red circle", "a blue square"]
+    for layer in tr.layers_of("cross"):
+        maps = tr.maps(layer, "cross").float()  # (steps, rows, heads, h, w, slots)
+        torch.testing.assert_close(maps[:, 1], maps[:, 0], atol=2e-3, rtol=0)  # stored in float16
+    alone = edit.replace(pipe, "a red circle", "a blue square", cross_steps=1.0, self_steps=0, **KW)
+    assert np.abs(alone.images[1] - r.images[1]).max() <= 1e-5
+    off = edit.replace(pipe, "a red circle", "a blue square", cross_steps=0, self_steps=0, trace=True, **KW).trace
+    layer = off.layers_of("cross")[0]
+    assert (off.maps(layer, "cross")[:, 1].float() - off.maps(layer, "cross")[:, 0].float()).abs().max() > 1e-2
+
+
+def test_per_word_windows_and_pairs(pipe):
+    r = edit.replace(pipe, "a red circle", "a blue circle", cross_steps={"blue": (0.0, 0.5), "default": 1.0},
+                     self_steps=(0.1, 0.3), **KW)
+    assert r.settings["self_steps"] == (0.1, 0.3)
+    assert r.settings["cross_steps"] == {"blue": (0.0, 0.5), "default": 1.0}
+
+
+def test_blend_keeps_the_base_latent_outside_the_mask_at_every_blended_step(pipe):
+    base, target = "a red circle on the left", "a blue circle on the left"
+    seen = []
+
+    def record(p, i, t, kwargs):  # called after the blend, with the blended latents
+        seen.append((i, kwargs["latents"].clone()))
+        return {}
+
+    r = edit.replace(pipe, base, target, blend={"words": ["circle"], "start": 0.5}, callback_on_step_end=record, **KW)
+    mask = r.masks[0, 0]  # the last step's mask (it only grows with the steps' sum here: compare the last step)
+    assert 0 < float(mask.mean()) < 0.6  # a region around the circle, not the whole latent
+    i, last = seen[-1]
+    assert i == KW["num_inference_steps"] - 1
+    outside = (last[1] - last[0]).abs() * (1 - mask)
+    assert outside.max() == 0
+    assert ((last[1] - last[0]).abs() * mask).max() > 0.1  # inside, the edit
+    # before the start, no blending: the branches differ outside the (later) mask too
+    first = seen[0][1]
+    assert ((first[1] - first[0]).abs() * (1 - mask)).max() > 0
+    # threshold 0 keeps the whole edit: the same as no blend
+    everything = edit.replace(pipe, base, target, blend={"words": ["circle"], "threshold": 0.0}, **KW)
+    free = edit.replace(pipe, base, target, **KW)
+    assert np.abs(everything.images[1] - free.images[1]).max() <= 1e-5
+
+
+def test_capture_and_edit_together_give_the_edit_alone(pipe):
+    args = ("a red circle on the left", "a blue circle on the left")
+    with sdlens.trace(pipe) as _:
+        pass  # an unused trace leaves nothing behind
+    a = edit.replace(pipe, *args, blend="circle", **KW)
+    b = edit.replace(pipe, *args, blend="circle", trace={"self_attn": True, "layers": 8}, **KW)
+    assert np.abs(a.images[1] - b.images[1]).max() <= 1e-5
+    assert tuple(b.trace.kinds) == ("cross", "self")
+
+
+def test_non_square_and_several_targets(pipe):
+    r = edit.replace(pipe, "a red circle", ["a blue circle", "a green circle"], height=64, width=96, **KW)
+    assert len(r.images) == 3 and r.images[0].shape == (64, 96, 3)
+    assert np.abs(r.images[0] - plain(pipe, "a red circle", height=64, width=96)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_runs_and_keeps_the_base(sd1_pipe, dtype):
+    pipe = sd1_pipe.to(dtype=dtype)
+    try:
+        r = edit.replace(pipe, "a red circle", "a blue circle", blend="circle", num_inference_steps=3, output_type="np")
+        p = pipe("a red circle", num_inference_steps=3, output_type="np",
+                 generator=torch.Generator("cpu").manual_seed(0)).images[0]
+        assert np.isfinite(r.images).all()
+        # half precision: the edited layers' float32 softmax differs from SDPA's in the last bits,
+        # which random weights amplify; the base stays close
+        assert np.abs(r.images[0] - p).max() <= 0.1
+    finally:
+        sd1_pipe.to(dtype=torch.float32)
+
+
+# ------------------------------------------------------------------ real images
+
+
+def test_a_rendered_image_is_inverted_reconstructed_and_edited(pipe):
+    from sdlens.world import analyze, parse_caption, render
+
+    scene = render(parse_caption("a red circle on the left"), size=64, seed=0)
+    r = edit.replace(pipe, "a red circle on the left", "a blue circle on the left", image=scene.image,
+                     num_inference_steps=20, guidance_scale=1.0, output_type="np")
+    assert r.reconstruction_error < 0.05, r.reconstruction_error
+    found = analyze((r.images[0] * 255).round().astype(np.uint8))
+    assert [(d.color, d.shape) for d in found] == [("red", "circle")]
+    assert r.settings["image"]["inversion"] == "ddim"
+    edited = analyze((r.images[1] * 255).round().astype(np.uint8))
+    assert [(d.color, d.shape) for d in edited] == [("blue", "circle")]
+
+
+def test_real_image_edit_puts_the_scheduler_back(pipe):
+    from sdlens.world import parse_caption, render
+
+    before = untouched(pipe)
+    image = render(parse_caption("a red circle"), size=64, seed=0).image
+    edit.replace(pipe, "a red circle", "a blue circle", image=image, num_inference_steps=4, output_type="np")
+    assert untouched(pipe) == before
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda p: edit.replace(p, "a red circle", "a blue circle", cross_steps=1.5), r"fractions must lie in \[0, 1\]"),
+    (lambda p: edit.replace(p, "a red circle", "a blue circle", self_steps=(0.5, 0.2)), "start ≤ end"),
+    (lambda p: edit.replace(p, "a red circle", "a blue circle", cross_steps="all"), "fraction of the steps"),
+    (lambda p: edit.replace(p, "a red circle", "a blue circle", cross_steps={"green": 0.5}), "'green' is not a word"),
+    (lambda p: edit.reweight(p, "a red circle", {"big": 2.0}), "'big' is not a word"),
+    (lambda p: edit.reweight(p, "a red circle", {"red": -1}), "number ≥ 0"),
+    (lambda p: edit.replace(p, "a red circle", "a blue circle", blend="square"), "in none of the prompts"),
+    (lambda p: edit.replace(p, "a red circle", "a blue circle", blend={"words": "circle", "size": 32}),
+     r"valid: \[8, 16\]"),
+    (lambda p: edit.replace(p, "a red circle", "a big blue circle"), "unmatched words"),
+    (lambda p: edit.replace(p, "a red circle", "a blue circle", latents=None), "cannot be passed"),
+    (lambda p: edit.replace(p, "a red circle", "a blue circle", self_max_size=4), "self_max_size=4"),
+    (lambda p: edit.replace(p, "a red circle", "a blue circle", image=np.zeros((32, 32, 3), np.uint8)), "32×32"),
+    (lambda p: edit.replace(p, "a red circle", "a blue circle", image=np.zeros((64, 64), np.uint8)), r"\(H, W, 3\)"),
+    (lambda p: edit.replace(p, "", "a blue circle"), "non-empty"),
+])
+def test_bad_input_is_refused_before_denoising_and_leaves_the_pipeline_as_it_was(pipe, call, message):
+    before = untouched(pipe)
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=message):
+            call(pipe)
+    finally:
+        handle.remove()
+    assert calls == [] and untouched(pipe) == before
+
+
+def test_pil_image_mode_is_checked(pipe):
+    from PIL import Image
+
+    with pytest.raises(EditError, match="mode 'L'"):
+        edit.replace(pipe, "a red circle", "a blue circle", image=Image.new("L", (64, 64)))
+
+
+def test_processors_are_restored_after_an_exception_mid_run(pipe):
+    before = untouched(pipe)
+
+    def boom(p, i, t, kwargs):
+        if i == 2:
+            raise KeyboardInterrupt
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        edit.replace(pipe, "a red circle", "a blue circle", blend="circle", callback_on_step_end=boom, **KW)
+    assert untouched(pipe) == before
+    # and the pipeline still generates as before
+    assert np.abs(edit.replace(pipe, "a red circle", "a blue circle", **KW).images[0] - plain(pipe, "a red circle")).max() <= 1e-4
