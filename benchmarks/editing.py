@@ -13,8 +13,9 @@ guidance 7.5. Edit types:
   gets a colour neither had;
 - ``refine-add``: a one-object caption without positions gets a second object ("… and a blue
   square"), by ``sdlens.edit.refine``;
-- ``size-up`` / ``size-down``: "a big …" with the attention of "big" scaled by 2 / 0.25
-  (``sdlens.edit.reweight``): the object must grow / shrink;
+- ``size-up`` / ``size-down``: "a big …" with the attention of "big" scaled by 10 / -8
+  (``sdlens.edit.reweight``): the object must grow / shrink (the built-in model's text encoder
+  carries most of a size word into the following slots, so its own slot needs large factors);
 - ``real-colour``: a rendered scene (not generated: the renderer's exact picture) DDIM-inverted,
   its colour swapped.
 
@@ -85,7 +86,7 @@ def cases(kind: str, n: int, rng: np.random.Generator) -> list[dict]:
         else:  # size edits: "a big ..." reweighted
             big = Obj(o.shape, o.color, None, "big")
             out.append({"base": Scene((big,)), "target": Scene((big,)), "object": 0, "seed": seed,
-                        "factor": 2.0 if kind == "size-up" else 0.25})
+                        "factor": 10.0 if kind == "size-up" else -8.0})
             continue
         target = objs.copy()
         target[k] = target_obj

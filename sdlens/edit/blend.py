@@ -1,17 +1,20 @@
 """Local blend: edit only where the chosen words are, keep the base latent everywhere else.
 
 While the edit runs, ``BlendMask`` observes the cross-attention of the blend words in every
-branch's conditional row (the maps each branch computes itself, before any edit), at the layers
+branch's conditional row (the maps the layer uses: after a replace or refine has copied the base's
+into the edited rows, as in Prompt-to-Prompt), at the layers
 of one map size, and sums them over the steps so far. After each scheduler step the mask of a
-branch is that sum, max-pooled over 3×3 cells (so that it closes small gaps), resized to the
-latent, scaled to 0..1 (min to max) and thresholded (the region at or above ``threshold``); an
+branch is that sum (max-pooled over (2·pool+1)² cells when ``pool`` is set, to close small gaps),
+resized to the latent, scaled to 0..1 (min to max) and thresholded (the region at or above ``threshold``); an
 edited latent keeps the base latent outside
 the union of its own mask and the base's:
 
     x_edit ← x_base + mask · (x_edit − x_base)
 
-This is Prompt-to-Prompt's local blend. Blending starts at a fraction of the steps (``start``),
-once the maps have settled.
+This is Prompt-to-Prompt's local blend. Blending may start at a fraction of the steps (``start``;
+Prompt-to-Prompt waits for 0.2). The defaults (threshold 0.6, no pooling, from the first step) are
+the settings that kept structure best in ``benchmarks/editing.py`` on the built-in model, whose
+objects are small: a pooled or early-waiting mask leaves room for the object to move.
 """
 
 from __future__ import annotations
@@ -37,10 +40,10 @@ class Blend:
     have; None: every cross-attention layer), and the fraction of the steps where it ``start``s."""
 
     words: tuple[str, ...]
-    threshold: float = 0.5
+    threshold: float = 0.6
     size: int | None = None
-    start: float = 0.2
-    pool: int = 1  # max-pooling radius in map cells (3×3)
+    start: float = 0.0
+    pool: int = 0  # max-pooling radius in map cells (1: 3×3); 0 keeps the mask tight
 
     @staticmethod
     def of(value) -> Blend | None:
@@ -109,8 +112,16 @@ class BlendMask(Controller):
         return [i.name for i in chosen]
 
     def qkv(self, call: Call, q: torch.Tensor, k: torch.Tensor, v):
+        if call.explicit:  # an editor forms the probabilities here: read them, edited, at ``probs``
+            return
         rows = self.rows if call.rows is None else [call.rows.index(r) for r in self.rows]
-        p = attention_probs(q[rows], k[rows], call.scale, reduce=lambda x: x.mean(1, keepdim=True))  # (B, 1, n, slots)
+        self._add(call, attention_probs(q[rows], k[rows], call.scale, reduce=lambda x: x.mean(1, keepdim=True)))
+
+    def probs(self, call: Call, p: torch.Tensor):
+        self._add(call, p[self.rows].mean(1, keepdim=True))
+
+    def _add(self, call: Call, p: torch.Tensor) -> None:
+        """Add this call's maps ``p (branches, 1, n, slots)`` of the blend words to the running sums."""
         h, w = self._size(call, p.shape[2])
         maps = torch.stack([p[b, 0][:, s].sum(-1) if s else torch.zeros(p.shape[2], device=p.device)
                             for b, s in enumerate(self.slots)]).reshape(len(self.rows), 1, h, w)

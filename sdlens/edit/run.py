@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from ..capture.controller import Capture
@@ -74,8 +75,8 @@ def _weights(weights, targets: list[Tokenization]) -> list[torch.Tensor | None]:
     for t in targets:
         vec = torch.ones(len(t.ids))
         for word, factor in weights.items():
-            if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor >= 0:
-                raise EditError(f"weights[{word!r}] must be a number ≥ 0; got {factor!r}")
+            if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not np.isfinite(factor):
+                raise EditError(f"weights[{word!r}] must be a finite number; got {factor!r}")
             try:
                 index = t.word_index(word)
             except ValueError as e:
@@ -111,7 +112,7 @@ def _noise(pipe, seed: int, latent: tuple[int, int]) -> torch.Tensor:
                         dtype=dtype)
 
 
-def edit(pipe, base: str, targets, *, kind: str | None, seed: int = 0, cross_steps=0.8, self_steps=0.4,
+def edit(pipe, base: str, targets, *, kind: str | None, seed: int = 0, cross_steps=1.0, self_steps=0.0,
          self_max_size: int = 32, mutual: bool = False, blend=None, weights=None, image=None, trace=False,
          **pipe_kwargs) -> EditResult:
     """The one function behind ``replace``, ``refine``, ``reweight`` and ``inject_self``.
@@ -227,7 +228,7 @@ def edit(pipe, base: str, targets, *, kind: str | None, seed: int = 0, cross_ste
     return result
 
 
-def replace(pipe, base: str, target, *, seed: int = 0, cross_steps=0.8, self_steps=0.4, self_max_size: int = 32,
+def replace(pipe, base: str, target, *, seed: int = 0, cross_steps=1.0, self_steps=0.0, self_max_size: int = 32,
             blend=None, weights=None, image=None, trace=False, **pipe_kwargs) -> EditResult:
     """Word swap (Prompt-to-Prompt): the edited prompt's cross-attention maps are the base's.
 
@@ -240,9 +241,13 @@ def replace(pipe, base: str, target, *, seed: int = 0, cross_steps=0.8, self_ste
         cross_steps: when the maps are copied: a fraction of the steps from the start (0.8: the first
             80%), a ``(start, end)`` pair, or a dict ``{target word: fraction or pair, "default": ...}``.
         self_steps: when the base's self-attention maps are copied too (sides ≤ ``self_max_size``).
+            The defaults (1.0 and 0) did best in ``benchmarks/editing.py`` on the built-in model, whose
+            self-attention follows the layout but does not set it (notebook 6); Prompt-to-Prompt's
+            published settings for SD 1.x are 0.8 and 0.4.
         blend: local blend: a word, a list of words, a dict or a ``Blend``; only where those words
             are does the edit change the base.
-        weights: ``{target word: factor}``: scale those words' attention in the edited branch.
+        weights: ``{target word: factor}``: scale those words' attention in the edited branch (a
+            negative factor subtracts the word's value: "less of it").
         image: a real image (PIL, ``(H, W, 3)`` array or ``(3, H, W)`` tensor) to edit instead of a
             generated one: DDIM-inverted with ``base`` first.
         trace: True (or a dict of ``sdlens.trace`` arguments) to capture the run's attention.
@@ -259,7 +264,7 @@ def replace(pipe, base: str, target, *, seed: int = 0, cross_steps=0.8, self_ste
                 self_max_size=self_max_size, blend=blend, weights=weights, image=image, trace=trace, **pipe_kwargs)
 
 
-def refine(pipe, base: str, target, *, seed: int = 0, cross_steps=0.8, self_steps=0.4, self_max_size: int = 32,
+def refine(pipe, base: str, target, *, seed: int = 0, cross_steps=1.0, self_steps=0.0, self_max_size: int = 32,
            blend=None, weights=None, image=None, trace=False, **pipe_kwargs) -> EditResult:
     """Refinement (Prompt-to-Prompt): words added to or removed from the base prompt.
 
@@ -270,7 +275,7 @@ def refine(pipe, base: str, target, *, seed: int = 0, cross_steps=0.8, self_step
                 self_max_size=self_max_size, blend=blend, weights=weights, image=image, trace=trace, **pipe_kwargs)
 
 
-def reweight(pipe, prompt: str, weights: dict, *, seed: int = 0, cross_steps=0.8, self_steps=0.4,
+def reweight(pipe, prompt: str, weights: dict, *, seed: int = 0, cross_steps=1.0, self_steps=0.0,
              self_max_size: int = 32, blend=None, image=None, trace=False, **pipe_kwargs) -> EditResult:
     """Attention reweighting (Prompt-to-Prompt's equalizer): ``prompt`` again, with the attention of
     the words in ``weights`` (``{"big": 2.0}``) scaled in the edited branch; the base's maps are
