@@ -246,37 +246,44 @@ def markdown(results: dict, times: dict) -> str:
 
 
 def targets(results: dict, times: dict) -> list[tuple[str, bool | None, str]]:
-    """Issue 15's targets: (what, met or None when not measured, the figures)."""
-    def get(kind, label):
-        return summarize(results[(kind, label)]) if (kind, label) in results else None
+    """Issue 15's targets: (what, met, the figures); a target on an edit type is met when some
+    attention method meets it (named), else the figures of the one that comes closest are shown."""
+    def summary(kind, label):
+        return summarize(results[(kind, label)])
+
+    def attention_methods(kind):
+        return [label for k, label in results if k == kind and not label.startswith("regenerate")]
+
+    def check(what, kind, ok, closeness, figures):
+        labels = attention_methods(kind)
+        if not labels:
+            return []
+        meeting = [label for label in labels if ok(summary(kind, label))]
+        best = meeting[0] if meeting else max(labels, key=lambda label: closeness(summary(kind, label)))
+        return [(f"{what} ({best})", bool(meeting), figures(summary(kind, best)))]
 
     out = []
     for kind in ("colour-1-pos", "colour-1-free"):
-        best = [(label, s) for (k, label) in results if k == kind and label != "regenerate"
-                and label != "regenerate+blend" for s in [get(k, label)]]
-        if best:
-            label, s = max(best, key=lambda x: (x[1]["success"] or 0) + (x[1]["iou"] or 0))
-            out.append((f"{kind}: success ≥ 90% with IoU ≥ 0.9 ({label})",
-                        (s["success"] or 0) >= 0.9 and (s["iou"] or 0) >= 0.9, f"{s['success']}, {s['iou']}"))
+        out += check(f"{kind}: success ≥ 90% with IoU ≥ 0.9", kind,
+                     lambda s: (s["success"] or 0) >= 0.9 and (s["iou"] or 0) >= 0.9,
+                     lambda s: min(s["success"] or 0, (s["iou"] or 0) + 0.0),
+                     lambda s: f"success {s['success']}, IoU {s['iou']}")
     for kind in ("colour-2-pos", "colour-2-free"):
-        best = [(label, get(k, label)) for (k, label) in results if k == kind and not label.startswith("regenerate")]
-        if best:
-            label, s = max(best, key=lambda x: (x[1]["success"] or 0) + (x[1].get("kept") or 0))
-            out.append((f"{kind}: success ≥ 85%, other kept ≥ 90% ({label})",
-                        (s["success"] or 0) >= 0.85 and (s.get("kept") or 0) >= 0.9, f"{s['success']}, {s.get('kept')}"))
-    best = [(label, get(k, label)) for (k, label) in results if k == "real-colour" and not label.startswith("regenerate")]
-    if best:
-        label, s = max(best, key=lambda x: (x[1]["success"] or 0) + (x[1]["iou"] or 0))
-        out.append((f"real-colour: success ≥ 80%, IoU with the true mask ≥ 0.8, reconstruction ≥ 85% ({label})",
-                    (s["success"] or 0) >= 0.8 and (s["iou"] or 0) >= 0.8 and (s.get("reconstruction") or 0) >= 0.85,
-                    f"{s['success']}, {s['iou']}, {s.get('reconstruction')}"))
-    for kind in {k for k, _ in results}:
-        base = get(kind, "regenerate")
-        if base is None:
+        out += check(f"{kind}: success ≥ 85%, other kept ≥ 90%", kind,
+                     lambda s: (s["success"] or 0) >= 0.85 and (s.get("kept") or 0) >= 0.9,
+                     lambda s: min(s["success"] or 0, s.get("kept") or 0),
+                     lambda s: f"success {s['success']}, kept {s.get('kept')}")
+    out += check("real-colour: success ≥ 80%, IoU with the true mask ≥ 0.8, reconstruction ≥ 85%", "real-colour",
+                 lambda s: (s["success"] or 0) >= 0.8 and (s["iou"] or 0) >= 0.8 and (s.get("reconstruction") or 0) >= 0.85,
+                 lambda s: min(s["success"] or 0, s["iou"] or 0, s.get("reconstruction") or 0),
+                 lambda s: f"success {s['success']}, IoU {s['iou']}, reconstruction {s.get('reconstruction')}")
+    for kind in dict.fromkeys(k for k, _ in results):
+        if (kind, "regenerate") not in results:
             continue
-        for label in ("replace", "inject_self", "replace+blend", "inject_self+blend"):
-            s = get(kind, label)
-            if s is not None and base["iou"] is not None and s["iou"] is not None:
+        base = summary(kind, "regenerate")
+        for label in attention_methods(kind):
+            s = summary(kind, label)
+            if base["iou"] is not None and s["iou"] is not None:
                 out.append((f"{kind}: {label} keeps structure better than regenerate", s["iou"] > base["iou"],
                             f"IoU {s['iou']} vs {base['iou']}"))
     out.append(("an edit costs ≤ 1.3× a plain generation of the same batch", times["ratio"] <= 1.3, f"{times['ratio']}×"))
@@ -293,12 +300,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--types", default=",".join(TYPES), help=f"edit types, comma-separated, of: {', '.join(TYPES)}")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"methods, of: {', '.join(METHODS)}")
     parser.add_argument("--json", default=None, metavar="OUT", help="save the figures and per-edit records")
+    parser.add_argument("--report", default=None, metavar="JSON", help="print the tables of a saved --json run")
     args = parser.parse_args(argv)
     types = [t.strip() for t in args.types.split(",") if t.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [t for t in types if t not in TYPES] + [m for m in methods if m not in METHODS]
     if bad or not types or not methods:
         parser.error(f"unknown {bad}: --types from {', '.join(TYPES)}; --methods from {', '.join(METHODS)}")
+
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        results = {tuple(key.split(" | ")): v["records"] for key, v in saved["results"].items()}
+        print(markdown(results, saved["time"]) + "\n")
+        for what, met, figures in targets(results, saved["time"]):
+            print(f"- [{'x' if met else ' '}] {what}: {figures}")
+        return 0
 
     import sdlens
 

@@ -221,6 +221,65 @@ def run_attend(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- edit ------------------------------------------------------------------------------------
+
+
+def add_edit(subparsers) -> None:
+    from sdlens.commands.edit import METHODS
+
+    p = subparsers.add_parser(
+        "edit",
+        help="edit an image through attention: swap, add or reweight words and keep the rest",
+        description="Run the base prompt and the target prompt from one starting noise with an attention edit "
+        "(sdlens.edit) and write into --out: side.png (base and edited side by side), base.png, edit.png, "
+        "mask.png (with --blend), settings.json, and with --trace each branch's word maps and the trace. "
+        "Arguments are checked before denoising; a bad one stops with one line and writes nothing.",
+    )
+    p.add_argument("base", help='the base prompt, e.g. "a red circle" (with --image: what the image shows)')
+    p.add_argument("target", nargs="?", default=None,
+                   help='the edited prompt, e.g. "a blue circle" (--method reweight: leave it out)')
+    p.add_argument("--method", default="replace", choices=METHODS,
+                   help="replace: swap words one for one (default); refine: add or remove words; reweight: "
+                   "scale words' attention (--weights); inject_self: keep the base's self-attention; "
+                   "mutual: the edit reads the base's keys and values")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: ./edit-BASE-to-TARGET)")
+    p.add_argument("--model", default="tiny", help="'tiny' (the built-in model, default), a pipeline folder or a hub id")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--size", default=None, help="image size: 64 or HEIGHTxWIDTH (default: the model's own)")
+    p.add_argument("--cross-steps", default=None, metavar="F|A,B",
+                   help="when the base's cross-attention maps are copied: a fraction of the steps or start,end")
+    p.add_argument("--word-steps", nargs="+", default=None, metavar="WORD=F|A,B", help="per-word --cross-steps")
+    p.add_argument("--self-steps", default=None, metavar="F|A,B", help="when the base's self-attention is kept")
+    p.add_argument("--blend", nargs="+", default=None, metavar="WORD",
+                   help="local blend: change only where these words are")
+    p.add_argument("--threshold", type=float, default=None, help="the blend mask's threshold, 0..1 (default 0.6)")
+    p.add_argument("--weights", nargs="+", default=None, metavar="WORD=FACTOR",
+                   help="scale words' attention in the edit, e.g. big=3 (negative: less of it)")
+    p.add_argument("--image", default=None, metavar="FILE", help="edit this image (DDIM-inverted with BASE)")
+    p.add_argument("--trace", action="store_true", help="also write each branch's word maps and the trace")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_edit)
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    from sdlens.commands.edit import run_edit as edit
+    from sdlens.errors import CaptureError
+
+    try:
+        edit(args.base, args.target, method=args.method, model=args.model, out=args.out, seed=args.seed,
+             steps=args.steps, guidance=args.guidance, size=args.size, cross_steps=args.cross_steps,
+             word_steps=args.word_steps, self_steps=args.self_steps, blend=args.blend, threshold=args.threshold,
+             weights=args.weights, image=args.image, trace=args.trace, device=args.device,
+             progress=not args.no_progress)
+    except CaptureError as e:  # EditError, the command's own, and attend's checks
+        print(f"sdlens edit: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
 # --- main ------------------------------------------------------------------------------------
 
 # --- anatomy ---------------------------------------------------------------------------------
@@ -275,7 +334,7 @@ def run_anatomy(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = [add_train_tiny, add_attend, add_anatomy]  # each adds one subcommand
+SUBCOMMANDS = [add_train_tiny, add_attend, add_edit, add_anatomy]  # each adds one subcommand
 
 
 def build_parser() -> argparse.ArgumentParser:

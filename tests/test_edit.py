@@ -259,3 +259,117 @@ def test_processors_are_restored_after_an_exception_mid_run(pipe):
     assert untouched(pipe) == before
     # and the pipeline still generates as before
     assert np.abs(edit.replace(pipe, "a red circle", "a blue circle", **KW).images[0] - plain(pipe, "a red circle")).max() <= 1e-4
+
+
+# ------------------------------------------------------------------ the command and the explorer
+
+
+def test_sdlens_edit_writes_the_pictures(tmp_path, capsys):
+    from sdlens.cli import main
+
+    out = tmp_path / "e"
+    rc = main(["edit", "a red circle and a blue square", "a green circle and a blue square", "--out", str(out),
+               "--steps", "4", "--blend", "circle", "--weights", "green=2", "--trace", "--no-progress"])
+    assert rc == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["base.png", "edit.png", "mask.png", "settings.json", "side.png", "trace.safetensors",
+                     "words-base.png", "words-edit.png"]
+    import json
+
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["method"] == "replace" and settings["weights"] == {"green": 2.0}
+    assert sdlens.load_trace(out / "trace.safetensors").prompts == ["a red circle and a blue square",
+                                                                     "a green circle and a blue square"]
+
+
+def test_sdlens_edit_on_an_image_file(tmp_path):
+    from PIL import Image
+
+    from sdlens.cli import main
+    from sdlens.world import parse_caption, render
+
+    path = tmp_path / "scene.png"
+    Image.fromarray(render(parse_caption("a red circle on the left"), size=64, seed=1).image).convert("RGBA").save(path)
+    out = tmp_path / "real"
+    assert main(["edit", "a red circle on the left", "a blue circle on the left", "--image", str(path),
+                 "--out", str(out), "--steps", "10", "--guidance", "1", "--no-progress"]) == 0
+    import json
+
+    assert json.loads((out / "settings.json").read_text())["reconstruction_error"] < 0.05
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["a red circle", "a blue circle", "--method", "swap"], "invalid choice"),
+    (["a red circle", "a blue circle", "--cross-steps", "lots"], "--cross-steps 'lots'"),
+    (["a red circle", "a blue circle", "--cross-steps", "1.5"], r"\[0, 1\]"),
+    (["a red circle", "a blue circle", "--weights", "big"], "WORD=VALUE"),
+    (["a red circle", "a blue circle", "--weights", "big=2"], "'big' is not a word"),
+    (["a red circle", "a blue circle", "--threshold", "0.5"], "--blend"),
+    (["a red circle", "--method", "reweight"], "--weights"),
+    (["a red circle", "a big blue circle"], "unmatched words"),
+    (["a red circle", "a blue circle", "--image", "nowhere.png"], "no such file"),
+    (["a red circle", "a blue circle", "--size", "60"], "multiples of 8"),
+])
+def test_sdlens_edit_bad_arguments_give_one_line_and_write_nothing(tmp_path, capsys, args, message):
+    import re
+
+    from sdlens.cli import main
+
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) if "invalid choice" in message else _nothing():
+        rc = main(["edit", *args, "--out", str(out), "--no-progress"])
+        assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.search(message, err[-1]), err
+    if "invalid choice" not in message:
+        assert len(err) == 1
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".sdlens")]
+
+
+def _nothing():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def test_edit_explorer_reruns_on_release_and_caches(pipe):
+    from sdlens.widgets import EditExplorer
+
+    ex = EditExplorer(pipe, "a red circle", "a blue circle", seed=3, steps=4)
+    assert ex.edits == 1 and ex.render().shape == (64, 64 * 2 + 4, 3)
+    direct = edit.replace(pipe, "a red circle", "a blue circle", seed=3, num_inference_steps=4, output_type="np")
+    assert np.abs(ex.result.images[1] - direct.images[1]).max() <= 1e-5
+    ex.controls["blend"].value = True  # the mask appears beside the pictures
+    assert ex.edits == 2 and ex.last.shape == (64, 64 * 3 + 8, 3)
+    ex.controls["weight:blue"].value = 3.0
+    assert ex.edits == 3 and ex.settings()["weights"] == {"blue": 3.0}
+    ex.controls["weight:blue"].value = 1.0  # back to a setting seen before: from the cache
+    assert ex.edits == 3
+    assert all(getattr(w, "continuous_update", False) is False for w in ex.controls.values()
+               if isinstance(w, (ipywidgets_module().FloatSlider, ipywidgets_module().FloatRangeSlider)))
+
+
+def ipywidgets_module():
+    import ipywidgets
+
+    return ipywidgets
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_other_unet_families_keep_the_base_and_restore(family):
+    from sdlens.models.families import FAMILIES
+
+    pipe = FAMILIES[family]()
+    before = dict(pipe.unet.attn_processors)
+    r = edit.replace(pipe, "a red circle", "a blue circle", blend="circle", self_steps=0.5, num_inference_steps=3,
+                     output_type="np")
+    p = pipe("a red circle", num_inference_steps=3, output_type="np", generator=torch.Generator("cpu").manual_seed(0))
+    assert np.abs(r.images[0] - p.images[0]).max() <= 1e-4
+    assert dict(pipe.unet.attn_processors) == before
+
+
+def test_sd3_is_refused_with_the_supported_families():
+    from sdlens.models.families import sd3
+
+    with pytest.raises(EditError, match="SD 1.x/2.x"):
+        edit.replace(sd3(), "a red circle", "a blue circle")
