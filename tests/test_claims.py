@@ -305,6 +305,7 @@ class _Swap(Controller):
         return p
 
 
+@pytest.mark.slow  # over 5 s: in the full run, not the quick loop
 def test_nb6_s4b_cross_attention_decides_where_self_attention_does_not(pipe):
     """06_self_attention, section 4b: for each of the notebook's three pairs, B given A's
     cross-attention maps for the first half of the steps comes out where A's object was, with B's
@@ -353,6 +354,7 @@ def test_nb3_s3_a_hand_written_loop_gives_the_pipelines_latent(pipe):
     assert (x - theirs).abs().max() < 1e-4
 
 
+@pytest.mark.slow  # over 5 s: in the full run, not the quick loop
 def test_nb3_s5_dpm_solver_is_closest_and_pndm_fails_with_few_steps(pipe):
     """03_diffusion, section 5: against 50 DPM-Solver++ steps, DPM-Solver++ is the closest and PNDM
     the farthest at 5, 10 and 20 steps; DDIM, Euler and DPM-Solver++ draw the caption at 5 steps,
@@ -435,6 +437,7 @@ def _iou(a, b) -> float:
     return 0.0 if a is None or b is None else float((a & b).sum() / max((a | b).sum(), 1))
 
 
+@pytest.mark.slow  # over 5 s: in the full run, not the quick loop
 def test_nb7_s3_the_first_half_of_the_copied_steps_keeps_the_object_and_self_injection_does_not_help(pipe):
     """07_editing, section 3: over the notebook's five colour swaps (no positions), copying the maps
     for the first half of the steps does nearly all of what copying them all does, far above
