@@ -280,6 +280,66 @@ def run_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- sweep and report -------------------------------------------------------------------------
+
+
+def add_sweep(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sweep",
+        help="trace attention over a whole prompt set (resumable; several processes with accelerate launch)",
+        description="Generate and trace every (prompt, seed) of PROMPTS into --out: images, per-word maps "
+        "(float16) and one record of figures per image, in shards written atomically; a rerun makes only "
+        "what no shard holds. `accelerate launch -m sdlens sweep ...` splits the items across processes.",
+    )
+    p.add_argument("prompts", help="a text file (one prompt a line) or .jsonl (prompt, seed, negative_prompt, masks)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--model", default="tiny", help="'tiny' (the built-in model, default), a pipeline folder or a hub id")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per prompt (0, 1, ...) where a line gives none")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--layers", default=None, help="layers to trace (sdlens.trace's selector: a map side or a glob)")
+    p.add_argument("--map-size", type=int, default=16, help="side of the stored word maps (default 16)")
+    p.add_argument("--batch", type=int, default=4, help="images per pipeline call (and per shard)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_sweep_command)
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    from sdlens.commands.sweep import sweep
+    from sdlens.errors import CaptureError
+
+    layers = int(args.layers) if args.layers and args.layers.isdigit() else args.layers
+    try:
+        sweep(args.prompts, out=args.out, model=args.model, seeds=args.seeds, steps=args.steps,
+              guidance=args.guidance, layers=layers, map_size=args.map_size, batch=args.batch,
+              progress=not args.no_progress)
+    except CaptureError as e:
+        print(f"sdlens sweep: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_report(subparsers) -> None:
+    p = subparsers.add_parser("report", help="summarise a sweep folder: tables and figures",
+                              description="Merge a sweep's shards into DIR/report: summary.md (attention mass "
+                              "per slot kind and layer group, localisation per word kind and layer group, best "
+                              "and worst prompts), mass.png and localisation.png.")
+    p.add_argument("dir", help="the sweep's --out folder")
+    p.set_defaults(func=run_report_command)
+
+
+def run_report_command(args: argparse.Namespace) -> int:
+    from sdlens.commands.sweep import report
+    from sdlens.errors import CaptureError
+
+    try:
+        report(args.dir)
+    except CaptureError as e:
+        print(f"sdlens report: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
 # --- main ------------------------------------------------------------------------------------
 
 # --- anatomy ---------------------------------------------------------------------------------
@@ -334,7 +394,7 @@ def run_anatomy(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = [add_train_tiny, add_attend, add_edit, add_anatomy]  # each adds one subcommand
+SUBCOMMANDS = [add_train_tiny, add_attend, add_edit, add_sweep, add_report, add_anatomy]  # each adds one subcommand
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -152,8 +152,6 @@ def test_blend_keeps_the_base_latent_outside_the_mask_at_every_blended_step(pipe
 
 def test_capture_and_edit_together_give_the_edit_alone(pipe):
     args = ("a red circle on the left", "a blue circle on the left")
-    with sdlens.trace(pipe) as _:
-        pass  # an unused trace leaves nothing behind
     a = edit.replace(pipe, *args, blend="circle", **KW)
     b = edit.replace(pipe, *args, blend="circle", trace={"self_attn": True, "layers": 8}, **KW)
     assert np.abs(a.images[1] - b.images[1]).max() <= 1e-5

@@ -101,7 +101,7 @@ def invert(pipe, image, prompt: str, latent_size: tuple[int, int], *, num_infere
     f = pipe.vae_scale_factor
     arr = as_image_array(image, (latent_size[0] * f, latent_size[1] * f))
     device, dtype = pipe._execution_device, pipe.unet.dtype
-    x = torch.from_numpy(arr).permute(2, 0, 1)[None].to(device, torch.float32) / 127.5 - 1
+    x = torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].to(device, torch.float32) / 127.5 - 1
     z = pipe.vae.encode(x.to(pipe.vae.dtype)).latent_dist.mean * pipe.vae.config.scaling_factor
     ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids.to(device)

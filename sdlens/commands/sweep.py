@@ -1,0 +1,154 @@
+"""What ``sdlens sweep PROMPTS --out DIR`` and ``sdlens report DIR`` do.
+
+``sweep`` runs in one process, or in each process Hugging Face Accelerate launches
+(``accelerate launch -m sdlens sweep ...``): each takes its share of the items
+(``sdlens.sweep.assign``) and writes its own shards. Without a GPU it asks Accelerate for the CPU,
+so that ``accelerate launch --multi_gpu --num_processes N`` on a CPU machine starts N CPU processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..sweep import SweepError, load, read_items, run_sweep
+from .attend import check_model_name
+from .attend import load as load_model
+
+
+def process_state() -> tuple[int, int, str | None]:
+    """``(rank, world size, device)`` of this process: Accelerate's when it launched us, else (0, 1, None)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ
+    if not launched:
+        return 0, 1, None
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        raise SweepError("this process was launched for several processes (WORLD_SIZE > 1) but accelerate is not "
+                         "installed: pip install accelerate") from None
+    import torch
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.process_index, state.num_processes, str(state.device)
+
+
+def sweep(prompts: str, *, out: str, model: str = "tiny", seeds: int = 1, steps: int = 25, guidance: float = 7.5,
+          layers=None, map_size: int = 16, batch: int = 4, progress: bool = True,
+          log: Callable[[str], None] = print) -> list[str]:
+    """Run (or resume) a sweep; returns the ids this process made."""
+    if steps < 1:
+        raise SweepError(f"--steps {steps}: need at least 1 step")
+    if map_size < 1 or batch < 1:
+        raise SweepError(f"--map-size and --batch must be positive; got {map_size} and {batch}")
+    items = read_items(prompts, seeds)
+    rank, world, device = process_state()
+    check_model_name(model)
+    pipe = load_model(model, device, progress=False)
+    settings = {"prompts": str(Path(prompts).resolve()), "model": model, "seeds": seeds, "steps": steps,
+                "guidance": guidance, "layers": layers, "map_size": map_size}
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), desc="sweep", unit="image")
+    try:
+        made = run_sweep(pipe, items, out, settings, rank=rank, world=world, batch=batch,
+                         progress=None if bar is None else (lambda n: bar.update(n * world)))
+    finally:
+        if bar is not None:
+            bar.close()
+    log(f"rank {rank} of {world}: made {len(made)} item(s) into {out}")
+    return made
+
+
+def report(root: str, *, log: Callable[[str], None] = print) -> list[Path]:
+    """Write ``report/summary.md``, ``report/mass.png`` and ``report/localisation.png`` into ``root``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..files import atomic_file
+
+    records = load(root)
+    if not isinstance(records, list):
+        records = records.to_dict("records")
+    if not records:
+        raise SweepError(f"{root!r} holds no finished items yet")
+    out = Path(root) / "report"
+    out.mkdir(exist_ok=True)
+    lines = [f"# Sweep report: {len(records)} images, {len({r['prompt'] for r in records})} prompts", ""]
+
+    # attention mass per slot kind, over the steps (all layers)
+    kinds = ("start", "word", "end", "pad")
+    mass = {k: np.mean([r["mass"]["all"][k] for r in records], axis=0) for k in kinds}
+    sizes = sorted({s for r in records for s in r["mass"] if s != "all"}, key=int)
+    lines += ["## Attention mass per slot kind (mean over steps, pixels and heads)", "",
+              "| layers | " + " | ".join(kinds) + " |", "| --- |" + " ---: |" * len(kinds)]
+    for s in [*sizes, "all"]:
+        row = [np.mean([np.mean(r["mass"][s][k]) for r in records if s in r["mass"]]) for k in kinds]
+        lines.append(f"| {s if s == 'all' else f'{s}×{s}'} | " + " | ".join(f"{v:.1%}" for v in row) + " |")
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for k in kinds:
+        ax.plot(mass[k], label=k)
+    ax.set_xlabel("step")
+    ax.set_ylabel("share of the attention")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("where the cross-attention goes, over the steps (all layers)", fontsize=9)
+    fig.tight_layout()
+    with atomic_file(out / "mass.png", suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+    # localisation per word kind and layer group
+    measured = [w for r in records for w in r["words"] if "all" in w]
+    if measured:
+        word_kinds = sorted({w["kind"] for w in measured})
+        groups = [*sizes, "all"]
+        lines += ["", "## Localisation (IoU of the map's upper half with the true mask / peak on it)", "",
+                  "| word kind | " + " | ".join(g if g == "all" else f"{g}×{g}" for g in groups) + " |",
+                  "| --- |" + " ---: |" * len(groups)]
+        table = {}
+        for kind in word_kinds:
+            ws = [w for w in measured if w["kind"] == kind]
+            cells = []
+            for g in groups:
+                vals = [w[g] for w in ws if g in w]
+                iou, peak = np.mean([v["iou"] for v in vals]), np.mean([v["peak"] for v in vals])
+                table[(kind, g)] = iou
+                cells.append(f"{iou:.2f} / {peak:.0%}")
+            lines.append(f"| {kind} ({len(ws)}) | " + " | ".join(cells) + " |")
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        width = 0.8 / len(word_kinds)
+        for j, kind in enumerate(word_kinds):
+            ax.bar(np.arange(len(groups)) + j * width, [table[(kind, g)] for g in groups], width, label=kind)
+        ax.set_xticks(np.arange(len(groups)) + width * (len(word_kinds) - 1) / 2,
+                      [g if g == "all" else f"{g}×{g}" for g in groups])
+        ax.set_ylabel("mean IoU with the true mask")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+        ax.set_title("localisation per layer group and word kind", fontsize=9)
+        fig.tight_layout()
+        with atomic_file(out / "localisation.png", suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
+        scored = [(np.mean([w["all"]["iou"] for w in r["words"] if "all" in w]), r["id"], r["prompt"])
+                  for r in records if any("all" in w for w in r["words"])]
+        scored.sort()
+        lines += ["", "## Best and worst prompts by mean IoU", "", "| IoU | item | prompt |", "| ---: | --- | --- |"]
+        picks = scored[::-1] if len(scored) <= 10 else scored[::-1][:5] + scored[:5][::-1]  # best 5, worst 5
+        for iou, item, prompt in picks:
+            lines.append(f"| {iou:.2f} | {item} | {prompt} |")
+    with atomic_file(out / "summary.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    paths = [p for p in (out / "summary.md", out / "mass.png", out / "localisation.png") if p.exists()]
+    for p in paths:
+        log(str(p))
+    return paths
+
+
+__all__ = ["process_state", "report", "sweep"]

@@ -1,0 +1,105 @@
+"""One sweep item's figures, from its trace and its image.
+
+- ``mass``: per map size (and ``"all"``), per step, the share of the cross-attention (averaged over
+  layers of that size, heads and pixels) that goes to the start slot, the words, the end slot and
+  the padding: ``{"16": {"start": [...], "word": [...], "end": [...], "pad": [...]}, ...}``.
+- ``words``: per word of the prompt, its map's entropy (of the map scaled to sum 1, divided by the
+  log of the number of pixels: 1 is flat) and peak position (``(y, x)`` in 0..1); where a true mask
+  is known, the map's IoU with it and whether its peak is on it, over all layers and per map size.
+
+A true mask is known for a word given one in the prompt file, and on shapes-world captions for
+each object's colour and shape words (the analyzer's object of that colour in the generated
+image, as ``benchmarks/quality.py`` measures).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+SLOT_KINDS = ("start", "word", "end", "pad")
+
+
+def localisation(heat: torch.Tensor, mask: np.ndarray) -> dict:
+    """IoU of the map's upper half (min-max normalised, ≥ 0.5) with ``mask``, and whether its peak is on it."""
+    m = heat.float().cpu().numpy()
+    lo, hi = float(m.min()), float(m.max())
+    region = (m - lo) / max(hi - lo, 1e-12) >= 0.5
+    iou = float((region & mask).sum() / max((region | mask).sum(), 1))
+    return {"iou": iou, "peak": bool(mask.flat[int(np.argmax(m))])}
+
+
+def slot_mass(tr, prompt: int) -> dict:
+    """``{size: {kind: [share per step]}}`` over the cross-attention layers of each map size, and ``"all"``."""
+    kinds = np.array(tr.tokenization(prompt).kinds)
+    row = prompt  # a sweep traces the conditional rows, one image per prompt: row i is prompt i
+    per_size: dict[str, list[torch.Tensor]] = {}
+    for layer in tr.layers_of("cross"):
+        m = tr.maps(layer, "cross")[:, row].float()  # (steps, heads, h, w, slots)
+        per = m.mean(dim=(1, 2, 3))  # (steps, slots)
+        per_size.setdefault(str(tr.map_size(layer)[0]), []).append(per)
+    per_size["all"] = [p for v in list(per_size.values()) for p in v]
+    out = {}
+    for size, maps in per_size.items():
+        mean = torch.stack(maps).mean(0).numpy()  # (steps, slots)
+        out[size] = {k: [round(float(x), 5) for x in mean[:, kinds == k].sum(1)] for k in SLOT_KINDS}
+    return out
+
+
+def truths(prompt: str, image: np.ndarray, given: dict[str, np.ndarray]) -> dict[int, tuple[str, np.ndarray]]:
+    """Word index → (word kind, true mask): the given masks, else the shapes world's objects."""
+    words = prompt.split()
+    out: dict[int, tuple[str, np.ndarray]] = {}
+    for w, mask in given.items():
+        for i, word in enumerate(words):
+            if word.lower().strip(",.") == w.lower():
+                out[i] = ("given", mask)
+    if out:
+        return out
+    from ..world import analyze, parse_caption
+
+    try:
+        scene = parse_caption(prompt)
+    except ValueError:
+        return {}
+    detected = analyze(image)
+    start = 0
+    for obj in scene.objects:
+        i = start + 1 + (obj.size is not None)  # "a [size] <colour> <shape> ..."
+        det = next((d for d in detected if d.color == obj.color), None)
+        if det is not None:
+            out[i] = ("colour", det.mask)
+            out[i + 1] = ("shape", det.mask)
+        start = i + 2 + (3 if obj.position is not None else 0) + 1  # past "on the left" and "and"
+    return out
+
+
+def item_record(tr, prompt_index: int, image: np.ndarray, given: dict[str, np.ndarray], map_size: int
+                ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(figures, {word index: (map_size, map_size) float16 map})`` of one prompt of a trace."""
+    h, w = image.shape[:2]
+    prompt = tr.prompts[prompt_index]
+    truth = truths(prompt, image, given)
+    sizes = sorted({tr.map_size(layer)[0] for layer in tr.layers_of("cross")})
+    words, maps = [], {}
+    for i, word in enumerate(tr.words(prompt_index)):
+        full = tr.word_map(i, prompt=prompt_index, size=(h, w)).float()
+        p = full.flatten() / full.sum().clamp_min(1e-12)
+        entropy = float(-(p * p.clamp_min(1e-12).log()).sum() / math.log(p.numel()))
+        top = int(full.argmax())
+        entry = {"word": word, "entropy": round(entropy, 4),
+                 "peak": [round((top // w + 0.5) / h, 4), round((top % w + 0.5) / w, 4)]}
+        if i in truth:
+            kind, mask = truth[i]
+            entry["kind"] = kind
+            entry["all"] = localisation(full, mask)
+            for s in sizes:
+                entry[str(s)] = localisation(tr.word_map(i, prompt=prompt_index, size=(h, w), layers=s), mask)
+        words.append(entry)
+        maps[str(i)] = torch.nn.functional.interpolate(full[None, None], size=(map_size, map_size), mode="area")[0, 0].half()
+    return {"prompt": prompt, "mass": slot_mass(tr, prompt_index), "words": words}, maps
+
+
+__all__ = ["SLOT_KINDS", "item_record", "localisation", "slot_mass", "truths"]
