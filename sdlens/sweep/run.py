@@ -139,10 +139,21 @@ def run_sweep(pipe, items: list[Item], out: str | os.PathLike, settings: dict, *
             records.append({"id": item.id, "seed": item.seed, "rank": rank, **rec})
             maps.update({f"{item.id}/{w}": m for w, m in word_maps.items()})
         folder.write_batch(rank, records, maps, list(images))
+        del tr, result, records, maps
+        _release_memory()  # the batch's trace is gone: hand its pages back, so a long sweep's memory stays flat
         made += [i.id for i in chunk]
         if progress is not None:
             progress(len(chunk))
     return made
+
+
+def _release_memory() -> None:
+    """Free the last batch's trace now: its objects reference each other (capture, trace, recording),
+    so only the cycle collector frees them, and waiting for it lets a long sweep's memory creep up
+    (without this, peak resident memory grew from 538 to 636 MB between 20 and 200 items)."""
+    import gc
+
+    gc.collect(1)  # the young generations hold the batch's objects; a full pass would walk the whole pipeline
 
 
 def load(root: str | os.PathLike, *, maps: bool = False):
