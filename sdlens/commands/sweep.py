@@ -48,7 +48,7 @@ def sweep(prompts: str, *, out: str, model: str = "tiny", seeds: int = 1, steps:
     check_model_name(model)
     pipe = load_model(model, device, progress=False)
     settings = {"prompts": str(Path(prompts).resolve()), "model": model, "seeds": seeds, "steps": steps,
-                "guidance": guidance, "layers": layers, "map_size": map_size}
+                "guidance": guidance, "layers": layers, "map_size": map_size, "batch": batch}
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm

@@ -6,8 +6,10 @@ skipped) or JSON Lines (``.jsonl``: one object a line with ``prompt`` and option
 relative to the file). Every prompt gets ``seeds`` seeds (0, 1, …) unless its line gives one.
 
 Item ids are their place in the file and their seed (``000012-s3``): the same file and settings
-give the same ids, whatever the number of processes, and process ``rank`` of ``world`` makes the
-items ``rank, rank + world, …`` (``assign``).
+give the same ids, whatever the number of processes. The items are cut into batches in order, and
+process ``rank`` of ``world`` makes the batches ``rank, rank + world, …`` (``assign``): every batch
+holds the same items whatever the number of processes, so one process and many compute exactly the
+same numbers.
 """
 
 from __future__ import annotations
@@ -80,11 +82,15 @@ def read_items(path: str | Path, seeds: int = 1) -> list[Item]:
     return items
 
 
-def assign(items: list[Item], rank: int, world: int) -> list[Item]:
-    """The items process ``rank`` of ``world`` makes: every ``world``-th, from ``rank``."""
+def assign(items: list[Item], rank: int, world: int, batch: int = 1) -> list[list[Item]]:
+    """The batches process ``rank`` of ``world`` makes: the items cut into batches of ``batch`` in
+    order, every ``world``-th batch from ``rank``."""
     if not 0 <= rank < world:
         raise SweepError(f"rank {rank} is not in 0..{world - 1}")
-    return items[rank::world]
+    if batch < 1:
+        raise SweepError(f"batch must be at least 1; got {batch}")
+    batches = [items[i:i + batch] for i in range(0, len(items), batch)]
+    return batches[rank::world]
 
 
 __all__ = ["Item", "SweepError", "assign", "read_items"]

@@ -123,10 +123,11 @@ def run_sweep(pipe, items: list[Item], out: str | os.PathLike, settings: dict, *
     folder = SweepFolder(out)
     folder.prepare(settings)
     done = folder.done()
-    todo = [i for i in assign(items, rank, world) if i.id not in done]
     made = []
-    for start in range(0, len(todo), batch):
-        chunk = todo[start:start + batch]
+    for chunk in assign(items, rank, world, batch):
+        chunk = [i for i in chunk if i.id not in done]  # a whole batch, unless --batch changed
+        if not chunk:
+            continue
         negatives = [i.negative_prompt or "" for i in chunk]
         with trace(pipe, layers=settings.get("layers")) as tr:
             result = pipe([i.prompt for i in chunk], negative_prompt=negatives if any(negatives) else None,
