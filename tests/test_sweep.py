@@ -172,3 +172,19 @@ def test_sweep_command_errors_are_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "not a sweep folder" in capsys.readouterr().err
     assert not Path(tmp_path / "o").exists()
+
+
+def test_given_masks_are_measured(pipe, tmp_path):
+    """A mask given in the prompt file is the truth for its word (here the whole left half)."""
+    import numpy as np
+    from PIL import Image
+
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255
+    Image.fromarray(mask).save(tmp_path / "left.png")
+    j = tmp_path / "p.jsonl"
+    j.write_text(json.dumps({"prompt": "a red circle on the left", "masks": {"left": "left.png"}}) + "\n")
+    run_sweep(pipe, read_items(j), tmp_path / "s", SETTINGS)
+    words = load(tmp_path / "s")[0]["words"]
+    assert words[5]["kind"] == "given" and set(words[5]["all"]) == {"iou", "peak"}
+    assert all("kind" not in w for i, w in enumerate(words) if i != 5)  # given masks replace the world's
