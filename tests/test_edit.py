@@ -224,6 +224,7 @@ def test_real_image_edit_puts_the_scheduler_back(pipe):
     (lambda p: edit.replace(p, "a red circle", "a blue circle", image=np.zeros((32, 32, 3), np.uint8)), "32×32"),
     (lambda p: edit.replace(p, "a red circle", "a blue circle", image=np.zeros((64, 64), np.uint8)), r"\(H, W, 3\)"),
     (lambda p: edit.replace(p, "", "a blue circle"), "non-empty"),
+    (lambda p: edit.replace(p, "a red circle", "a blue circle", trace={"colour": True}), "trace="),
 ])
 def test_bad_input_is_refused_before_denoising_and_leaves_the_pipeline_as_it_was(pipe, call, message):
     before = untouched(pipe)

@@ -181,9 +181,12 @@ def edit(pipe, base: str, targets, *, kind: str | None, seed: int = 0, cross_ste
 
     capture = None
     if trace:
-        spec = CaptureSpec() if trace is True else CaptureSpec(**trace) if isinstance(trace, dict) else None
-        if spec is None:
+        if trace is not True and not isinstance(trace, dict):
             raise EditError(f"trace must be True or a dict of sdlens.trace's arguments; got {trace!r}")
+        try:
+            spec = CaptureSpec() if trace is True else CaptureSpec(**trace)
+        except TypeError as e:  # an argument sdlens.trace does not take
+            raise EditError(f"trace={trace!r}: {e}; valid: sdlens.trace's keyword arguments") from None
         capture = Capture(spec)
         controllers.append(capture)
 
