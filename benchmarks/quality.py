@@ -50,6 +50,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdlens.sweep.records import localisation  # noqa: E402  the measure sweeps record too
+
 EVAL_SEED = 2_000_000_007  # held out: training draws its data from seed * 1_000_003 + small offsets
 WORD_KINDS = ("color", "shape", "position", "size")
 GROUPS = ("single", "first", "second")
@@ -111,16 +113,6 @@ def object_words(text: str) -> list[dict[str, int]]:
         start = end + 1  # past "and"
     assert all(words[e["color"]] == o.color for e, o in zip(out, parse_caption(text).objects))
     return out
-
-
-def localisation(heat: torch.Tensor, mask: np.ndarray) -> dict[str, float]:
-    """IoU of the thresholded, min-max normalised map with the mask; whether the map's peak is on the mask."""
-    m = heat.float().numpy()
-    norm = (m - m.min()) / max(float(m.max() - m.min()), 1e-12)
-    region = norm >= 0.5
-    iou = float((region & mask).sum() / max((region | mask).sum(), 1))
-    peak = bool(mask.reshape(-1)[int(np.argmax(m))])
-    return {"iou": iou, "peak": peak}
 
 
 class PromptMaps:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,4 +38,29 @@ def atomic_file(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         raise
 
 
-__all__ = ["atomic_file", "shareable", "umask"]
+@contextmanager
+def staged_folder(out: str | os.PathLike, prefix: str = ".sdlens-") -> Iterator[tuple[Path, list[str]]]:
+    """A temporary folder beside ``out`` to write files into; ``with staged_folder(out) as (tmp, names):``
+    and append each file's name to ``names``. On success the files are made shareable and moved
+    into ``out`` (created if needed); on any failure nothing is left behind."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+    names: list[str] = []
+    try:
+        yield tmp, names
+        for name in names:  # mkdtemp/mkstemp make private files; these are for the user to share
+            shareable(tmp / name)
+        shareable(tmp, folder=True)
+        if not out.exists():
+            os.replace(tmp, out)
+        else:
+            for name in names:
+                os.replace(tmp / name, out / name)
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+__all__ = ["atomic_file", "shareable", "staged_folder", "umask"]

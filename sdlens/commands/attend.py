@@ -11,13 +11,11 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import CaptureError
-from ..files import shareable
+from ..files import staged_folder
 
 STOP_WORDS = frozenset("a an the on in at of and or to with is are under over above below".split())
 
@@ -229,10 +227,7 @@ def write_outputs(trace, image, out: Path, words: list[int], *, gif_words=None, 
     from ..viz.heatmaps import overlay, word_grid
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".sdlens-attend-", dir=out.parent))
-    try:
-        names = []
+    with staged_folder(out, prefix=".sdlens-attend-") as (tmp, names):
 
         def save_fig(fig, name):
             fig.savefig(tmp / name, dpi=120)
@@ -248,18 +243,6 @@ def write_outputs(trace, image, out: Path, words: list[int], *, gif_words=None, 
         names.append("steps.gif")
         trace.save(tmp / "trace.safetensors")
         names.append("trace.safetensors")
-        for name in names:  # mkdtemp/mkstemp make private files; these are for the user to share
-            shareable(tmp / name)
-        shareable(tmp, folder=True)
-        if not out.exists():
-            os.replace(tmp, out)
-        else:
-            for name in names:
-                os.replace(tmp / name, out / name)
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     paths = [out / n for n in names]
     for p in paths:
         log(str(p))

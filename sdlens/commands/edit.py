@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import CaptureError
-from ..files import shareable
+from ..files import staged_folder
 from .attend import check_model_name, check_size, load, parse_size, slug
 
 METHODS = ("replace", "refine", "reweight", "inject_self", "mutual")
@@ -156,10 +154,7 @@ def write_outputs(result, out: Path, method: str, *, log=print) -> list[Path]:
     from ..viz.heatmaps import word_grid
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".sdlens-edit-", dir=out.parent))
-    try:
-        names = []
+    with staged_folder(out, prefix=".sdlens-edit-") as (tmp, names):
         base, edited = result.images[0], result.images[1]
         base.save(tmp / "base.png")
         edited.save(tmp / "edit.png")
@@ -198,18 +193,6 @@ def write_outputs(result, out: Path, method: str, *, log=print) -> list[Path]:
             settings["reconstruction_error"] = result.reconstruction_error
         (tmp / "settings.json").write_text(json.dumps(settings, indent=1, default=str) + "\n")
         names.append("settings.json")
-        for name in names:
-            shareable(tmp / name)
-        shareable(tmp, folder=True)
-        if not out.exists():
-            os.replace(tmp, out)
-        else:
-            for name in names:
-                os.replace(tmp / name, out / name)
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     paths = [out / n for n in names]
     for p in paths:
         log(str(p))

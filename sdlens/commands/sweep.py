@@ -64,6 +64,18 @@ def sweep(prompts: str, *, out: str, model: str = "tiny", seeds: int = 1, steps:
     return made
 
 
+def _save(fig, path: Path) -> None:
+    """A report figure, written atomically, and closed."""
+    import matplotlib.pyplot as plt
+
+    from ..files import atomic_file
+
+    fig.tight_layout()
+    with atomic_file(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
 def report(root: str, *, log: Callable[[str], None] = print) -> list[Path]:
     """Write ``report/summary.md``, ``report/mass.png`` and ``report/localisation.png`` into ``root``."""
     import matplotlib
@@ -99,10 +111,7 @@ def report(root: str, *, log: Callable[[str], None] = print) -> list[Path]:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title("where the cross-attention goes, over the steps (all layers)", fontsize=9)
-    fig.tight_layout()
-    with atomic_file(out / "mass.png", suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    _save(fig, out / "mass.png")
 
     # localisation per word kind and layer group
     measured = [w for r in records for w in r["words"] if "all" in w]
@@ -132,10 +141,7 @@ def report(root: str, *, log: Callable[[str], None] = print) -> list[Path]:
         ax.set_ylim(0, 1)
         ax.legend(fontsize=8)
         ax.set_title("localisation per layer group and word kind", fontsize=9)
-        fig.tight_layout()
-        with atomic_file(out / "localisation.png", suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-        plt.close(fig)
+        _save(fig, out / "localisation.png")
         scored = [(np.mean([w["all"]["iou"] for w in r["words"] if "all" in w]), r["id"], r["prompt"])
                   for r in records if any("all" in w for w in r["words"])]
         scored.sort()

@@ -62,7 +62,9 @@ class CrossEdit(Controller):
         self.windows = windows  # per target: (default window, {slot: window})
         self.weights = weights  # per target: (slots,) factors, or None
         self.rows: list[tuple[int, list[int]]] = []
-        self.alpha: list[torch.Tensor] = []
+        self.alpha: list[torch.Tensor] = []  # per target: (slots,) 1 where the base's map is copied this step
+        self._alpha_on: list[bool] = []
+        self._alpha_device = torch.device("cpu")
         self._on: dict = {}  # device -> (matrices, weights) there
 
     def layers(self, run: Run) -> list[str]:
@@ -77,7 +79,9 @@ class CrossEdit(Controller):
             alpha = torch.tensor([in_window(per_slot[s], run.step, n) if s in per_slot else on_default
                                   for s in range(a.matrix.shape[1])], dtype=torch.float32)
             self.alpha.append(alpha * a.aligned)
-        self.active = any(bool(a.any()) for a in self.alpha) or any(w is not None for w in self.weights)
+        self._alpha_on = [bool(a.any()) for a in self.alpha]
+        self._alpha_device = torch.device("cpu")
+        self.active = any(self._alpha_on) or any(w is not None for w in self.weights)
 
     def _tensors(self, device) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         if device not in self._on:
@@ -90,11 +94,15 @@ class CrossEdit(Controller):
         if p.shape[-1] != self.alignments[0].matrix.shape[0]:
             return None  # not a text-keyed call (cannot happen on a UNet's cross layers)
         matrices, weights = self._tensors(p.device)
+        if self._alpha_device != p.device:  # once per step and device, not per layer call
+            self.alpha = [a.to(p.device) for a in self.alpha]
+            self._alpha_on = [bool(a.any()) for a in self.alpha]
+            self._alpha_device = p.device
         for base, edited in self.rows:
             for k, row in enumerate(edited):
-                alpha = self.alpha[k].to(p.device)
+                alpha = self.alpha[k]
                 new = p[row]
-                if bool(alpha.any()):
+                if self._alpha_on[k]:
                     new = (p[base] @ matrices[k]) * alpha + new * (1 - alpha)
                 if weights[k] is not None:
                     new = new * weights[k]
