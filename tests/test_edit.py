@@ -118,6 +118,27 @@ def test_replace_copies_the_base_maps_into_the_edited_branch(pipe):
     assert (off.maps(layer, "cross")[:, 1].float() - off.maps(layer, "cross")[:, 0].float()).abs().max() > 1e-2
 
 
+def test_traces_give_each_branch_as_its_own_trace(pipe, tmp_path):
+    """``.traces[k]`` is branch ``k`` alone: the same maps, tokens and recorded latents as prompt ``k``
+    of the one trace, and it saves and loads like any trace."""
+    r = edit.refine(pipe, "a red circle", "a big red square", trace={"record_latents": True}, **KW)
+    tr, (base, edited) = r.trace, r.traces
+    assert (base.prompts, edited.prompts) == (["a red circle"], ["a big red square"])
+    assert edited.words() == ["a", "big", "red", "square"] and edited.negative_prompts == [""]
+    for k, one in enumerate(r.traces):
+        assert [(row.half, row.prompt) for row in one.rows] == [("uncond", 0), ("cond", 0)][-len(one.rows):]
+        for word in one.words():
+            torch.testing.assert_close(one.word_map(word), tr.word_map(word, prompt=k))
+        torch.testing.assert_close(one.latents[:, 0], tr.latents[:, k])
+    torch.testing.assert_close(edited.word_map("red"), base.word_map("red"), atol=2e-3, rtol=0)  # copied by refine
+    assert "big" not in base.words() and not torch.equal(base.latents, edited.latents)
+    again = sdlens.load_trace(edited.save(tmp_path / "edit.safetensors"))
+    torch.testing.assert_close(again.word_map("big"), edited.word_map("big"))
+    assert edit.replace(pipe, "a red circle", "a blue circle", **KW).traces is None
+    with pytest.raises(sdlens.CaptureError, match="prompts 0..1"):
+        tr.of_prompt(2)
+
+
 def test_per_word_windows_and_pairs(pipe):
     r = edit.replace(pipe, "a red circle", "a blue circle", cross_steps={"blue": (0.0, 0.5), "default": 1.0},
                      self_steps=(0.1, 0.3), **KW)

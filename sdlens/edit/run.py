@@ -42,6 +42,7 @@ class EditResult:
         settings: what was applied, defaults filled in.
         trace: the ``AttentionTrace`` of the run when ``trace`` was asked: one trace whose prompts are
             the branches (``prompt=0`` the base, ``1`` the first edit, ...).
+        traces: the same, one trace per branch (base first), each with its branch as prompt 0.
         masks: the local blend's last masks ``(edits, 1, h, w)`` at the latent's size (None without blend).
         reconstruction_error: with ``image=``: the mean absolute difference, in 0..1 pixel values,
             between the given image and the base branch's reconstruction of it.
@@ -53,6 +54,13 @@ class EditResult:
     masks: torch.Tensor | None = None
     reconstruction_error: float | None = None
     inversion: Inversion | None = field(default=None, repr=False)
+
+    @property
+    def traces(self) -> list[AttentionTrace] | None:
+        """One trace per branch, base first (views of ``trace``'s maps); None when no trace was asked."""
+        if self.trace is None:
+            return None
+        return [self.trace.of_prompt(k) for k in range(len(self.trace.prompts))]
 
 
 def _prompts(base, targets) -> tuple[str, list[str]]:

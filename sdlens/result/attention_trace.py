@@ -436,6 +436,25 @@ class AttentionTrace:
             hint = "self_attn=True" if kind == "self" else "cross=True"
             raise CaptureError(f"this trace has no {kind}-attention (captured: {list(self.kinds)}); trace with {hint}")
 
+    def of_prompt(self, prompt: int) -> AttentionTrace:
+        """The trace of prompt ``prompt`` alone: its rows (every image, every CFG half kept), its
+        tokens and its recorded denoising, as prompt 0 of a new trace. The maps are views, not copies."""
+        n_prompts = len(self.prompts)
+        if isinstance(prompt, bool) or not isinstance(prompt, int) or not 0 <= prompt < n_prompts:
+            raise CaptureError(f"prompt={prompt!r} is out of range: this trace has prompts 0..{n_prompts - 1}")
+        keep = [i for i, r in enumerate(self.rows) if r.prompt == prompt]
+        rows = [Row(r.half, 0, r.image) for r in self.rows if r.prompt == prompt]
+        maps = {key: t[:, keep] for key, t in self._maps.items()}
+        first, n_img = prompt * self.images_per_prompt, self.images_per_prompt
+        picked = {f: getattr(self._info, f)[:, first:first + n_img] if getattr(self._info, f) is not None else None
+                  for f in _DENOISING}
+        tokenizations = {half: toks[prompt:prompt + 1] if len(toks) == n_prompts else list(toks)
+                         for half, toks in self._info.tokenizations.items()}
+        negative = None if self.negative_prompts is None else [self.negative_prompts[prompt]]
+        return AttentionTrace(maps, dataclasses.replace(
+            self._info, prompts=[self.prompts[prompt]], negative_prompts=negative, rows=rows,
+            tokenizations=tokenizations, **picked))
+
     def to(self, device: str | torch.device) -> AttentionTrace:
         """A copy of the trace with its maps on ``device``."""
         return AttentionTrace({k: t.to(device) for k, t in self._maps.items()}, dataclasses.replace(self._info))
