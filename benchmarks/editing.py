@@ -4,8 +4,9 @@
     python benchmarks/editing.py --n 40 --json runs/editing.json
     python benchmarks/editing.py --types colour-1-free,real-colour --methods replace,replace+blend
 
-Held-out scenes (their own seed), each edited from one seeded starting noise at 25 steps and
-guidance 7.5. Edit types:
+Held-out scenes (their own seed; each edit type draws its scenes from its own stream, so a run of
+some types edits the same scenes as a run of all), each edited from one seeded starting noise at 25
+steps and guidance 7.5. Edit types:
 
 - ``colour-1-pos`` / ``colour-1-free``: one object, its colour swapped (captions with / without
   positions); ``shape-1-pos`` / ``shape-1-free``: its shape swapped;
@@ -17,7 +18,8 @@ guidance 7.5. Edit types:
   (``sdlens.edit.reweight``): the object must grow / shrink (the built-in model's text encoder
   carries most of a size word into the following slots, so its own slot needs large factors);
 - ``real-colour``: a rendered scene (not generated: the renderer's exact picture) DDIM-inverted,
-  its colour swapped.
+  its colour swapped; ``real-colour-null``: the same scenes, null-text inverted (each scene is
+  inverted once, and every method edits that inversion).
 
 Methods (for the swaps; refine-add and the size edits use their own call, with and without blend):
 
@@ -34,7 +36,8 @@ Measures, over the scenes whose base image shows its caption (``sdlens.world.sco
 - IoU: the edited object's mask in the edited image against its mask in the base image (for a
   real image: against the true mask of the rendered scene);
 - kept (two objects): the untouched object keeps its colour and shape and a mask IoU ≥ 0.9;
-- reconstruction (real images): the base branch's reconstruction shows the scene's caption;
+- reconstruction (real images): the base branch's reconstruction shows the scene's caption; its
+  error: the mean absolute pixel difference (0..1) between the reconstruction and the scene;
 - time: seconds per edit against a plain generation of the same two-prompt batch.
 
 Targets (issue 15) are printed beneath the tables.
@@ -53,7 +56,7 @@ import torch
 
 EDIT_SEED = 1_500_000_001  # held out from training's seeds, and from quality.py's
 TYPES = ("colour-1-pos", "colour-1-free", "shape-1-pos", "shape-1-free", "colour-2-pos", "colour-2-free",
-         "refine-add", "size-up", "size-down", "real-colour")
+         "refine-add", "size-up", "size-down", "real-colour", "real-colour-null")
 METHODS = ("regenerate", "regenerate+blend", "replace", "replace+blend", "inject_self", "inject_self+blend")
 
 
@@ -121,6 +124,19 @@ def run_case(pipe, kind: str, method: str, case: dict, steps: int, guidance: flo
     return edit.inject_self(pipe, base, target, blend=blend, **kw)
 
 
+def invert_case(pipe, kind: str, case: dict, steps: int, guidance: float):
+    """The rendered base scene of a real-image case, inverted (``-null``: null-text), and its true masks."""
+    from sdlens import edit
+    from sdlens.world import caption, render
+
+    scene = render(case["base"], size=64, seed=case["seed"] % 1000)
+    h, w = scene.image.shape[:2]
+    f = pipe.vae_scale_factor
+    inversion = edit.invert(pipe, scene.image, caption(case["base"]), (h // f, w // f), num_inference_steps=steps,
+                            guidance_scale=guidance, method="null-text" if kind.endswith("-null") else "ddim")
+    return inversion, list(scene.masks)
+
+
 def find(detected, obj):
     return next((d for d in detected if d.color == obj.color), None)
 
@@ -136,7 +152,7 @@ def measure(kind: str, case: dict, result, truth=None) -> dict | None:
     base_img, edit_img = as_uint8(result.images[0]), as_uint8(result.images[1])
     base_score = score(base_img, case["base"])
     rec: dict = {"base_ok": bool(base_score["all"])}
-    if kind == "real-colour":
+    if kind.startswith("real-colour"):
         rec["reconstruction"] = rec["base_ok"]
         rec["reconstruction_error"] = result.reconstruction_error
     elif not rec["base_ok"]:
@@ -165,23 +181,22 @@ def measure(kind: str, case: dict, result, truth=None) -> dict | None:
 
 
 def evaluate(pipe, types, methods, n: int, steps: int, guidance: float, seed: int) -> dict:
-    from sdlens.world import render
-
-    rng = np.random.default_rng(seed)
     results: dict = {}
     for kind in types:
-        kind_cases = cases(kind, n, rng)
+        real = kind.startswith("real-colour")
+        stream = TYPES.index("real-colour" if real else kind)  # the -null variant edits the same scenes
+        kind_cases = cases("real-colour" if real else kind, n, np.random.default_rng([seed, stream]))
+        inversions = [invert_case(pipe, kind, case, steps, guidance) for case in kind_cases] if real else None
         kind_methods = ([m for m in methods if m.startswith("replace")] or ["replace"]) \
             if kind in ("refine-add", "size-up", "size-down") else methods
         for method in kind_methods:
             label = method if kind not in ("refine-add", "size-up", "size-down") else \
                 ("refine" if kind == "refine-add" else "reweight") + ("+blend" if method.endswith("+blend") else "")
             records = []
-            for case in kind_cases:
+            for i, case in enumerate(kind_cases):
                 image = truth = None
-                if kind == "real-colour":
-                    scene = render(case["base"], size=64, seed=case["seed"] % 1000)
-                    image, truth = scene.image, list(scene.masks)
+                if real:
+                    image, truth = inversions[i]
                 result = run_case(pipe, kind, method, case, steps, guidance, image=image)
                 rec = measure(kind, case, result, truth)
                 if rec is not None:
@@ -229,8 +244,8 @@ def timing(pipe, steps: int, guidance: float, repeats: int = 3) -> dict:
 
 
 def markdown(results: dict, times: dict) -> str:
-    lines = ["| edit | method | scenes | success | IoU | other kept | reconstruction |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| edit | method | scenes | success | IoU | other kept | reconstruction | its error |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for (kind, label), records in results.items():
         s = summarize(records)
 
@@ -239,7 +254,8 @@ def markdown(results: dict, times: dict) -> str:
 
         lines.append(f"| {kind} | {label} | {s['n']} | {pct(s['success'])} | "
                      f"{'–' if s['iou'] is None else format(s['iou'], '.2f')} | {pct(s.get('kept'))} | "
-                     f"{pct(s.get('reconstruction'))} |")
+                     f"{pct(s.get('reconstruction'))} | "
+                     f"{'–' if s.get('reconstruction_error') is None else format(s['reconstruction_error'], '.4f')} |")
     lines += ["", f"time per edit (replace + blend, 2 prompts): {times['edit_s']:.2f} s against "
               f"{times['plain_s']:.2f} s for a plain generation of the same batch: {times['ratio']:.2f}×"]
     return "\n".join(lines)
@@ -273,10 +289,12 @@ def targets(results: dict, times: dict) -> list[tuple[str, bool | None, str]]:
                      lambda s: (s["success"] or 0) >= 0.85 and (s.get("kept") or 0) >= 0.9,
                      lambda s: min(s["success"] or 0, s.get("kept") or 0),
                      lambda s: f"success {s['success']}, kept {s.get('kept')}")
-    out += check("real-colour: success ≥ 80%, IoU with the true mask ≥ 0.8, reconstruction ≥ 85%", "real-colour",
-                 lambda s: (s["success"] or 0) >= 0.8 and (s["iou"] or 0) >= 0.8 and (s.get("reconstruction") or 0) >= 0.85,
-                 lambda s: min(s["success"] or 0, s["iou"] or 0, s.get("reconstruction") or 0),
-                 lambda s: f"success {s['success']}, IoU {s['iou']}, reconstruction {s.get('reconstruction')}")
+    for kind in ("real-colour", "real-colour-null"):
+        out += check(f"{kind}: success ≥ 80%, IoU with the true mask ≥ 0.8, reconstruction ≥ 85%", kind,
+                     lambda s: (s["success"] or 0) >= 0.8 and (s["iou"] or 0) >= 0.8 and (s.get("reconstruction") or 0) >= 0.85,
+                     lambda s: min(s["success"] or 0, s["iou"] or 0, s.get("reconstruction") or 0),
+                     lambda s: f"success {s['success']}, IoU {s['iou']}, reconstruction {s.get('reconstruction')}, "
+                               f"mean error {s.get('reconstruction_error')}")
     for kind in dict.fromkeys(k for k, _ in results):
         if (kind, "regenerate") not in results:
             continue

@@ -257,7 +257,9 @@ def add_edit(subparsers) -> None:
     p.add_argument("--threshold", type=float, default=None, help="the blend mask's threshold, 0..1 (default 0.6)")
     p.add_argument("--weights", nargs="+", default=None, metavar="WORD=FACTOR",
                    help="scale words' attention in the edit, e.g. big=3 (negative: less of it)")
-    p.add_argument("--image", default=None, metavar="FILE", help="edit this image (DDIM-inverted with BASE)")
+    p.add_argument("--image", default=None, metavar="FILE", help="edit this image (inverted with BASE)")
+    p.add_argument("--inversion", default="ddim", choices=("ddim", "null-text"),
+                   help="how --image is inverted: ddim, or null-text (closer at high guidance; slower)")
     p.add_argument("--trace", action="store_true", help="also write each branch's word maps and the trace")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -272,7 +274,7 @@ def run_edit(args: argparse.Namespace) -> int:
         edit(args.base, args.target, method=args.method, model=args.model, out=args.out, seed=args.seed,
              steps=args.steps, guidance=args.guidance, size=args.size, cross_steps=args.cross_steps,
              word_steps=args.word_steps, self_steps=args.self_steps, blend=args.blend, threshold=args.threshold,
-             weights=args.weights, image=args.image, trace=args.trace, device=args.device,
+             weights=args.weights, image=args.image, inversion=args.inversion, trace=args.trace, device=args.device,
              progress=not args.no_progress)
     except CaptureError as e:  # EditError, the command's own, and attend's checks
         print(f"sdlens edit: error: {str(e).splitlines()[0]}", file=sys.stderr)

@@ -226,6 +226,53 @@ def test_real_image_edit_puts_the_scheduler_back(pipe):
     assert untouched(pipe) == before
 
 
+def test_ddim_step_of_the_null_text_tuning_is_the_samplers_step(pipe):
+    from sdlens.edit.inversion import _ddim_step, ddim_pair
+
+    sampler, _ = ddim_pair(pipe.scheduler)
+    sampler.set_timesteps(7)
+    x, eps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    for t in sampler.timesteps:
+        torch.testing.assert_close(_ddim_step(sampler, eps[None], t, x[None]),
+                                   sampler.step(eps[None], t, x[None]).prev_sample)
+
+
+@pytest.mark.slow  # 15 s: ten tuned steps, twice
+def test_null_text_inversion_reconstructs_better_at_high_guidance_and_leaves_no_trace(pipe):
+    """Null-text tuning lowers the reconstruction error that DDIM inversion has at guidance 7.5; an
+    Inversion made once edits like the image itself; the UNet keeps no hook and no gradient flag."""
+    from sdlens.world import parse_caption, render
+
+    scene = render(parse_caption("a green square on the right"), size=64, seed=3)
+    kw = {"num_inference_steps": 10, "guidance_scale": 7.5, "output_type": "np"}
+    grads = [p.requires_grad for p in pipe.unet.parameters()]
+    before = untouched(pipe)
+    ddim = edit.replace(pipe, "a green square on the right", "a red square on the right", image=scene.image, **kw)
+    inv = edit.invert(pipe, scene.image, "a green square on the right", (16, 16), num_inference_steps=10,
+                      guidance_scale=7.5, method="null-text")
+    assert inv.null_embeddings.shape[:2] == (10, 1)
+    null = edit.replace(pipe, "a green square on the right", "a red square on the right", image=inv, **kw)
+    assert null.settings["image"]["inversion"] == "null-text"
+    assert null.reconstruction_error < 0.7 * ddim.reconstruction_error, (null.reconstruction_error,
+                                                                         ddim.reconstruction_error)
+    again = edit.replace(pipe, "a green square on the right", "a red square on the right", image=scene.image,
+                         inversion="null-text", **kw)
+    assert np.abs(again.images[1] - null.images[1]).max() <= 1e-5
+    assert untouched(pipe) == before and not pipe.unet._forward_pre_hooks
+    assert [p.requires_grad for p in pipe.unet.parameters()] == grads
+
+
+def test_an_inversion_that_does_not_fit_the_edit_is_refused(pipe):
+    from sdlens.world import parse_caption, render
+
+    image = render(parse_caption("a red circle"), size=64, seed=0).image
+    inv = edit.invert(pipe, image, "a red circle", (16, 16), num_inference_steps=3)
+    with pytest.raises(EditError, match=r"inverted with the prompt 'a red circle'.*inverted over 3 steps, and the edit runs 4"):
+        edit.replace(pipe, "a red square", "a blue square", image=inv, num_inference_steps=4)
+    r = edit.replace(pipe, "a red circle", "a blue circle", image=inv, output_type="np")  # its steps filled in
+    assert r.settings["num_inference_steps"] == 3
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -245,6 +292,11 @@ def test_real_image_edit_puts_the_scheduler_back(pipe):
     (lambda p: edit.replace(p, "a red circle", "a blue circle", image=np.zeros((32, 32, 3), np.uint8)), "32×32"),
     (lambda p: edit.replace(p, "a red circle", "a blue circle", image=np.zeros((64, 64), np.uint8)), r"\(H, W, 3\)"),
     (lambda p: edit.replace(p, "", "a blue circle"), "non-empty"),
+    (lambda p: edit.replace(p, "a red circle", "a blue circle", inversion="exact"), "valid: ddim, null-text"),
+    (lambda p: edit.replace(p, "a red circle", "a blue circle", image=np.zeros((64, 64, 3), np.uint8),
+                            inversion="null-text", guidance_scale=1.0), "guidance_scale > 1"),
+    (lambda p: edit.replace(p, "a red circle", "a blue circle", image=np.zeros((64, 64, 3), np.uint8),
+                            inversion="null-text", negative_prompt="green"), "drop negative_prompt"),
     (lambda p: edit.replace(p, "a red circle", "a blue circle", trace={"colour": True}), "trace="),
 ])
 def test_bad_input_is_refused_before_denoising_and_leaves_the_pipeline_as_it_was(pipe, call, message):
@@ -277,6 +329,16 @@ def test_processors_are_restored_after_an_exception_mid_run(pipe):
     with pytest.raises(KeyboardInterrupt):
         edit.replace(pipe, "a red circle", "a blue circle", blend="circle", callback_on_step_end=boom, **KW)
     assert untouched(pipe) == before
+    # the null-text hook goes too (embeddings made up: only their removal is checked here)
+    from sdlens.world import parse_caption, render
+
+    inv = edit.invert(pipe, render(parse_caption("a red circle"), size=64, seed=0).image, "a red circle", (16, 16),
+                      num_inference_steps=KW["num_inference_steps"])
+    empty = pipe.text_encoder(pipe.tokenizer([""], padding="max_length", return_tensors="pt").input_ids)[0]
+    inv.null_embeddings = empty.detach().expand(KW["num_inference_steps"], *empty.shape).clone()
+    with pytest.raises(KeyboardInterrupt):
+        edit.replace(pipe, "a red circle", "a blue circle", image=inv, callback_on_step_end=boom, **KW)
+    assert untouched(pipe) == before and not pipe.unet._forward_pre_hooks
     # and the pipeline still generates as before
     assert np.abs(edit.replace(pipe, "a red circle", "a blue circle", **KW).images[0] - plain(pipe, "a red circle")).max() <= 1e-4
 
@@ -329,6 +391,8 @@ def test_sdlens_edit_on_an_image_file(tmp_path):
     (["a red circle", "a big blue circle"], "unmatched words"),
     (["a red circle", "a blue circle", "--image", "nowhere.png"], "no such file"),
     (["a red circle", "a blue circle", "--size", "60"], "multiples of 8"),
+    (["a red circle", "a blue circle", "--inversion", "null-text"], "give --image"),
+    (["a red circle", "a blue circle", "--inversion", "exact"], "invalid choice"),
 ])
 def test_sdlens_edit_bad_arguments_give_one_line_and_write_nothing(tmp_path, capsys, args, message):
     import re

@@ -86,6 +86,7 @@ def run_edit(
     threshold: float | None = None,
     weights: Sequence[str] | None = None,
     image: str | None = None,
+    inversion: str = "ddim",
     trace: bool = False,
     device: str | None = None,
     progress: bool = True,
@@ -127,6 +128,10 @@ def run_edit(
         raise EditCommandError("--method reweight needs --weights WORD=FACTOR")
     if w:
         kwargs["weights"] = w
+    if inversion not in ("ddim", "null-text"):
+        raise EditCommandError(f"--inversion {inversion!r}: choose ddim or null-text")
+    if inversion != "ddim" and image is None:
+        raise EditCommandError("--inversion sets how --image is inverted: give --image FILE too")
     picture = load_image(image)
     if pipe is None:
         check_model_name(model)
@@ -134,6 +139,8 @@ def run_edit(
     height, width = check_size(pipe, parse_size(size)) if picture is None or size else (picture.height, picture.width)
     call = dict(seed=seed, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
                 image=picture, trace=trace, **kwargs)
+    if picture is not None:
+        call["inversion"] = inversion
     if method == "reweight":
         result = sdedit.reweight(pipe, base, call.pop("weights"), **call)
     elif method in ("inject_self", "mutual"):

@@ -9,11 +9,18 @@ reconstructs the image, and the edited branch changes it through attention.
 
 Inversion uses guidance 1 (the conditional prediction alone), as DDIM inversion usually does;
 sampling at a higher guidance drifts from the image, and the reconstruction error says how far.
+
+Null-text inversion (Mokady et al., 2022) closes that gap: after the DDIM inversion it tunes, one
+sampling step at a time, the embedding of the empty prompt that guidance subtracts, so that the
+guided DDIM step from the sampled latent lands on the inverted trajectory's latent. Sampling with
+those per-step embeddings in the unconditional rows (``NullText``) gives the image back at any
+guidance; it costs a backward pass through the UNet per tuning iteration.
 """
 
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +40,11 @@ class Inversion:
         scheduler: the DDIM scheduler to sample with (the pipeline's own is swapped for it while
             the edit runs).
         steps: the number of DDIM steps inverted.
-        method: ``"ddim"``.
+        method: ``"ddim"`` or ``"null-text"``.
+        prompt: the prompt the image was inverted with (an edit's base prompt must be it).
+        guidance_scale: the guidance the null-text embeddings were tuned for (None for ``"ddim"``).
+        null_embeddings: ``"null-text"``: the unconditional embedding of each sampling step,
+            ``(steps, 1, tokens, dim)``.
     """
 
     latent: torch.Tensor
@@ -41,6 +52,9 @@ class Inversion:
     scheduler: DDIMScheduler
     steps: int
     method: str = "ddim"
+    prompt: str | None = None
+    guidance_scale: float | None = None
+    null_embeddings: torch.Tensor | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -91,28 +105,136 @@ def ddim_pair(scheduler) -> tuple[DDIMScheduler, DDIMInverseScheduler]:
     return DDIMScheduler.from_config(own(DDIMScheduler)), DDIMInverseScheduler.from_config(own(DDIMInverseScheduler))
 
 
-@torch.no_grad()
+METHODS = ("ddim", "null-text")
+
+
 def invert(pipe, image, prompt: str, latent_size: tuple[int, int], *, num_inference_steps: int = 50,
-           guidance_scale: float | None = None) -> Inversion:
-    """DDIM-invert ``image`` with ``prompt`` over ``num_inference_steps`` steps (``guidance_scale`` is
-    the edit's; inversion itself runs at guidance 1)."""
+           guidance_scale: float | None = None, method: str = "ddim", tune_iterations: int = 10,
+           learning_rate: float = 1e-2) -> Inversion:
+    """Invert ``image`` (its ``(H, W)`` must be ``latent_size`` times the VAE's factor) with ``prompt``
+    over ``num_inference_steps`` DDIM steps.
+
+    ``method="ddim"``: plain DDIM inversion at guidance 1. ``"null-text"``: then tune the empty
+    prompt's embedding per step for ``guidance_scale`` (``tune_iterations`` Adam steps at most per
+    sampling step, from ``learning_rate``).
+    """
+    if method not in METHODS:
+        raise EditError(f"inversion={method!r} is not a method; valid: {', '.join(METHODS)}")
     if getattr(pipe, "text_encoder_2", None) is not None:
         raise EditError("image= (real-image editing) supports SD 1.x/2.x pipelines; SDXL's is not supported yet")
+    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+        raise EditError(f"num_inference_steps must be a positive int; got {num_inference_steps!r}")
+    if method == "null-text":
+        if guidance_scale is None or not float(guidance_scale) > 1.0:
+            raise EditError(f"null-text inversion tunes the embedding that guidance subtracts: it needs "
+                            f"guidance_scale > 1; got {guidance_scale!r} (use inversion='ddim' without guidance)")
+        if not isinstance(tune_iterations, int) or isinstance(tune_iterations, bool) or tune_iterations < 1:
+            raise EditError(f"tune_iterations must be a positive int; got {tune_iterations!r}")
     f = pipe.vae_scale_factor
     arr = as_image_array(image, (latent_size[0] * f, latent_size[1] * f))
-    device, dtype = pipe._execution_device, pipe.unet.dtype
+    sampler, inverse = ddim_pair(pipe.scheduler)
+    with torch.no_grad():
+        z = _encode(pipe, arr)
+        context = _embed(pipe, prompt)
+        inverse.set_timesteps(num_inference_steps, device=z.device)
+        path = [z]  # x_0, then the latent after each inverse step: path[-1] is x_T
+        for t in inverse.timesteps:
+            eps = pipe.unet(path[-1], t, encoder_hidden_states=context).sample
+            path.append(inverse.step(eps, t, path[-1]).prev_sample)
+    inversion = Inversion(path[-1], arr, sampler, num_inference_steps, prompt=prompt)
+    if method == "null-text":
+        inversion.null_embeddings = _tune_null_text(pipe, path, context, sampler, float(guidance_scale),
+                                                    tune_iterations, learning_rate)
+        inversion.method, inversion.guidance_scale = method, float(guidance_scale)
+    return inversion
+
+
+def _encode(pipe, arr: np.ndarray) -> torch.Tensor:
+    """The scaled VAE latent ``(1, C, h, w)`` of a uint8 ``(H, W, 3)`` image, in the UNet's dtype."""
+    device = pipe._execution_device
     x = torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].to(device, torch.float32) / 127.5 - 1
     z = pipe.vae.encode(x.to(pipe.vae.dtype)).latent_dist.mean * pipe.vae.config.scaling_factor
+    return z.to(pipe.unet.dtype)
+
+
+def _embed(pipe, prompt: str) -> torch.Tensor:
+    """The text encoder's hidden states ``(1, tokens, dim)`` of ``prompt``, as the pipeline pads it."""
     ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(device)
-    context = pipe.text_encoder(ids)[0].to(dtype)
-    sampler, inverse = ddim_pair(pipe.scheduler)
-    inverse.set_timesteps(num_inference_steps, device=device)
-    latent = z.to(dtype)
-    for t in inverse.timesteps:
-        eps = pipe.unet(latent, t, encoder_hidden_states=context).sample
-        latent = inverse.step(eps, t, latent).prev_sample
-    return Inversion(latent, arr, sampler, num_inference_steps)
+                         truncation=True, return_tensors="pt").input_ids.to(pipe._execution_device)
+    return pipe.text_encoder(ids)[0].to(pipe.unet.dtype)
 
 
-__all__ = ["Inversion", "as_image_array", "ddim_pair", "invert"]
+def _tune_null_text(pipe, path: list[torch.Tensor], context: torch.Tensor, sampler: DDIMScheduler,
+                    guidance: float, iterations: int, lr: float) -> torch.Tensor:
+    """Per sampling step ``i``: the unconditional embedding with which the guided DDIM step from the
+    sampled latent lands closest to ``path[-2 - i]``, tuned from the previous step's (the first from
+    the empty prompt's). Returns ``(steps, 1, tokens, dim)``."""
+    unet = pipe.unet
+    null = _embed(pipe, "").detach()
+    sampler.set_timesteps(len(path) - 1, device=path[0].device)
+    latent, tuned = path[-1], []
+    grads = [p.requires_grad for p in unet.parameters()]
+    unet.requires_grad_(False)  # only the embedding is tuned
+    try:
+        for i, t in enumerate(sampler.timesteps):
+            goal = path[-2 - i]
+            with torch.no_grad():
+                eps_cond = unet(latent, t, encoder_hidden_states=context).sample
+            emb = null.float().clone().requires_grad_(True)
+            opt = torch.optim.Adam([emb], lr=lr * (1.0 - i / 100))  # smaller steps as the image settles
+            for _ in range(iterations):
+                eps_null = unet(latent, t, encoder_hidden_states=emb.to(unet.dtype)).sample
+                eps = eps_null + guidance * (eps_cond - eps_null)
+                loss = torch.nn.functional.mse_loss(_ddim_step(sampler, eps, t, latent).float(), goal.float())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if loss.item() < 1e-5 + i * 2e-5:  # close enough: the later steps need less
+                    break
+            null = emb.detach().to(unet.dtype)
+            tuned.append(null)
+            with torch.no_grad():
+                eps_null = unet(latent, t, encoder_hidden_states=null).sample
+                latent = _ddim_step(sampler, eps_null + guidance * (eps_cond - eps_null), t, latent)
+    finally:
+        for p, g in zip(unet.parameters(), grads):
+            p.requires_grad_(g)
+    return torch.stack(tuned)
+
+
+def _ddim_step(sampler: DDIMScheduler, eps: torch.Tensor, t, latent: torch.Tensor) -> torch.Tensor:
+    """The deterministic DDIM step (eta 0) from ``latent`` at ``t``, differentiable in ``eps``."""
+    prev = t - sampler.config.num_train_timesteps // sampler.num_inference_steps
+    a_t = sampler.alphas_cumprod[int(t)]
+    a_prev = sampler.alphas_cumprod[int(prev)] if prev >= 0 else sampler.final_alpha_cumprod
+    x0 = (latent - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+
+
+@contextmanager
+def null_text(unet, inversion: Inversion, n_uncond: int):
+    """While sampling: the first ``n_uncond`` rows (the unconditional half) of the UNet's text input at
+    call ``i`` become ``inversion.null_embeddings[i]``. A forward pre-hook, removed on exit."""
+    calls = [0]
+
+    def swap(module, args, kwargs):
+        key = "encoder_hidden_states"
+        states = kwargs[key] if key in kwargs else args[2]
+        if calls[0] >= len(inversion.null_embeddings):
+            raise EditError(f"the UNet ran more than the {len(inversion.null_embeddings)} steps the image was "
+                            "null-text inverted for")
+        states = states.clone()
+        states[:n_uncond] = inversion.null_embeddings[calls[0]].to(states)
+        calls[0] += 1
+        if key in kwargs:
+            return args, {**kwargs, key: states}
+        return (*args[:2], states, *args[3:]), kwargs
+
+    handle = unet.register_forward_pre_hook(swap, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+__all__ = ["METHODS", "Inversion", "as_image_array", "ddim_pair", "invert", "null_text"]

@@ -9,6 +9,8 @@ happens (``sdlens.hooks.attach``).
 
 from __future__ import annotations
 
+import inspect
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -25,7 +27,8 @@ from ..tokens import Tokenization, tokenize
 from .align import Alignment, align
 from .blend import Blend, BlendMask
 from .controllers import CrossEdit, MutualSelfAttention, SelfInject
-from .inversion import Inversion, invert
+from .inversion import METHODS as INVERSIONS
+from .inversion import Inversion, invert, null_text
 from .steps import window, word_windows
 
 # arguments the edit sets itself; passing them would silently change what the edit compares
@@ -121,8 +124,8 @@ def _noise(pipe, seed: int, latent: tuple[int, int]) -> torch.Tensor:
 
 
 def edit(pipe, base: str, targets, *, kind: str | None, seed: int = 0, cross_steps=1.0, self_steps=0.0,
-         self_max_size: int = 32, mutual: bool = False, blend=None, weights=None, image=None, trace=False,
-         **pipe_kwargs) -> EditResult:
+         self_max_size: int = 32, mutual: bool = False, blend=None, weights=None, image=None, inversion: str = "ddim",
+         trace=False, **pipe_kwargs) -> EditResult:
     """The one function behind ``replace``, ``refine``, ``reweight`` and ``inject_self``.
 
     ``kind``: ``"replace"`` or ``"refine"`` (how the edited prompt's cross-attention slots align
@@ -198,17 +201,18 @@ def edit(pipe, base: str, targets, *, kind: str | None, seed: int = 0, cross_ste
         capture = Capture(spec)
         controllers.append(capture)
 
-    inversion = None
+    call = dict(pipe_kwargs)
+    inverted = None
     if image is not None:
-        inversion = invert(pipe, image, base, latent, **{k: v for k, v in pipe_kwargs.items()
-                                                        if k in ("num_inference_steps", "guidance_scale")})
-        start = inversion.latent
-        settings["image"] = {"size": inversion.size, "inversion": inversion.method}
+        inverted = _inversion(pipe, image, inversion, base, latent, call)
+        start = inverted.latent
+        settings["image"] = {"size": inverted.size, "inversion": inverted.method}
+    elif inversion not in INVERSIONS:
+        raise EditError(f"inversion={inversion!r} is not a method; valid: {', '.join(INVERSIONS)}")
     else:
         start = _noise(pipe, seed, latent)
-    settings.update({k: v for k, v in pipe_kwargs.items() if isinstance(v, (int, float, str, bool, type(None)))})
+    settings.update({k: v for k, v in call.items() if isinstance(v, (int, float, str, bool, type(None)))})
 
-    call = dict(pipe_kwargs)
     n = 1 + len(targets)
     if mask is not None:
         user_callback = call.pop("callback_on_step_end", None)
@@ -222,25 +226,62 @@ def edit(pipe, base: str, targets, *, kind: str | None, seed: int = 0, cross_ste
         call["callback_on_step_end"] = blend_step
         call["callback_on_step_end_tensor_inputs"] = ["latents"]
     scheduler = pipe.scheduler
-    if inversion is not None:  # sample with the DDIM scheduler the image was inverted for
-        pipe.scheduler = inversion.scheduler
+    if inverted is not None:  # sample with the DDIM scheduler the image was inverted for
+        pipe.scheduler = inverted.scheduler
     try:
-        if not controllers:  # nothing to hook (an edit with every window empty): a plain batch
+        with ExitStack() as stack:
+            if inverted is not None and inverted.null_embeddings is not None:
+                stack.enter_context(null_text(pipe.unet, inverted, n_uncond=n))
+            if controllers:  # else nothing to hook (an edit with every window empty): a plain batch
+                stack.enter_context(attach(pipe, controllers))
             out = pipe([base, *targets], latents=start.repeat(n, 1, 1, 1), **call)
-        else:
-            with attach(pipe, controllers):
-                out = pipe([base, *targets], latents=start.repeat(n, 1, 1, 1), **call)
     finally:
         pipe.scheduler = scheduler
     result = EditResult(list(out.images), settings, capture.trace if capture is not None else None,
-                        mask.masks if mask is not None else None, inversion=inversion)
-    if inversion is not None:
-        result.reconstruction_error = inversion.error(result.images[0])
+                        mask.masks if mask is not None else None, inversion=inverted)
+    if inverted is not None:
+        result.reconstruction_error = inverted.error(result.images[0])
     return result
 
 
+def _inversion(pipe, image, method: str, base: str, latent: tuple[int, int], call: dict) -> Inversion:
+    """``image`` inverted with ``base`` by ``method`` (or, given as an ``Inversion``, checked against the
+    edit), with ``call``'s steps and guidance set to the inversion's where the caller left them out."""
+    null = image.null_embeddings is not None if isinstance(image, Inversion) else method == "null-text"
+    if null and call.get("negative_prompt") is not None:
+        raise EditError("null-text inversion sets the unconditional embedding itself; drop negative_prompt= "
+                        "(or use inversion='ddim')")
+    if isinstance(image, Inversion):
+        inv = image
+        problems = []
+        if inv.prompt is not None and inv.prompt != base:
+            problems.append(f"it was inverted with the prompt {inv.prompt!r}, and the base prompt is {base!r}")
+        if tuple(inv.latent.shape[-2:]) != tuple(latent):
+            problems.append(f"its latent is {tuple(inv.latent.shape[-2:])} and the edit's {tuple(latent)} (height/width)")
+        if call.setdefault("num_inference_steps", inv.steps) != inv.steps:
+            problems.append(f"it was inverted over {inv.steps} steps, and the edit runs {call['num_inference_steps']}")
+        if inv.guidance_scale is not None and call.setdefault("guidance_scale", inv.guidance_scale) != inv.guidance_scale:
+            problems.append(f"its null-text embeddings are tuned for guidance {inv.guidance_scale}, and the edit "
+                            f"runs {call['guidance_scale']}")
+        if problems:
+            raise EditError("image= is an Inversion that does not fit this edit: " + "; ".join(problems))
+    else:
+        call.setdefault("num_inference_steps", _default(pipe, "num_inference_steps", 50))
+        call.setdefault("guidance_scale", _default(pipe, "guidance_scale", 7.5))
+        inv = invert(pipe, image, base, latent, num_inference_steps=call["num_inference_steps"],
+                     guidance_scale=call["guidance_scale"], method=method)
+    return inv
+
+
+def _default(pipe, name: str, fallback):
+    """The pipeline's own default for a ``__call__`` argument."""
+    parameter = inspect.signature(pipe.__call__).parameters.get(name)
+    return fallback if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
 def replace(pipe, base: str, target, *, seed: int = 0, cross_steps=1.0, self_steps=0.0, self_max_size: int = 32,
-            blend=None, weights=None, image=None, trace=False, **pipe_kwargs) -> EditResult:
+            blend=None, weights=None, image=None, inversion: str = "ddim", trace=False,
+           **pipe_kwargs) -> EditResult:
     """Word swap (Prompt-to-Prompt): the edited prompt's cross-attention maps are the base's.
 
     Args:
@@ -260,7 +301,10 @@ def replace(pipe, base: str, target, *, seed: int = 0, cross_steps=1.0, self_ste
         weights: ``{target word: factor}``: scale those words' attention in the edited branch (a
             negative factor subtracts the word's value: "less of it").
         image: a real image (PIL, ``(H, W, 3)`` array or ``(3, H, W)`` tensor) to edit instead of a
-            generated one: DDIM-inverted with ``base`` first.
+            generated one, inverted with ``base`` first; or an ``Inversion`` made by ``sdlens.edit.invert``
+            (to invert once and edit many times).
+        inversion: how ``image`` is inverted: ``"ddim"`` (DDIM inversion), or ``"null-text"`` (then the
+            unconditional embedding tuned per step, so that the reconstruction holds at high guidance).
         trace: True (or a dict of ``sdlens.trace`` arguments) to capture the run's attention.
         **pipe_kwargs: passed to the pipeline (``num_inference_steps``, ``guidance_scale``, ``height``, ...).
 
@@ -272,37 +316,44 @@ def replace(pipe, base: str, target, *, seed: int = 0, cross_steps=1.0, self_ste
         result.images[0], result.images[1]   # the base, and the same scene with a blue circle
     """
     return edit(pipe, base, target, kind="replace", seed=seed, cross_steps=cross_steps, self_steps=self_steps,
-                self_max_size=self_max_size, blend=blend, weights=weights, image=image, trace=trace, **pipe_kwargs)
+                self_max_size=self_max_size, blend=blend, weights=weights, image=image, inversion=inversion,
+                trace=trace, **pipe_kwargs)
 
 
 def refine(pipe, base: str, target, *, seed: int = 0, cross_steps=1.0, self_steps=0.0, self_max_size: int = 32,
-           blend=None, weights=None, image=None, trace=False, **pipe_kwargs) -> EditResult:
+           blend=None, weights=None, image=None, inversion: str = "ddim", trace=False,
+           **pipe_kwargs) -> EditResult:
     """Refinement (Prompt-to-Prompt): words added to or removed from the base prompt.
 
     The words both prompts share keep the base's maps; added words keep their own. Arguments as
     ``replace``.
     """
     return edit(pipe, base, target, kind="refine", seed=seed, cross_steps=cross_steps, self_steps=self_steps,
-                self_max_size=self_max_size, blend=blend, weights=weights, image=image, trace=trace, **pipe_kwargs)
+                self_max_size=self_max_size, blend=blend, weights=weights, image=image, inversion=inversion,
+                trace=trace, **pipe_kwargs)
 
 
 def reweight(pipe, prompt: str, weights: dict, *, seed: int = 0, cross_steps=1.0, self_steps=0.0,
-             self_max_size: int = 32, blend=None, image=None, trace=False, **pipe_kwargs) -> EditResult:
+             self_max_size: int = 32, blend=None, image=None, inversion: str = "ddim", trace=False,
+             **pipe_kwargs) -> EditResult:
     """Attention reweighting (Prompt-to-Prompt's equalizer): ``prompt`` again, with the attention of
     the words in ``weights`` (``{"big": 2.0}``) scaled in the edited branch; the base's maps are
     kept for ``cross_steps`` and its self-attention for ``self_steps``, so the scene stays."""
     return edit(pipe, prompt, prompt, kind="replace", seed=seed, cross_steps=cross_steps, self_steps=self_steps,
-                self_max_size=self_max_size, blend=blend, weights=weights, image=image, trace=trace, **pipe_kwargs)
+                self_max_size=self_max_size, blend=blend, weights=weights, image=image, inversion=inversion,
+                trace=trace, **pipe_kwargs)
 
 
 def inject_self(pipe, base: str, target, *, seed: int = 0, self_steps=0.5, self_max_size: int = 32,
-                mutual: bool = False, blend=None, weights=None, image=None, trace=False, **pipe_kwargs) -> EditResult:
+                mutual: bool = False, blend=None, weights=None, image=None, inversion: str = "ddim",
+                trace=False, **pipe_kwargs) -> EditResult:
     """Self-attention injection (Free-Prompt-Editing): the base's self-attention maps (sides ≤
     ``self_max_size``) are copied into the edited branch for ``self_steps``; cross-attention is
     left alone, so any target prompt works. ``mutual=True``: instead, the edited branch's queries
     read the base's keys and values (MasaCtrl's mutual self-attention)."""
     return edit(pipe, base, target, kind=None, seed=seed, self_steps=self_steps, self_max_size=self_max_size,
-                mutual=mutual, blend=blend, weights=weights, image=image, trace=trace, **pipe_kwargs)
+                mutual=mutual, blend=blend, weights=weights, image=image, inversion=inversion,
+                trace=trace, **pipe_kwargs)
 
 
 __all__ = ["EditResult", "edit", "inject_self", "refine", "replace", "reweight"]
