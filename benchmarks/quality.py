@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from sdlens.sweep.records import localisation  # noqa: E402  the measure sweeps record too
+from sdlens.world import object_words  # noqa: E402  (colour_words.py imports it from here too)
 
 EVAL_SEED = 2_000_000_007  # held out: training draws its data from seed * 1_000_003 + small offsets
 WORD_KINDS = ("color", "shape", "position", "size")
@@ -92,27 +93,6 @@ def caption_kind(scene) -> str:
     if any(o.size for o in scene.objects):
         return "sized"
     return "positioned" if scene.positioned else "free"
-
-
-def object_words(text: str) -> list[dict[str, int]]:
-    """Per object of a caption, the index in its words of the object's colour, shape, position and
-    size word (the last word of "on the left"; position and size only where the caption has them)."""
-    from sdlens.world import parse_caption
-
-    words, out, start = text.split(), [], 0
-    for obj in parse_caption(text).objects:
-        i = start + 1 + (obj.size is not None)  # after "a" and the size word
-        entry = {"color": i, "shape": i + 1}
-        if obj.size is not None:
-            entry["size"] = i - 1
-        end = i + 2
-        if obj.position is not None:
-            entry["position"] = i + 4
-            end = i + 5
-        out.append(entry)
-        start = end + 1  # past "and"
-    assert all(words[e["color"]] == o.color for e, o in zip(out, parse_caption(text).objects))
-    return out
 
 
 class PromptMaps:

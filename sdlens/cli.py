@@ -16,6 +16,12 @@ def _int_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
 
 
+def refused(command: str, error: Exception) -> int:
+    """Say why ``sdlens COMMAND`` refused its arguments, on one line of stderr; the exit status (2)."""
+    print(f"sdlens {command}: error: {str(error).splitlines()[0]}", file=sys.stderr)
+    return 2
+
+
 # --- train-tiny ------------------------------------------------------------------------------
 
 
@@ -135,8 +141,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
             except ValueError as e:  # say which stage's options
                 raise ValueError(f"--{stage}-batch / --{stage}-lr: {e}") from None
     except ValueError as e:
-        print(f"sdlens train-tiny: error: {e}", file=sys.stderr)
-        return 2
+        return refused("train-tiny", e)
     out = train_tiny(
         args.out,
         cfg,
@@ -216,8 +221,7 @@ def run_attend(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except AttendError as e:
-        print(f"sdlens attend: error: {e}", file=sys.stderr)
-        return 2
+        return refused("attend", e)
     return 0
 
 
@@ -277,8 +281,7 @@ def run_edit(args: argparse.Namespace) -> int:
              weights=args.weights, image=args.image, inversion=args.inversion, trace=args.trace, device=args.device,
              progress=not args.no_progress)
     except CaptureError as e:  # EditError, the command's own, and attend's checks
-        print(f"sdlens edit: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return refused("edit", e)
     return 0
 
 
@@ -316,8 +319,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
               guidance=args.guidance, layers=layers, map_size=args.map_size, batch=args.batch,
               progress=not args.no_progress)
     except CaptureError as e:
-        print(f"sdlens sweep: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return refused("sweep", e)
     return 0
 
 
@@ -337,8 +339,7 @@ def run_report_command(args: argparse.Namespace) -> int:
     try:
         report(args.dir)
     except CaptureError as e:
-        print(f"sdlens report: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return refused("report", e)
     return 0
 
 
@@ -373,9 +374,7 @@ def run_anatomy(args: argparse.Namespace) -> int:
 
         fam = args.model.split(":", 1)[1]
         if fam not in RANDOM_FAMILIES:
-            print(f"sdlens anatomy: error: unknown family {fam!r}; choose one of {', '.join(RANDOM_FAMILIES)}",
-                  file=sys.stderr)
-            return 2
+            return refused("anatomy", ValueError(f"unknown family {fam!r}; choose one of {', '.join(RANDOM_FAMILIES)}"))
         pipe = families.sd15_layout(width=320) if fam == "sd15" else families.FAMILIES[fam]()
     else:
         import sdlens
@@ -383,15 +382,13 @@ def run_anatomy(args: argparse.Namespace) -> int:
         try:
             pipe = sdlens.load_pipeline(args.model)
         except (OSError, ValueError) as e:
-            print(f"sdlens anatomy: error: cannot load model {args.model!r}: {e}".splitlines()[0], file=sys.stderr)
-            return 2
+            return refused("anatomy", ValueError(f"cannot load model {args.model!r}: {e}"))
     height = width = None
     if args.size:
         try:
             height, width = (int(v) for v in (args.size.lower().split("x") * 2)[:2])
         except ValueError:
-            print(f"sdlens anatomy: error: --size {args.size!r} is not N or HxW (e.g. 64 or 64x96)", file=sys.stderr)
-            return 2
+            return refused("anatomy", ValueError(f"--size {args.size!r} is not N or HxW (e.g. 64 or 64x96)"))
     print(anatomy(pipe, height, width, flops=not args.no_flops))
     return 0
 

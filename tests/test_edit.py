@@ -269,6 +269,8 @@ def test_an_inversion_that_does_not_fit_the_edit_is_refused(pipe):
     inv = edit.invert(pipe, image, "a red circle", (16, 16), num_inference_steps=3)
     with pytest.raises(EditError, match=r"inverted with the prompt 'a red circle'.*inverted over 3 steps, and the edit runs 4"):
         edit.replace(pipe, "a red square", "a blue square", image=inv, num_inference_steps=4)
+    with pytest.raises(EditError, match="made by 'ddim'"):
+        edit.replace(pipe, "a red circle", "a blue circle", image=inv, inversion="null-text")
     r = edit.replace(pipe, "a red circle", "a blue circle", image=inv, output_type="np")  # its steps filled in
     assert r.settings["num_inference_steps"] == 3
 

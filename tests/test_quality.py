@@ -9,7 +9,7 @@ import pytest
 import torch
 from _load import load_module
 
-from sdlens.world import parse_caption
+from sdlens.world import object_words, parse_caption
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_word_index_points_at_each_objects_words(quality):
         scene = parse_caption(text)
         assert {"positioned": scene.positioned, "free": not scene.positioned,
                 "sized": all(o.size for o in scene.objects)}[quality.caption_kind(scene)]
-        for entry, obj in zip(quality.object_words(text), scene.objects):
+        for entry, obj in zip(object_words(text), scene.objects):
             assert words[entry["color"]] == obj.color
             assert words[entry["shape"]] == obj.shape
             assert words[entry["position"]] == obj.position if obj.position else "position" not in entry

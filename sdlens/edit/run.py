@@ -254,6 +254,11 @@ def _inversion(pipe, image, method: str, base: str, latent: tuple[int, int], cal
     if isinstance(image, Inversion):
         inv = image
         problems = []
+        if method not in INVERSIONS:
+            problems.append(f"inversion={method!r} is not a method (valid: {', '.join(INVERSIONS)})")
+        elif method == "null-text" and inv.method != "null-text":  # "ddim", the default, defers to the Inversion
+            problems.append(f"inversion='null-text' was asked, and it was made by {inv.method!r} "
+                            "(make it with sdlens.edit.invert(..., method='null-text'))")
         if inv.prompt is not None and inv.prompt != base:
             problems.append(f"it was inverted with the prompt {inv.prompt!r}, and the base prompt is {base!r}")
         if tuple(inv.latent.shape[-2:]) != tuple(latent):

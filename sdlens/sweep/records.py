@@ -58,21 +58,18 @@ def truths(prompt: str, image: np.ndarray, given: dict[str, np.ndarray]) -> dict
                 out[i] = ("given", mask)
     if out:
         return out
-    from ..world import analyze, parse_caption
+    from ..world import analyze, object_words, parse_caption
 
     try:
-        scene = parse_caption(prompt)
+        scene, indices = parse_caption(prompt), object_words(prompt)
     except ValueError:
         return {}
     detected = analyze(image)
-    start = 0
-    for obj in scene.objects:
-        i = start + 1 + (obj.size is not None)  # "a [size] <colour> <shape> ..."
+    for obj, index in zip(scene.objects, indices):
         det = next((d for d in detected if d.color == obj.color), None)
         if det is not None:
-            out[i] = ("colour", det.mask)
-            out[i + 1] = ("shape", det.mask)
-        start = i + 2 + (3 if obj.position is not None else 0) + 1  # past "on the left" and "and"
+            out[index["color"]] = ("colour", det.mask)
+            out[index["shape"]] = ("shape", det.mask)
     return out
 
 

@@ -22,6 +22,7 @@ from sdlens.world.scene import (
     Obj,
     Scene,
     caption,
+    object_words,
     parse_caption,
     sample_scene,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "analyze",
     "caption",
     "draw_batch",
+    "object_words",
     "parse_caption",
     "render",
     "render_batch",

@@ -201,3 +201,22 @@ def parse_caption(text: str) -> Scene:
     if len(parts) > 2:
         raise ValueError(f"a caption describes 1 or 2 objects, {text!r} has {len(parts)}")
     return Scene(tuple(_parse_object(part, text) for part in parts))
+
+
+def object_words(text: str) -> list[dict[str, int]]:
+    """Per object of a caption, the index in ``text.split()`` of its colour, shape, position and size
+    word (for a position, the last word of "on the left"; position and size only where the caption
+    has them): ``"a big red circle on the left"`` → ``[{"size": 1, "color": 2, "shape": 3, "position": 6}]``."""
+    out, start = [], 0
+    for obj in parse_caption(text).objects:
+        i = start + 1 + (obj.size is not None)  # after "a" and the size word
+        entry = {"color": i, "shape": i + 1}
+        if obj.size is not None:
+            entry["size"] = i - 1
+        end = i + 2
+        if obj.position is not None:
+            entry["position"] = i + 4
+            end = i + 5
+        out.append(entry)
+        start = end + 1  # past "and"
+    return out
