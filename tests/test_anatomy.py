@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from sdlens.anatomy import anatomy
 from sdlens.models.families import sd3, sd15_layout
 
@@ -26,6 +28,7 @@ def test_sd3_joint_layers_give_both_kinds():
     assert a.flops_attention > 0
 
 
+@pytest.mark.slow  # 8 s: two fresh interpreters importing torch and diffusers
 def test_cli_anatomy():
     out = subprocess.run([sys.executable, "-m", "sdlens.cli", "anatomy", "--model", "random:sd1", "--no-flops"],
                          capture_output=True, text=True, timeout=120)

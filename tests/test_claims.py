@@ -138,6 +138,7 @@ def test_nb2_s6_a_latent_mix_holds_a_circle_at_each_place(pipe):
 # --- notebook 3 ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 6 s: four guidance scales × four seeds
 def test_nb3_s6_guidance_decides_whether_the_caption_is_followed(pipe):
     """03_diffusion, section 6: the sweep over w shows the prompt followed with guidance (w >= 3:
     every seed) and not without (w = 0: at most one of four); at w = 1 the objects are right and

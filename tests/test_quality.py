@@ -58,6 +58,7 @@ def test_localisation_matches_a_pixel_by_pixel_count(quality):
     assert quality.localisation(square, square.numpy() == 0) == {"iou": 0.0, "peak": False}
 
 
+@pytest.mark.slow  # 4 s: a short benchmark run
 def test_short_run_on_the_shipped_model(quality, tmp_path, capsys):
     """4 + 4 held-out captions through the real script: the summary follows from the per-caption
     records, and the shipped model draws what it is asked (100% / 100% on 120 + 120 captions with positions)."""
