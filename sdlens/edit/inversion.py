@@ -13,7 +13,7 @@ sampling at a higher guidance drifts from the image, and the reconstruction erro
 Null-text inversion (Mokady et al., 2022) closes that gap: after the DDIM inversion it tunes, one
 sampling step at a time, the embedding of the empty prompt that guidance subtracts, so that the
 guided DDIM step from the sampled latent lands on the inverted trajectory's latent. Sampling with
-those per-step embeddings in the unconditional rows (``NullText``) gives the image back at any
+those per-step embeddings in the unconditional rows (``null_text``) gives the image back at any
 guidance; it costs a backward pass through the UNet per tuning iteration.
 """
 
@@ -181,7 +181,7 @@ def _tune_null_text(pipe, path: list[torch.Tensor], context: torch.Tensor, sampl
             with torch.no_grad():
                 eps_cond = unet(latent, t, encoder_hidden_states=context).sample
             emb = null.float().clone().requires_grad_(True)
-            opt = torch.optim.Adam([emb], lr=lr * (1.0 - i / 100))  # smaller steps as the image settles
+            opt = torch.optim.Adam([emb], lr=lr * max(1.0 - i / 100, 0.1))  # smaller steps as the image settles
             for _ in range(iterations):
                 eps_null = unet(latent, t, encoder_hidden_states=emb.to(unet.dtype)).sample
                 eps = eps_null + guidance * (eps_cond - eps_null)
