@@ -435,6 +435,21 @@ def test_edit_explorer_reruns_on_release_and_caches(pipe):
                if isinstance(w, (ipywidgets_module().FloatSlider, ipywidgets_module().FloatRangeSlider)))
 
 
+def test_edit_explorer_on_an_image_inverts_once(pipe):
+    from sdlens.widgets import EditExplorer
+    from sdlens.world import parse_caption, render
+
+    image = render(parse_caption("a red circle on the left"), size=64, seed=1).image
+    ex = EditExplorer(pipe, "a red circle on the left", "a blue circle on the left", image=image, steps=4)
+    inversion = ex.inversion
+    direct = edit.replace(pipe, "a red circle on the left", "a blue circle on the left", image=image,
+                          num_inference_steps=4, guidance_scale=7.5, output_type="np")
+    for a, b in zip(ex.result.images, direct.images):
+        assert np.abs(a - b).max() <= 1e-5
+    ex.controls["blend"].value = True
+    assert ex.edits == 2 and ex.inversion is inversion and "reconstructed" in ex.describe()
+
+
 def ipywidgets_module():
     import ipywidgets
 

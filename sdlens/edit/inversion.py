@@ -67,9 +67,9 @@ class Inversion:
         return float(np.abs(rec - self.image.astype(np.float64) / 255.0).mean())
 
 
-def as_image_array(image, size: tuple[int, int]) -> np.ndarray:
+def as_image_array(image, size: tuple[int, int] | None = None) -> np.ndarray:
     """``image`` (PIL RGB, ``(H, W, 3)`` array, or ``(3, H, W)`` / ``(1, 3, H, W)`` tensor in 0..1) as uint8
-    ``(H, W, 3)``; its ``(H, W)`` must be ``size``."""
+    ``(H, W, 3)``; its ``(H, W)`` must be ``size`` when given."""
     if hasattr(image, "mode") and hasattr(image, "size"):  # PIL
         if image.mode != "RGB":
             raise EditError(f"image mode {image.mode!r} is not supported; give an RGB image (image.convert('RGB'))")
@@ -87,7 +87,7 @@ def as_image_array(image, size: tuple[int, int]) -> np.ndarray:
         arr = image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
     else:
         raise EditError(f"image must be a PIL image, an (H, W, 3) array or a (3, H, W) tensor; got {type(image).__name__}")
-    if arr.shape[:2] != tuple(size):
+    if size is not None and arr.shape[:2] != tuple(size):
         raise EditError(f"the image is {arr.shape[0]}×{arr.shape[1]} (H×W) but the edit runs at {size[0]}×{size[1]}; "
                         f"resize it, or pass height={arr.shape[0]}, width={arr.shape[1]}")
     return np.ascontiguousarray(arr)

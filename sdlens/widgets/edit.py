@@ -31,15 +31,29 @@ class EditExplorer(Explorer):
         ex = EditExplorer(pipe, "a red circle", "a blue circle", seed=3)
         ex.controls["threshold"].value = 0.4     # re-runs the edit (or takes it from the cache)
         ex.result.images, ex.render()
+
+    ``image=`` (and ``inversion=``): edit that picture instead; it is inverted once, when the
+    explorer is made, and the sliders edit that inversion.
     """
 
     GAP = 4
 
     def __init__(self, pipe, base: str, target: str, *, seed: int = 0, steps: int = 25, guidance: float = 7.5,
-                 method: str = "replace", blend_words=None, display_size: int = 192, **pipe_kwargs) -> None:
+                 method: str = "replace", blend_words=None, image=None, inversion: str = "ddim",
+                 display_size: int = 192, **pipe_kwargs) -> None:
         super().__init__(display_size)
         self.pipe, self.base, self.target, self.seed = pipe, base, target, seed
         self.call = dict(num_inference_steps=steps, guidance_scale=guidance, **pipe_kwargs)
+        self.inversion = None  # with image=: inverted once here, every setting edits that inversion
+        if image is not None:
+            from ..edit import invert
+            from ..edit.inversion import as_image_array
+
+            arr = as_image_array(image)
+            f = pipe.vae_scale_factor
+            self.call.update(height=arr.shape[0], width=arr.shape[1])
+            self.inversion = invert(pipe, arr, base, (arr.shape[0] // f, arr.shape[1] // f), num_inference_steps=steps,
+                                    guidance_scale=guidance, method=inversion)
         self.edits = 0
         target_tok = tokenize(target, pipe.tokenizer)
         self.weight_words = [w for w in dict.fromkeys(target_tok.words) if w.lower() not in FILLER]
@@ -78,7 +92,8 @@ class EditExplorer(Explorer):
 
         def compute():
             self.edits += 1
-            return edit(self.pipe, self.base, self.target, seed=self.seed, output_type="np", **s, **self.call)
+            return edit(self.pipe, self.base, self.target, seed=self.seed, image=self.inversion, output_type="np",
+                        **s, **self.call)
 
         return self.cached(key, compute, max_items=64)
 
@@ -96,7 +111,8 @@ class EditExplorer(Explorer):
         return max(1, self.display_size // rgb.shape[0])
 
     def describe(self) -> str:
-        parts = ["<i>left</i>: " + html.escape(self.base), "<i>middle</i>: " + html.escape(self.target)]
+        left = ("the image, reconstructed from its inversion with " if self.inversion is not None else "") + self.base
+        parts = ["<i>left</i>: " + html.escape(left), "<i>middle</i>: " + html.escape(self.target)]
         if self.result is not None and self.result.masks is not None:
             parts.append("<i>right</i>: the blend mask (edited where white)")
         return " &nbsp;·&nbsp; ".join(parts) + f" &nbsp; ({self.edits} runs of the model so far)"
