@@ -196,6 +196,12 @@ def test_half_precision_runs_and_keeps_the_base(sd1_pipe, dtype):
         # half precision: the edited layers' float32 softmax differs from SDPA's in the last bits,
         # which random weights amplify; the base stays close
         assert np.abs(r.images[0] - p).max() <= 0.1
+        # null-text tuning runs in the pipeline's precision too (the embedding is tuned in float32)
+        h = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        picture = np.random.default_rng(0).integers(0, 256, (h, h, 3), dtype=np.uint8)
+        real = edit.replace(pipe, "a red circle", "a blue circle", image=picture, inversion="null-text",
+                            num_inference_steps=2, output_type="np")
+        assert np.isfinite(real.images).all() and real.inversion.null_embeddings.dtype == dtype
     finally:
         sd1_pipe.to(dtype=torch.float32)
 
