@@ -313,8 +313,8 @@ def test_analyzer_input_formats():
     for image in (r.image, as_float, as_float.numpy(), torch.from_numpy(r.image)):
         assert sorted((d.color, d.shape, d.position) for d in analyze(image)) == sorted(expected)
     np.testing.assert_allclose(to_rgb(as_float), r.image, atol=1e-3)
-    with pytest.raises(ValueError, match=r"uint8 \(H, W, 3\) image or a float \(3, H, W\)"):
-        analyze(np.zeros((64, 64, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"uint8 \(H, W, 3\) image, a float \(H, W, 3\) image in 0..1 or a float \(3, H, W\)"):
+        analyze(np.zeros((64, 64), dtype=np.float32))
 
 
 def test_connected_components_and_tiny_blobs():
@@ -419,3 +419,21 @@ def test_a_scene_gives_positions_to_both_objects_or_to_neither():
         Obj("circle", "red", size="huge")
     with pytest.raises(ValueError, match="free_prob"):
         sample_scene(np.random.default_rng(0), free_prob=2.0)
+
+
+def test_a_pipelines_float_output_reads_as_its_uint8_image():
+    """output_type='np' gives float (H, W, 3) in 0..1: the analyzer reads it as the uint8 image it
+    would be saved as; a float image outside 0..1 is refused, naming the range it has."""
+    from sdlens.world import describe, mask_iou, object_mask
+
+    scene = render(parse_caption("a red circle on the left and a blue square on the right"), size=64, seed=4)
+    blurred = (scene.image.astype(np.float64) * 0.9 + 12.7) / 255.0  # not whole uint8 steps
+    as_saved = (blurred * 255).round().astype(np.uint8)
+    assert [(d.color, d.shape, d.area) for d in analyze(blurred)] == [(d.color, d.shape, d.area) for d in analyze(as_saved)]
+    assert describe(blurred) == describe(as_saved) and sorted(describe(blurred).split(", ")) == ["blue square", "red circle"]
+    red = object_mask(blurred, "red")
+    assert mask_iou(red, scene.masks[0]) == 1.0 and mask_iou(red, scene.masks[1]) == 0.0
+    assert object_mask(blurred, "green") is None and mask_iou(None, red) == 0.0
+    assert describe(np.full((64, 64, 3), 0.78)) == "no object found"
+    with pytest.raises(ValueError, match=r"0\.\.1.*spans -0\.90\.\.0\.90"):
+        analyze(blurred * 2 - 1)

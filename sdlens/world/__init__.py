@@ -10,7 +10,7 @@ also gives each object's mask, and an analyzer that reads images back into objec
 True
 """
 
-from sdlens.world.analyze import Detected, analyze, score
+from sdlens.world.analyze import Detected, analyze, describe, mask_iou, object_mask, score
 from sdlens.world.data import VOCAB_WORDS, sample_batch
 from sdlens.world.render import Placement, Rendering, draw_batch, render, render_batch
 from sdlens.world.scene import (
@@ -41,7 +41,10 @@ __all__ = [
     "Scene",
     "analyze",
     "caption",
+    "describe",
     "draw_batch",
+    "mask_iou",
+    "object_mask",
     "object_words",
     "parse_caption",
     "render",

@@ -65,17 +65,26 @@ class Detected:
 
 
 def to_rgb(image: np.ndarray | torch.Tensor) -> np.ndarray:
-    """A uint8 (H, W, 3) image or a float (3, H, W) image in [-1, 1] → float (H, W, 3) in 0..255."""
+    """An image → float (H, W, 3) in 0..255 (whole numbers): uint8 (H, W, 3) (or a PIL image), float
+    (H, W, 3) in 0..1 (a pipeline's ``output_type="np"``, quantised as saving it to uint8 would), or
+    float (3, H, W) in [-1, 1] (the model's own range)."""
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     image = np.asarray(image)
     if image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
         return image.astype(np.float64)
-    if np.issubdtype(image.dtype, np.floating) and image.ndim == 3 and image.shape[0] == 3:
+    floating = np.issubdtype(image.dtype, np.floating) and image.ndim == 3
+    if floating and image.shape[0] == 3:
         return np.clip((image.transpose(1, 2, 0).astype(np.float64) + 1.0) * 127.5, 0.0, 255.0)
+    if floating and image.shape[-1] == 3:
+        lo, hi = float(image.min()), float(image.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"a float (H, W, 3) image must be in 0..1 (as output_type='np' gives); this one spans "
+                             f"{lo:.2f}..{hi:.2f}")
+        return np.clip(np.round(image.astype(np.float64) * 255.0), 0.0, 255.0)
     raise ValueError(
-        f"expected a uint8 (H, W, 3) image or a float (3, H, W) image in [-1, 1], "
-        f"got dtype {image.dtype} and shape {tuple(image.shape)}"
+        f"expected a uint8 (H, W, 3) image, a float (H, W, 3) image in 0..1 or a float (3, H, W) image in "
+        f"[-1, 1]; got dtype {image.dtype} and shape {tuple(image.shape)}"
     )
 
 
@@ -149,7 +158,7 @@ def position_of(x: float, y: float) -> str:
 def analyze(image: np.ndarray | torch.Tensor, min_area_fraction: float = MIN_AREA_FRACTION) -> list[Detected]:
     """The objects in an image, largest first.
 
-    image: uint8 (H, W, 3), or float (3, H, W) in [-1, 1] (numpy or torch).
+    image: uint8 (H, W, 3), float (H, W, 3) in 0..1, or float (3, H, W) in [-1, 1] (numpy or torch).
     """
     labels = segment(to_rgb(image))  # (H, W)
     h, w = labels.shape
@@ -168,6 +177,23 @@ def analyze(image: np.ndarray | torch.Tensor, min_area_fraction: float = MIN_ARE
         found.append(Detected(color, shape, position_of(*centroid), mask, centroid, area, scores,
                               float(radius), size_of(radius)))
     return sorted(found, key=lambda d: -d.area)
+
+
+def describe(image: np.ndarray | torch.Tensor) -> str:
+    """What the analyzer sees, in words: ``"red circle, blue square"`` (largest first) or ``"no object found"``."""
+    return ", ".join(f"{d.color} {d.shape}" for d in analyze(image)) or "no object found"
+
+
+def object_mask(image: np.ndarray | torch.Tensor, color: str) -> np.ndarray | None:
+    """The mask ``(H, W)`` of the largest object of ``color`` in the image, or None when there is none."""
+    return next((d.mask for d in analyze(image) if d.color == color), None)
+
+
+def mask_iou(a: np.ndarray | None, b: np.ndarray | None) -> float:
+    """Intersection over union of two boolean masks (0 when either is missing or both are empty)."""
+    if a is None or b is None:
+        return 0.0
+    return float((a & b).sum() / max((a | b).sum(), 1))
 
 
 def _match(objects: tuple[Obj, ...], detected: list[Detected]) -> list[Detected | None]:
