@@ -142,7 +142,9 @@ def find(detected, obj):
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max((a | b).sum(), 1))
+    from sdlens.world import mask_iou
+
+    return mask_iou(a, b)
 
 
 def measure(kind: str, case: dict, result, truth=None) -> dict | None:
