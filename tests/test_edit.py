@@ -295,6 +295,7 @@ def test_an_inversion_that_does_not_fit_the_edit_is_refused(pipe):
     (lambda p: edit.replace(p, "a red circle", "a blue circle", blend={"words": "circle", "size": 32}),
      r"valid: \[8, 16\]"),
     (lambda p: edit.replace(p, "a red circle", "a big blue circle"), "unmatched words"),
+    (lambda p: edit.replace(p, "a red circle", "A red  circle"), "nothing to swap"),
     (lambda p: edit.replace(p, "a red circle", "a blue circle", latents=None), "cannot be passed"),
     (lambda p: edit.replace(p, "a red circle", "a blue circle", self_steps=0.5, self_max_size=4), "self_max_size=4"),
     (lambda p: edit.replace(p, "a red circle", "a blue circle", image=np.zeros((32, 32, 3), np.uint8)), "32×32"),

@@ -320,6 +320,11 @@ def replace(pipe, base: str, target, *, seed: int = 0, cross_steps=1.0, self_ste
         result = sdlens.edit.replace(pipe, "a red circle", "a blue circle", seed=3)
         result.images[0], result.images[1]   # the base, and the same scene with a blue circle
     """
+    same = [t for t in ([target] if isinstance(target, str) else list(target or []))
+            if isinstance(t, str) and isinstance(base, str) and t.lower().split() == base.lower().split()]
+    if same and not weights:
+        raise EditError(f"the target {same[0]!r} is the base prompt word for word: replace has nothing to swap and "
+                        "would give the base image back; change a word, or use reweight(pipe, prompt, {word: factor})")
     return edit(pipe, base, target, kind="replace", seed=seed, cross_steps=cross_steps, self_steps=self_steps,
                 self_max_size=self_max_size, blend=blend, weights=weights, image=image, inversion=inversion,
                 trace=trace, **pipe_kwargs)
