@@ -22,6 +22,20 @@ def refused(command: str, error: Exception) -> int:
     return 2
 
 
+def add_generation_options(p, *, seed: bool = True, size: bool = True, device: bool = True) -> None:
+    """The options of every command that generates: model, seed, steps, guidance, size, device, progress bar."""
+    p.add_argument("--model", default="tiny", help="'tiny' (the built-in model, default), a pipeline folder or a hub id")
+    if seed:
+        p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    if size:
+        p.add_argument("--size", default=None, help="image size: 64 or HEIGHTxWIDTH (default: the model's own)")
+    if device:
+        p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 # --- train-tiny ------------------------------------------------------------------------------
 
 
@@ -179,14 +193,8 @@ def add_attend(subparsers) -> None:
     p.add_argument(
         "prompt", help='the prompt, e.g. "a red circle on the left and a blue square on the right"'
     )
-    p.add_argument(
-        "--model", default="tiny", help="'tiny' (the built-in model, default), a pipeline folder or a hub id"
-    )
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    add_generation_options(p)
     p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--size", default=None, help="image size: 64 or HEIGHTxWIDTH (default: the model's own)")
     p.add_argument(
         "--words",
         nargs="+",
@@ -195,9 +203,7 @@ def add_attend(subparsers) -> None:
         help="words to draw (default: all words of the prompt); commas also separate",
     )
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: ./attend-PROMPT)")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--self-attn", action="store_true", help="also keep self-attention in the trace (larger)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_attend)
 
 
@@ -247,11 +253,7 @@ def add_edit(subparsers) -> None:
                    "scale words' attention (--weights); inject_self: keep the base's self-attention; "
                    "mutual: the edit reads the base's keys and values")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: ./edit-BASE-to-TARGET)")
-    p.add_argument("--model", default="tiny", help="'tiny' (the built-in model, default), a pipeline folder or a hub id")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--size", default=None, help="image size: 64 or HEIGHTxWIDTH (default: the model's own)")
+    add_generation_options(p)
     p.add_argument("--cross-steps", default=None, metavar="F|A,B",
                    help="when the base's cross-attention maps are copied: a fraction of the steps or start,end")
     p.add_argument("--word-steps", nargs="+", default=None, metavar="WORD=F|A,B", help="per-word --cross-steps")
@@ -265,8 +267,6 @@ def add_edit(subparsers) -> None:
     p.add_argument("--inversion", default="ddim", choices=("ddim", "null-text"),
                    help="how --image is inverted: ddim, or null-text (closer at high guidance; slower)")
     p.add_argument("--trace", action="store_true", help="also write each branch's word maps and the trace")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_edit)
 
 
@@ -298,14 +298,11 @@ def add_sweep(subparsers) -> None:
     )
     p.add_argument("prompts", help="a text file (one prompt a line) or .jsonl (prompt, seed, negative_prompt, masks)")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--model", default="tiny", help="'tiny' (the built-in model, default), a pipeline folder or a hub id")
+    add_generation_options(p, seed=False, size=False, device=False)  # each process takes Accelerate's device
     p.add_argument("--seeds", type=int, default=1, help="seeds per prompt (0, 1, ...) where a line gives none")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--layers", default=None, help="layers to trace (sdlens.trace's selector: a map side or a glob)")
     p.add_argument("--map-size", type=int, default=16, help="side of the stored word maps (default 16)")
     p.add_argument("--batch", type=int, default=4, help="images per pipeline call (and per shard)")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_sweep_command)
 
 

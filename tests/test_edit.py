@@ -232,15 +232,22 @@ def test_real_image_edit_puts_the_scheduler_back(pipe):
     assert untouched(pipe) == before
 
 
-def test_ddim_step_of_the_null_text_tuning_is_the_samplers_step(pipe):
-    from sdlens.edit.inversion import _ddim_step, ddim_pair
+def test_the_samplers_ddim_step_carries_the_gradient_the_null_text_tuning_needs(pipe):
+    """The tuning backpropagates through the DDIM sampler's own step: at every timestep the step is
+    differentiable in the noise prediction, with the exact coefficient √(1-ᾱ_prev) - √ᾱ_prev·√(1-ᾱ_t)/√ᾱ_t."""
+    from sdlens.edit.inversion import ddim_pair
 
     sampler, _ = ddim_pair(pipe.scheduler)
     sampler.set_timesteps(7)
-    x, eps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     for t in sampler.timesteps:
-        torch.testing.assert_close(_ddim_step(sampler, eps[None], t, x[None]),
-                                   sampler.step(eps[None], t, x[None]).prev_sample)
+        eps = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(int(t))).requires_grad_(True)
+        sampler.step(eps, t, x).prev_sample.sum().backward()
+        a_t = sampler.alphas_cumprod[int(t)]
+        prev = int(t) - sampler.config.num_train_timesteps // sampler.num_inference_steps
+        a_prev = sampler.alphas_cumprod[prev] if prev >= 0 else sampler.final_alpha_cumprod
+        coefficient = (1 - a_prev) ** 0.5 - a_prev**0.5 * (1 - a_t) ** 0.5 / a_t**0.5
+        torch.testing.assert_close(eps.grad, torch.full_like(eps, float(coefficient)))
 
 
 @pytest.mark.slow  # 15 s: ten tuned steps, twice

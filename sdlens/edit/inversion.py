@@ -185,7 +185,8 @@ def _tune_null_text(pipe, path: list[torch.Tensor], context: torch.Tensor, sampl
             for _ in range(iterations):
                 eps_null = unet(latent, t, encoder_hidden_states=emb.to(unet.dtype)).sample
                 eps = eps_null + guidance * (eps_cond - eps_null)
-                loss = torch.nn.functional.mse_loss(_ddim_step(sampler, eps, t, latent).float(), goal.float())
+                step = sampler.step(eps, t, latent).prev_sample  # DDIM's update is plain tensor math: differentiable
+                loss = torch.nn.functional.mse_loss(step.float(), goal.float())
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -195,20 +196,11 @@ def _tune_null_text(pipe, path: list[torch.Tensor], context: torch.Tensor, sampl
             tuned.append(null)
             with torch.no_grad():
                 eps_null = unet(latent, t, encoder_hidden_states=null).sample
-                latent = _ddim_step(sampler, eps_null + guidance * (eps_cond - eps_null), t, latent)
+                latent = sampler.step(eps_null + guidance * (eps_cond - eps_null), t, latent).prev_sample
     finally:
         for p, g in zip(unet.parameters(), grads):
             p.requires_grad_(g)
     return torch.stack(tuned)
-
-
-def _ddim_step(sampler: DDIMScheduler, eps: torch.Tensor, t, latent: torch.Tensor) -> torch.Tensor:
-    """The deterministic DDIM step (eta 0) from ``latent`` at ``t``, differentiable in ``eps``."""
-    prev = t - sampler.config.num_train_timesteps // sampler.num_inference_steps
-    a_t = sampler.alphas_cumprod[int(t)]
-    a_prev = sampler.alphas_cumprod[int(prev)] if prev >= 0 else sampler.final_alpha_cumprod
-    x0 = (latent - (1 - a_t) ** 0.5 * eps) / a_t**0.5
-    return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
 
 
 @contextmanager

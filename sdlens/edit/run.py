@@ -202,13 +202,13 @@ def edit(pipe, base: str, targets, *, kind: str | None, seed: int = 0, cross_ste
         controllers.append(capture)
 
     call = dict(pipe_kwargs)
+    if inversion not in INVERSIONS:
+        raise EditError(f"inversion={inversion!r} is not a method; valid: {', '.join(INVERSIONS)}")
     inverted = None
     if image is not None:
         inverted = _inversion(pipe, image, inversion, base, latent, call)
         start = inverted.latent
         settings["image"] = {"size": inverted.size, "inversion": inverted.method}
-    elif inversion not in INVERSIONS:
-        raise EditError(f"inversion={inversion!r} is not a method; valid: {', '.join(INVERSIONS)}")
     else:
         start = _noise(pipe, seed, latent)
     settings.update({k: v for k, v in call.items() if isinstance(v, (int, float, str, bool, type(None)))})
@@ -254,9 +254,7 @@ def _inversion(pipe, image, method: str, base: str, latent: tuple[int, int], cal
     if isinstance(image, Inversion):
         inv = image
         problems = []
-        if method not in INVERSIONS:
-            problems.append(f"inversion={method!r} is not a method (valid: {', '.join(INVERSIONS)})")
-        elif method == "null-text" and inv.method != "null-text":  # "ddim", the default, defers to the Inversion
+        if method == "null-text" and inv.method != "null-text":  # "ddim", the default, defers to the Inversion
             problems.append(f"inversion='null-text' was asked, and it was made by {inv.method!r} "
                             "(make it with sdlens.edit.invert(..., method='null-text'))")
         if inv.prompt is not None and inv.prompt != base:

@@ -45,11 +45,12 @@ def read_items(path: str | Path, seeds: int = 1) -> list[Item]:
         raise SweepError(f"seeds must be a positive int; got {seeds!r}")
     items: list[Item] = []
     jsonl = path.suffix.lower() == ".jsonl"
+    index = -1  # the prompt's place among the file's prompts
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         text = line.strip()
         if not text or (not jsonl and text.startswith("#")):
             continue
-        index = len({i.id.split("-")[0] for i in items})
+        index += 1
         if jsonl:
             try:
                 entry = json.loads(text)

@@ -19,6 +19,8 @@ import math
 import numpy as np
 import torch
 
+from ..world.analyze import mask_iou
+
 SLOT_KINDS = ("start", "word", "end", "pad")
 
 
@@ -27,8 +29,7 @@ def localisation(heat: torch.Tensor, mask: np.ndarray) -> dict:
     m = heat.float().cpu().numpy()
     lo, hi = float(m.min()), float(m.max())
     region = (m - lo) / max(hi - lo, 1e-12) >= 0.5
-    iou = float((region & mask).sum() / max((region | mask).sum(), 1))
-    return {"iou": iou, "peak": bool(mask.flat[int(np.argmax(m))])}
+    return {"iou": mask_iou(region, mask), "peak": bool(mask.flat[int(np.argmax(m))])}
 
 
 def slot_mass(tr, prompt: int) -> dict:
