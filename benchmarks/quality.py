@@ -29,7 +29,13 @@ cross-attention with `sdlens.trace`, and measures:
   two-object captions.
 - attention mass: the share of the cross-attention probability (averaged over steps, layers,
   heads and pixels) that goes to the start slot, the caption's words, the end slot and the
-  padding slots.
+  padding slots (and, for an SD 3-style model, the T5 slots, empty without T5). In a joint-attention
+  model the pixels' attention is shared between text and image keys: the shares are of the text
+  part, and "to text" says how much of the whole that part is (1 for a UNet's cross-attention).
+- with `--concepts` (joint-attention models): the same images traced with ConceptAttention
+  concepts (the world's colours and shapes, and "background"); each object's colour and shape
+  concept maps measured as the word maps are ("colour concept", "shape concept"), beside the raw
+  image->text maps of the same words.
 - with "free": where the noise puts the objects: the detected objects' centres over a 3x3 grid
   of the image (a model that ignores the noise piles them into a few cells).
 - with "sized": whether size words are obeyed: for N one-object captions without positions, "a
@@ -55,6 +61,7 @@ from sdlens.world import object_words  # noqa: E402  (colour_words.py imports it
 
 EVAL_SEED = 2_000_000_007  # held out: training draws its data from seed * 1_000_003 + small offsets
 WORD_KINDS = ("color", "shape", "position", "size")
+CONCEPT_KINDS = ("color concept", "shape concept")  # --concepts: ConceptAttention maps of the same objects
 GROUPS = ("single", "first", "second")
 CAPTION_KINDS = {  # sample_scene's settings for each caption kind
     "positioned": {},
@@ -119,15 +126,26 @@ class PromptMaps:
         return self._average_upsampled([m[..., slots].mean(-1) for m in self.layers], self.size)  # (H, W)
 
     def slot_mass(self) -> dict[str, float]:
-        """Share of cross-attention going to start / word / end / padding slots."""
-        mass = torch.stack([m.mean(dim=(0, 1)) for m in self.layers]).mean(0)  # (keys,), sums to 1
-        out = {k: 0.0 for k in ("start", "word", "end", "pad")}
-        for kind, m in zip(self.tokenization.kinds, mass.tolist()):
-            out[kind] += m
+        """Share of cross-attention going to start / word / end / padding slots (and T5's, SD 3), and the
+        share of the pixels' whole attention that goes to text ("to text": 1 for a UNet)."""
+        mass = torch.stack([m.mean(dim=(0, 1)) for m in self.layers]).mean(0)  # (keys,)
+        total = float(mass.sum())  # 1 for cross-attention; the text part of a joint softmax
+        out = {k: 0.0 for k in ("start", "word", "end", "pad", "t5")}
+        kinds = list(self.tokenization.kinds) + ["t5"] * (len(mass) - len(self.tokenization.kinds))
+        for kind, m in zip(kinds, mass.tolist()):
+            out[kind] += m / total
+        out["to text"] = total
         return out
 
 
-def evaluate(pipe, captions, *, steps: int, guidance: float, batch: int, device) -> list[dict]:
+def world_concepts() -> list[str]:
+    """The concepts `--concepts` traces: every colour and shape word of the world, and "background"."""
+    from sdlens.world import COLORS, SHAPES
+
+    return [*COLORS, *SHAPES, "background"]
+
+
+def evaluate(pipe, captions, *, steps: int, guidance: float, batch: int, device, concepts: bool = False) -> list[dict]:
     """Generate, score and measure every caption; one record per caption."""
     import sdlens
     from sdlens.world import parse_caption, score
@@ -137,7 +155,7 @@ def evaluate(pipe, captions, *, steps: int, guidance: float, batch: int, device)
         chunk = captions[start : start + batch]
         prompts = [c for c, _ in chunk]
         generators = [torch.Generator(device).manual_seed(s) for _, s in chunk]
-        with sdlens.trace(pipe) as tr:
+        with sdlens.trace(pipe, concepts=world_concepts() if concepts else None) as tr:
             images = pipe(
                 prompts,
                 num_inference_steps=steps,
@@ -178,6 +196,9 @@ def evaluate(pipe, captions, *, steps: int, guidance: float, batch: int, device)
                     entry["radius"] = det.radius
                     for kind, index in indices[k].items():
                         entry[kind] = localisation(maps.word_map(index), det.mask)
+                    if concepts:
+                        for kind, word in (("color concept", obj.color), ("shape concept", obj.shape)):
+                            entry[kind] = localisation(tr.concept_map(word, prompt=i, size=size), det.mask)
                 record["objects"].append(entry)
             records.append(record)
         print(f"  {min(start + batch, len(captions))}/{len(captions)} captions", file=sys.stderr)
@@ -218,7 +239,8 @@ def summarize(records: list[dict], pairs: list[dict] | None = None) -> dict:
         }
         summary["parts"][name]["n"] = len(rs)
         summary["slot_mass"][name] = {
-            k: mean([r["slot_mass"][k] for r in rs]) for k in ("start", "word", "end", "pad")
+            k: mean([r["slot_mass"].get(k, 0.0 if k == "t5" else 1.0) for r in rs])
+            for k in ("start", "word", "end", "pad", "t5", "to text")
         }
         for kind in CAPTION_KINDS:
             ks = [r for r in rs if r.get("kind", "positioned") == kind]
@@ -228,7 +250,7 @@ def summarize(records: list[dict], pairs: list[dict] | None = None) -> dict:
         objs = [o for r in rs for o in r["objects"] if o["group"] == group]
         found = [o for o in objs if o["found"]]
         g = {"n": len(objs), "measured": len(found)}
-        for kind in WORD_KINDS:
+        for kind in WORD_KINDS + CONCEPT_KINDS:
             have = [o[kind] for o in found if kind in o]
             g[kind] = {"iou": mean([x["iou"] for x in have]), "peak": mean([x["peak"] for x in have]), "n": len(have)}
         return g
@@ -293,6 +315,17 @@ def markdown(summary: dict) -> str:
     if len(summary["by_kind"]) > 1:  # the same, per caption kind
         for kind, k in summary["by_kind"].items():
             lines += [row(f"{kind}: {group}", k["localisation"][group]) for group in GROUPS]
+    if any(summary["localisation"][g]["color concept"]["n"] for g in GROUPS):
+        lines += ["", "Raw image->text maps against ConceptAttention maps, on the same images:", "",
+                  "| object | colour IoU raw / concept | colour peak raw / concept | shape IoU raw / concept "
+                  "| shape peak raw / concept |", "| --- | ---: | ---: | ---: | ---: |"]
+        for group in GROUPS:
+            g = summary["localisation"][group]
+            cells = []
+            for word in ("color", "shape"):
+                raw, con = g[word], g[f"{word} concept"]
+                cells += [f"{raw['iou']:.2f} / {con['iou']:.2f}", f"{raw['peak']:.0%} / {con['peak']:.0%}"]
+            lines.append(f"| {group} | " + " | ".join(cells) + " |")
     if "grid" in summary:
         rows = summary["grid"]["shares"]
         lines += ["", f"Object centres for captions without positions ({summary['grid']['n']} objects), "
@@ -305,12 +338,13 @@ def markdown(summary: dict) -> str:
                   f"of {s['measured']} pairs measured ({s['n']} drawn)."]
     lines += [
         "",
-        "| captions | start slot | words | end slot | padding |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| captions | start slot | words | end slot | padding | T5 slots | to text |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in ("single", "two"):
         m = summary["slot_mass"][name]
-        lines.append(f"| {name} | {m['start']:.1%} | {m['word']:.1%} | {m['end']:.1%} | {m['pad']:.1%} |")
+        lines.append(f"| {name} | {m['start']:.1%} | {m['word']:.1%} | {m['end']:.1%} | {m['pad']:.1%} "
+                     f"| {m['t5']:.1%} | {m['to text']:.1%} |")
     lines += ["", "| target | value | goal | met |", "| --- | ---: | ---: | --- |"]
     for label, t in summary["targets"].items():
         lines.append(f"| {label} | {t['value']:.2f} | {t['sense']} {t['goal']:.2f} | {'yes' if t['met'] else 'no'} |")
@@ -319,7 +353,7 @@ def markdown(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny", help="'tiny' (built in) or a pipeline folder")
+    parser.add_argument("--model", default="tiny", help="'tiny' or 'tiny-sd3' (built in) or a pipeline folder")
     parser.add_argument("--n", type=int, default=100, help="captions of each kind (one-object, two-object)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=7.5)
@@ -328,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default="positioned",
                         help=f"caption kinds, comma-separated, of: {', '.join(CAPTION_KINDS)}")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--concepts", action="store_true",
+                        help="joint-attention models: also measure ConceptAttention maps of the same objects")
     parser.add_argument(
         "--json", default=None, metavar="OUT", help="save the figures (and per-caption records)"
     )
@@ -344,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     captions = eval_captions(args.n, args.seed, kinds)
     started = time.time()
     records = evaluate(
-        pipe, captions, steps=args.steps, guidance=args.guidance, batch=args.batch, device=device
+        pipe, captions, steps=args.steps, guidance=args.guidance, batch=args.batch, device=device,
+        concepts=args.concepts,
     )
     pairs = None
     if "sized" in kinds:
@@ -360,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         "scheduler": type(pipe.scheduler).__name__,
         "device": str(device),
         "seconds": round(time.time() - started, 1),
+        "concepts": world_concepts() if args.concepts else None,
         "threshold": "word map min-max normalised, thresholded at 0.5",
         "true_mask": "the generated image's detected object of the caption object's colour",
     }

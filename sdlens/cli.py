@@ -41,9 +41,11 @@ def add_generation_options(p, *, seed: bool = True, size: bool = True, device: b
 
 def add_train_tiny(subparsers) -> None:
     from sdlens.models.configs import TEXT_MODES, TinyConfig
+    from sdlens.models.mmdit import Sd3Config
     from sdlens.models.train import DEFAULT_BUDGETS, PRECISIONS, STAGES
 
-    d = TinyConfig()
+    sd3_budget = _sd3_budget()
+    d, s = TinyConfig(), Sd3Config()
     p = subparsers.add_parser(
         "train-tiny",
         help="train the built-in tiny Stable Diffusion on the shapes world",
@@ -52,6 +54,9 @@ def add_train_tiny(subparsers) -> None:
         "Runs on CUDA when present (bf16 autocast), else on the CPU.",
     )
     p.add_argument("--out", required=True, help="output folder (the pipeline, training.json, train/)")
+    p.add_argument("--arch", choices=("unet", "sd3"), default="unet",
+                   help="unet: the SD 1.x-style model (tiny); sd3: the SD 3-style pure transformer (tiny-sd3), "
+                   "trained with flow matching on the built-in VAE and frozen text encoders")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
@@ -87,6 +92,11 @@ def add_train_tiny(subparsers) -> None:
         g.add_argument(f"--{stage}-minutes", type=float, default=None, help=f"default {b.minutes}")
         g.add_argument(f"--{stage}-batch", type=int, default=None, help=f"default {b.batch_size}")
         g.add_argument(f"--{stage}-lr", type=float, default=None, help=f"default {b.lr}")
+    b = sd3_budget
+    g.add_argument("--transformer-steps", type=int, default=None, help="--arch sd3: default none")
+    g.add_argument("--transformer-minutes", type=float, default=None, help=f"--arch sd3: default {b.minutes}")
+    g.add_argument("--transformer-batch", type=int, default=None, help=f"--arch sd3: default {b.batch_size}")
+    g.add_argument("--transformer-lr", type=float, default=None, help=f"--arch sd3: default {b.lr}")
 
     m = p.add_argument_group("model (the variant knobs of TinyConfig)")
     m.add_argument(
@@ -102,16 +112,21 @@ def add_train_tiny(subparsers) -> None:
     m.add_argument("--unet-layers-per-block", type=int, default=d.unet_layers_per_block)
     m.add_argument("--unet-head-dim", type=int, default=d.unet_head_dim, help="channels per attention head")
     m.add_argument("--vae-channels", type=_int_tuple, default=d.vae_channels)
-    m.add_argument("--caption-dropout", type=float, default=d.caption_dropout)
+    m.add_argument("--caption-dropout", type=float, default=None)
     m.add_argument("--snr-gamma", type=float, default=d.snr_gamma, help="min-SNR weighting; 0 turns it off")
-    m.add_argument("--two-object-prob", type=float, default=d.two_object_prob,
-                   help="share of training scenes with two objects (the rest have one)")
-    m.add_argument("--free-position-prob", type=float, default=d.free_position_prob,
-                   help="share of training captions that give no positions (the objects go anywhere)")
-    m.add_argument("--size-word-prob", type=float, default=d.size_word_prob,
-                   help="each object's chance of a size word (small or big) in a training caption")
+    m.add_argument("--two-object-prob", type=float, default=None,
+                   help=f"share of training scenes with two objects (the rest have one); default {d.two_object_prob}, "
+                   f"--arch sd3 {s.two_object_prob}")
+    m.add_argument("--free-position-prob", type=float, default=None,
+                   help=f"share of training captions that give no positions (the objects go anywhere); default "
+                   f"{d.free_position_prob}, --arch sd3 {s.free_position_prob}")
+    m.add_argument("--size-word-prob", type=float, default=None,
+                   help=f"each object's chance of a size word (small or big) in a training caption; default "
+                   f"{d.size_word_prob}, --arch sd3 {s.size_word_prob}")
     m.add_argument("--word-dropout", type=float, default=d.word_dropout,
                    help="each word slot's chance of being zeroed in the UNet's input while training")
+    m.add_argument("--sd3-layers", type=int, default=s.layers, help="--arch sd3: transformer blocks")
+    m.add_argument("--sd3-heads", type=int, default=s.heads, help="--arch sd3: heads of 32 channels")
     m.add_argument("--tail-dropout", type=float, default=d.tail_dropout,
                    help="each training caption's chance that its slots after a random word are zeroed")
     p.set_defaults(func=run_train_tiny)
@@ -122,6 +137,10 @@ def run_train_tiny(args: argparse.Namespace) -> int:
 
     from sdlens.models.configs import TinyConfig
     from sdlens.models.train import DEFAULT_BUDGETS, STAGES, train_tiny
+
+    if args.arch == "sd3":
+        return run_train_tiny_sd3(args)
+    _fill_data_defaults(args, TinyConfig())
 
     try:  # bad values: one line naming the option, nothing written
         cfg = TinyConfig(
@@ -172,6 +191,53 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         command=["sdlens", *sys.argv[1:]],
         init_from=args.init_from,
         precision=args.precision,
+    )
+    print(out)
+    return 0
+
+
+def _fill_data_defaults(args: argparse.Namespace, cfg) -> None:
+    """The training-data options left out take the chosen architecture's defaults."""
+    for name in ("caption_dropout", "two_object_prob", "free_position_prob", "size_word_prob"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(cfg, name))
+
+
+def _sd3_budget():
+    from sdlens.models.train import Budget
+
+    return Budget(minutes=60, batch_size=64, lr=3e-4, warmup_steps=200)
+
+
+def run_train_tiny_sd3(args: argparse.Namespace) -> int:
+    """`train-tiny --arch sd3`: the transformer stage of tiny-sd3 (the VAE is reused, the text encoders frozen)."""
+    from dataclasses import replace
+
+    from sdlens.models.mmdit import Sd3Config, train_tiny_sd3
+
+    _fill_data_defaults(args, Sd3Config())
+    try:
+        cfg = Sd3Config(
+            caption_dropout=args.caption_dropout,
+            two_object_prob=args.two_object_prob,
+            free_position_prob=args.free_position_prob,
+            size_word_prob=args.size_word_prob,
+            layers=args.sd3_layers,
+            heads=args.sd3_heads,
+        )
+        b = _sd3_budget()
+        if args.transformer_steps is not None or args.transformer_minutes is not None:
+            b = replace(b, steps=args.transformer_steps, minutes=args.transformer_minutes)
+        b = replace(b, batch_size=args.transformer_batch or b.batch_size,
+                    lr=b.lr if args.transformer_lr is None else args.transformer_lr)
+        if args.stages is not None:
+            raise ValueError("--stages is for --arch unet; --arch sd3 trains the transformer only")
+    except ValueError as e:
+        return refused("train-tiny", e)
+    out = train_tiny_sd3(
+        args.out, cfg, budget=b, vae_from=args.vae_from, seed=args.seed, device=args.device, resume=args.resume,
+        progress=not args.no_progress, log_every=args.log_every, checkpoint_minutes=args.checkpoint_minutes,
+        command=["sdlens", *sys.argv[1:]], init_from=args.init_from, precision=args.precision,
     )
     print(out)
     return 0

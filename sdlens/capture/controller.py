@@ -17,13 +17,14 @@ import torch
 
 from ..errors import BudgetError, CaptureError, TraceWarning, warn
 from ..hooks.attach import Run
-from ..hooks.layers import LayerInfo, infer_map_size
+from ..hooks.layers import TEXT_KINDS, LayerInfo, infer_map_size
 from ..hooks.processor import Call, Controller
 from ..result.attention_trace import AttentionTrace, TraceInfo
 from ..result.recording import Recording
 from ..select import select_steps
 from ..tokens import load_clip_tokenizer, tokenize
 from . import probs
+from .concepts import concept_scores, embed_concepts
 from .denoising import DenoisingRecorder
 from .probs import Pending, Rows, compute_pending, take
 from .spec import CFG_HALVES, CaptureSpec, Estimate
@@ -46,6 +47,8 @@ class Capture(Controller):
         self.info = TraceInfo(kinds=spec.kinds, spec={
             "cross": spec.cross,
             "self_attn": spec.self_attn,
+            "text_attn": spec.text_attn,
+            "concepts": spec.concepts,
             "layers": _describe(spec.layers),
             "self_layers": _describe(spec.self_layers),
             "steps": spec.steps if spec.steps is None or isinstance(spec.steps, int) else list(spec.steps),
@@ -64,6 +67,7 @@ class Capture(Controller):
         self.per_step: int | None = None  # bytes one kept step adds
         self._step_open = False  # a denoiser call is under way (begun, not yet returned)
         self.denoising = DenoisingRecorder(self) if spec.record_latents else None
+        self._concept_tokens: torch.Tensor | None = None  # (C, width), made at the first step
         self._row_ids: list[int] = []
         self._rows: dict[tuple, Rows] = {}
         self._head_sel: torch.Tensor | None = None
@@ -106,6 +110,11 @@ class Capture(Controller):
             else:
                 self.kept_steps = set(select_steps(spec.steps, run.expected_steps))
         self._check_pag(chosen, run)
+        if spec.concepts is not None:
+            info.concepts = list(spec.concepts)
+            if not any(i.role == "joint" for i in run.layers):
+                raise CaptureError("concepts= needs a model with joint attention (SD 3 family: "
+                                   "StableDiffusion3Pipeline); this denoiser has none")
         n_steps = len(self.kept_steps) if self.kept_steps is not None else run.expected_steps
         one = self._estimate(chosen, run, 1)
         self.per_step = one.total
@@ -121,7 +130,26 @@ class Capture(Controller):
         elif budget is not None and self.per_step:  # unknown step count: never allocate past the budget
             self.recording.max_steps = int(budget // self.per_step)
             self.recording.capacity = min(8, self.recording.max_steps)
-        return [i.name for i in chosen]
+        names = [i.name for i in chosen]
+        if spec.concepts is not None:  # every joint layer carries the concepts, kept or not: hook them all
+            names += [i.name for i in run.layers if i.role == "joint" and i.name not in self.kinds_at]
+        return names
+
+    def context_tokens(self, run: Run, context: torch.Tensor) -> torch.Tensor | None:
+        if self.spec.concepts is None:
+            return None
+        if self._concept_tokens is None:
+            self._concept_tokens = embed_concepts(run.pipe, self.spec.concepts, context.device, context.dtype)
+        return self._concept_tokens.expand(context.shape[0], -1, -1)
+
+    def heads_out(self, call: Call, hidden: torch.Tensor):
+        if call.n_concepts and "concept" in self.kinds_at.get(call.layer.name, ()):
+            self._note(call.layer.name)
+            with torch.no_grad():
+                scores = concept_scores(hidden, call.n_img_queries, call.n_concepts)  # (b, n, C)
+                kept = take(scores, self._kept_rows(call.batch, scores.device))[:, None]  # (rows, 1, n, C)
+                self.recording.write("concept", call.layer.name, kept, len(self.info.steps) - 1)
+        return None
 
     def _check_pag(self, chosen: list[LayerInfo], run: Run) -> None:
         """PAG replaces some self-attention layers by the identity on its perturbed rows: there is no
@@ -245,7 +273,10 @@ class Capture(Controller):
             h, w = info.map_size(run.latent_size)
             n = h * w
             kinds = set(self.kinds_at.get(info.name, ()))
-            per_row_step = (n * run.context_len if "cross" in kinds else 0) + (n * n if "self" in kinds else 0)
+            t = run.context_len
+            per_row_step = (n * t if "cross" in kinds else 0) + (n * n if "self" in kinds else 0) \
+                + (t * n if "text_image" in kinds else 0) + (t * t if "text_text" in kinds else 0) \
+                + (n * len(spec.concepts) if "concept" in kinds else 0)
             per_layer[info.name] = n_steps * len(self._row_ids) * spec.heads_kept(info.heads) * per_row_step * item
         return Estimate(total=sum(per_layer.values()), per_layer=per_layer, steps=n_steps)
 
@@ -275,6 +306,11 @@ class Capture(Controller):
         self._note(call.layer.name)
         if call.explicit:  # an editor computes the probabilities: keep those, at the probs point
             return None
+        kinds = self.kinds_at.get(call.layer.name)
+        if self.spec.concepts is not None and (kinds is None or kinds == ("concept",)):
+            return None  # hooked only to carry the concepts, or only their maps kept here
+        if call.n_img_queries is not None and not set(TEXT_KINDS) & set(self.kinds_at.get(call.layer.name, ())):
+            q = q[:, :, : call.n_img_queries]  # a joint layer whose text queries are not kept
         if call.rows is None:  # the whole batch: the kept rows are taken when the step's layers are batched
             rows = self._kept_rows(call.batch, q.device)
         elif call.rows == self._row_ids:
@@ -285,6 +321,9 @@ class Capture(Controller):
         return None
 
     def probs(self, call: Call, p: torch.Tensor):
+        kinds = self.kinds_at.get(call.layer.name)
+        if self.spec.concepts is not None and (kinds is None or kinds == ("concept",)):
+            return None
         self._note(call.layer.name)
         with torch.no_grad():
             kept = self._reduce_heads(take(p, self._kept_rows(call.batch, p.device)))
@@ -341,10 +380,14 @@ class Capture(Controller):
             kinds = self.kinds_at.get(layer.name, self.spec.kinds)
 
             def store(p: torch.Tensor, n_img_keys: int) -> None:
-                parts = {"self": p[..., :n_img_keys], "cross": p[..., n_img_keys:]} if layer.role == "joint" \
-                    else {layer.role: p}
+                # a joint layer's (rows, heads, queries, keys): image queries first, then the text's (if kept);
+                # image keys first, then the text's
+                n = n_img_keys
+                parts = {"self": p[:, :, :n, :n], "cross": p[:, :, :n, n:], "text_image": p[:, :, n:, :n],
+                         "text_text": p[:, :, n:, n:]} if layer.role == "joint" else {layer.role: p}
                 if layer.name not in self.info.sizes:
-                    self.info.sizes[layer.name] = infer_map_size(p.shape[2], self.info.latent_size)
+                    self.info.sizes[layer.name] = infer_map_size(min(p.shape[2], n or p.shape[2]),
+                                                                 self.info.latent_size)
                 for kind, part in parts.items():
                     if kind in kinds:
                         self.recording.write(kind, layer.name, part, len(self.info.steps) - 1)

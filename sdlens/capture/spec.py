@@ -37,6 +37,8 @@ class CaptureSpec:
 
     cross: bool = True
     self_attn: bool = False
+    text_attn: bool = False  # joint (SD 3) layers: the text tokens' queries, text→image and text→text
+    concepts: Sequence[str] | None = None  # joint (SD 3) layers: ConceptAttention maps of these words
     layers: LayerSelector = None
     self_layers: LayerSelector = None
     steps: StepSelector = None
@@ -49,9 +51,15 @@ class CaptureSpec:
     kinds: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        if not (self.cross or self.self_attn or self.record_latents):
-            raise CaptureError("nothing to capture: set cross=True, self_attn=True and/or record_latents=True")
-        self.kinds = tuple(k for k, on in (("cross", self.cross), ("self", self.self_attn)) if on)
+        if not (self.cross or self.self_attn or self.text_attn or self.concepts or self.record_latents):
+            raise CaptureError("nothing to capture: set cross=True, self_attn=True, text_attn=True, concepts=[...] "
+                               "and/or record_latents=True")
+        from .concepts import check_concepts
+
+        self.concepts = check_concepts(self.concepts)
+        self.kinds = tuple(k for k, on in (("cross", self.cross), ("self", self.self_attn),
+                                           ("text_image", self.text_attn), ("text_text", self.text_attn),
+                                           ("concept", self.concepts is not None)) if on)
         if self.self_layers is not None and not self.self_attn:
             raise CaptureError("self_layers= picks self-attention layers: it needs self_attn=True")
         if self.self_layers is not None and not self.cross and self.layers is not None:
@@ -124,8 +132,9 @@ class CaptureSpec:
         if self.self_layers is None:
             return [(self.layers, set(self.kinds), "layers")]
         groups = [(self.self_layers, {"self"}, "self_layers")]
-        if self.cross:
-            groups.insert(0, (self.layers, {"cross"}, "layers"))
+        others = set(self.kinds) - {"self"}
+        if others:
+            groups.insert(0, (self.layers, others, "layers"))
         return groups
 
     def resolve(

@@ -45,6 +45,8 @@ def trace(
     *,
     cross: bool = True,
     self_attn: bool = False,
+    text_attn: bool = False,
+    concepts=None,
     layers=None,
     self_layers=None,
     steps=None,
@@ -62,6 +64,11 @@ def trace(
         pipe: a diffusers pipeline (SD 1.x/2.x, SDXL, SD3, img2img, ...) or its denoiser.
         cross: capture cross-attention (pixel → prompt token).
         self_attn: capture self-attention (pixel → pixel); large: ``(h·w)²`` per map.
+        text_attn: joint-attention models (SD 3): also capture the text tokens' queries, text → image
+            (``"text_image"``, ``(tokens, h·w)`` per map) and text → text (``"text_text"``).
+        concepts: joint-attention models: words (``["circle", "square", "background"]``) whose
+            ConceptAttention maps to keep (``tr.concept_map("circle")``). They ride through the
+            blocks beside the prompt and leave the picture unchanged (``sdlens.capture.concepts``).
         layers: ``None`` (all), a diffusers module path or glob (``"up_blocks.*"``), an int map side
             (``16``), a list of these, or a predicate on the name.
         self_layers: the self-attention layers, chosen the same ways, when they should differ from
@@ -92,6 +99,8 @@ def trace(
     spec = CaptureSpec(
         cross=cross,
         self_attn=self_attn,
+        text_attn=text_attn,
+        concepts=concepts,
         layers=layers,
         self_layers=self_layers,
         steps=steps,

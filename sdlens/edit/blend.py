@@ -105,7 +105,7 @@ class BlendMask(Controller):
         base, edited = pairs[-1]
         self.rows = [base, *edited]
         self.n_steps = run.expected_steps or 1
-        chosen = [i for i in run.layers if i.role == "cross"
+        chosen = [i for i in run.layers if i.role in ("cross", "joint")
                   and (self.blend.size is None or max(i.map_size(run.latent_size)) == self.blend.size)]
         sizes = [i.map_size(run.latent_size) for i in chosen]
         self.grid = max(sizes, key=lambda s: s[0] * s[1])
@@ -115,10 +115,14 @@ class BlendMask(Controller):
         if call.explicit:  # an editor forms the probabilities here: read them, edited, at ``probs``
             return
         rows = self.rows if call.rows is None else [call.rows.index(r) for r in self.rows]
-        self._add(call, attention_probs(q[rows], k[rows], call.scale, reduce=lambda x: x.mean(1, keepdim=True)))
+        n = call.n_img_queries
+        q = q[rows] if n is None else q[rows][:, :, :n]  # a joint layer: the image's queries
+        p = attention_probs(q, k[rows], call.scale, reduce=lambda x: x.mean(1, keepdim=True))
+        self._add(call, p if n is None else p[..., n:])
 
     def probs(self, call: Call, p: torch.Tensor):
-        self._add(call, p[self.rows].mean(1, keepdim=True))
+        n = call.n_img_queries
+        self._add(call, (p if n is None else p[:, :, :n, n:])[self.rows].mean(1, keepdim=True))
 
     def _add(self, call: Call, p: torch.Tensor) -> None:
         """Add this call's maps ``p (branches, 1, n, slots)`` of the blend words to the running sums."""

@@ -9,7 +9,11 @@ branch is computed exactly as a plain generation would compute it.
   point of the cross-attention layers, an edited row becomes ``α·(p_base @ M) + (1-α)·p_edit``,
   per target slot (``α`` = 1 where the slot is aligned and its window holds this step), then
   chosen slots are scaled by their weights. Conditional half only, as in Prompt-to-Prompt: the
-  unconditional rows all read the same empty prompt.
+  unconditional rows all read the same empty prompt. On a joint (SD 3) layer the same is done to
+  the image queries' probabilities over the prompt's (CLIP) slots; since there a pixel's
+  attention is shared with the image's keys, the copied maps keep the edited row's own share of
+  text attention at each pixel (``p_base @ M`` rescaled to the row's mass on those slots): the
+  base's distribution over the words, not its image-versus-text balance.
 - ``SelfInject`` (Free-Prompt-Editing's self-attention injection): at the ``probs`` point of
   self-attention layers up to a map side, the edited rows get the base row's probabilities.
 - ``MutualSelfAttention`` (MasaCtrl): at the ``qkv`` point of the same layers, the edited rows'
@@ -47,6 +51,15 @@ def branch_rows(layout: RowLayout, n_branches: int, halves: tuple[str, ...]) -> 
     return out
 
 
+def text_part(call: Call, p: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """The image queries' probabilities over the prompt's ``n_slots`` tokenizer slots: ``p`` itself on a
+    cross-attention layer, a view ``(b, heads, n_img, n_slots)`` of a joint layer's probabilities."""
+    if call.n_img_queries is None:
+        return p
+    n = call.n_img_queries
+    return p[:, :, :n, n : n + n_slots]
+
+
 def _window_size_ok(info_size: tuple[int, int], max_side: int) -> bool:
     return max(info_size) <= max_side
 
@@ -69,7 +82,7 @@ class CrossEdit(Controller):
 
     def layers(self, run: Run) -> list[str]:
         self.rows = branch_rows(run.layout, 1 + len(self.alignments), ("cond",))
-        return [i.name for i in run.layers if i.role == "cross"]
+        return [i.name for i in run.layers if i.role in ("cross", "joint")]
 
     def begin_step(self, run: Run) -> None:
         n = run.expected_steps or 1
@@ -91,8 +104,11 @@ class CrossEdit(Controller):
 
     def probs(self, call: Call, p: torch.Tensor):
         """``p (b, heads, n, slots)``: the edited rows' maps replaced in place (a fresh tensor per call)."""
-        if p.shape[-1] != self.alignments[0].matrix.shape[0]:
+        joint = call.n_img_queries is not None
+        n_slots = self.alignments[0].matrix.shape[0]
+        if not joint and p.shape[-1] != n_slots:
             return None  # not a text-keyed call (cannot happen on a UNet's cross layers)
+        t = text_part(call, p, n_slots)  # a view: writing into it writes into p
         matrices, weights = self._tensors(p.device)
         if self._alpha_device != p.device:  # once per step and device, not per layer call
             self.alpha = [a.to(p.device) for a in self.alpha]
@@ -101,12 +117,15 @@ class CrossEdit(Controller):
         for base, edited in self.rows:
             for k, row in enumerate(edited):
                 alpha = self.alpha[k]
-                new = p[row]
+                new = t[row]
                 if self._alpha_on[k]:
-                    new = (p[base] @ matrices[k]) * alpha + new * (1 - alpha)
+                    copied = t[base] @ matrices[k]
+                    if joint:  # the base's distribution over the words, at this row's share of text attention
+                        copied = copied * (new.sum(-1, keepdim=True) / copied.sum(-1, keepdim=True).clamp_min(1e-12))
+                    new = copied * alpha + new * (1 - alpha)
                 if weights[k] is not None:
                     new = new * weights[k]
-                p[row] = new
+                t[row] = new
         return p
 
 

@@ -99,16 +99,19 @@ def _weights(weights, targets: list[Tokenization]) -> list[torch.Tensor | None]:
 
 def _check_processors(denoiser, names: list[str]) -> None:
     procs = denoiser.attn_processors
-    bad = sorted({type(procs[f"{n}.processor"]).__name__ for n in names} - {"AttnProcessor2_0"})
+    bad = sorted({type(procs[f"{n}.processor"]).__name__ for n in names} - {"AttnProcessor2_0", "JointAttnProcessor2_0"})
     if bad:
-        raise EditError(f"attention is edited only on diffusers' AttnProcessor2_0, and this model's layers run {bad}; "
-                        "pipe.unet.set_attn_processor(AttnProcessor2_0()) installs it")
+        raise EditError(f"attention is edited only on diffusers' AttnProcessor2_0 (and SD 3's JointAttnProcessor2_0), "
+                        f"and this model's layers run {bad}; pipe.unet.set_attn_processor(AttnProcessor2_0()) installs it")
+
+
+def _denoiser(pipe):
+    return getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
 
 
 def _latent_size(pipe, kwargs) -> tuple[int, int]:
-    unet = pipe.unet
     f = pipe.vae_scale_factor
-    default = unet.config.sample_size * f
+    default = _denoiser(pipe).config.sample_size * f
     return int(kwargs.get("height") or default) // f, int(kwargs.get("width") or default) // f
 
 
@@ -117,8 +120,8 @@ def _noise(pipe, seed: int, latent: tuple[int, int]) -> torch.Tensor:
 
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise EditError(f"seed must be an int; got {seed!r}")
-    dtype = pipe.text_encoder.dtype if getattr(pipe, "text_encoder", None) is not None else pipe.unet.dtype
-    shape = (1, pipe.unet.config.in_channels, *latent)
+    dtype = pipe.text_encoder.dtype if getattr(pipe, "text_encoder", None) is not None else _denoiser(pipe).dtype
+    shape = (1, _denoiser(pipe).config.in_channels, *latent)
     return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), device=pipe._execution_device,
                         dtype=dtype)
 
@@ -136,15 +139,20 @@ def edit(pipe, base: str, targets, *, kind: str | None, seed: int = 0, cross_ste
     if reserved:
         raise EditError(f"{reserved} cannot be passed to an edit: it sets the prompts and the starting noise itself "
                         "(use seed=, and image= for a real image)")
-    if getattr(pipe, "unet", None) is None or getattr(pipe, "tokenizer", None) is None:
-        raise EditError(f"attention edits support UNet pipelines (SD 1.x/2.x, SDXL); {type(pipe).__name__} has no "
-                        "unet and tokenizer (SD 3's joint attention is not supported yet)")
+    if _denoiser(pipe) is None or getattr(pipe, "tokenizer", None) is None:
+        raise EditError(f"attention edits support SD 1.x/2.x/SDXL (UNet) and SD 3 (joint attention) pipelines; "
+                        f"{type(pipe).__name__} has no unet or transformer with a tokenizer")
     denoiser = denoiser_of(pipe)
     layers = attention_layers(denoiser)
-    if any(i.role == "joint" for i in layers):
-        raise EditError("attention edits do not support joint (SD 3) attention yet; valid: SD 1.x/2.x/SDXL UNets")
+    joint = any(i.role == "joint" for i in layers)
+    if joint and image is not None:
+        raise EditError("image= (editing a real image) needs DDIM inversion, which runs on UNet pipelines; "
+                        "on a flow-matching SD 3 model edit generated images (seed=)")
+    if joint and (window(self_steps, "self_steps")[1] > window(self_steps, "self_steps")[0] or mutual):
+        raise EditError("self-attention injection (self_steps, mutual) runs on UNet pipelines' self-attention "
+                        "layers; on a joint-attention (SD 3) model use self_steps=0")
     latent = _latent_size(pipe, pipe_kwargs)
-    cross_layers = [i for i in layers if i.role == "cross"]
+    cross_layers = [i for i in layers if i.role in ("cross", "joint")]
     cross_sizes = sorted({max(i.map_size(latent)) for i in cross_layers})
 
     base_tok = tokenize(base, pipe.tokenizer)

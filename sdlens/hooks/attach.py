@@ -10,8 +10,9 @@ What it touches, and restores in ``finally`` (normal exit, exception, KeyboardIn
   clean-up after its loop never ran);
 - a ``torch.compile``'d denoiser of a pipeline: the pipeline runs its original module (the one
   under the compiled wrapper) while hooked, and gets its compiled module back afterwards;
-- a forward pre-hook on the denoiser that counts steps (one denoiser call = one step), and a
-  forward hook that ends each step;
+- a forward pre-hook on the denoiser that counts steps (one denoiser call = one step) and appends
+  the tokens controllers add to the text input (concept tokens), and a forward hook that ends each
+  step;
 - an instance attribute ``encode_prompt`` on the pipeline that notes the prompts, negative prompts
   and images per prompt (the class's method is untouched; the attribute is deleted afterwards).
 
@@ -53,6 +54,7 @@ class Run:
         self.latent_size: tuple[int, int] | None = None
         self.image_size: tuple[int, int] | None = None
         self.context_len = 0  # keys of the encoder states (77 for SD 1.x; more for SD 3)
+        self.n_concepts = 0  # concept tokens appended to the encoder states (SD 3; Controller.context_tokens)
         self.expected_steps: int | None = None  # the number of denoiser calls the scheduler plans
         self._rows: dict = {}
 
@@ -210,6 +212,21 @@ class Attachment:
             self._rewrap()
         for c in self.controllers:
             c.begin_step(run)
+        return self._append_context(args, kwargs, context)
+
+    def _append_context(self, args, kwargs, context):
+        """Tokens the controllers add to the text input (concepts), appended after the prompt's."""
+        if context is None:
+            return None
+        extra = [t for c in self.controllers if (t := c.context_tokens(self.run, context)) is not None]
+        if not extra:
+            return None
+        added = torch.cat(extra, dim=1).to(context)
+        self.run.n_concepts = added.shape[1]
+        context = torch.cat([context, added], dim=1)
+        if len(args) > 2:
+            return (*args[:2], context, *args[3:]), kwargs
+        return args, {**kwargs, "encoder_hidden_states": context}
 
     def _end_step(self, module, args, output) -> None:
         for c in self.controllers:

@@ -157,6 +157,86 @@ def sdpa(inputs: SdpaInputs) -> torch.Tensor:
     )
 
 
+class JointInputs(NamedTuple):
+    """What diffusers' ``JointAttnProcessor2_0`` (SD 3's MMDiT) attends with: image tokens, then text tokens.
+
+    ``query``, ``key``, ``value`` are ``(b, heads, n_img + n_text, d)``; ``concepts`` holds the
+    queries, keys and values ``(b, heads, C, d)`` of concept tokens riding at the end of the text
+    stream (``JointInputs.split``), or None.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    n_img: int
+    concepts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+
+
+def joint_inputs(attn, hidden_states: torch.Tensor, context: torch.Tensor | None, n_concepts: int = 0) -> JointInputs:
+    """The first half of ``JointAttnProcessor2_0``: projections, heads, norms, image and text joined.
+
+    The last ``n_concepts`` tokens of ``context`` are concept tokens: they are projected with the
+    text stream's weights but kept out of the joint keys, so image and text see exactly what they
+    see without them.
+    """
+    b = hidden_states.shape[0]
+
+    def heads(x):
+        return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+    query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    n_img = query.shape[2]
+    if context is None:
+        return JointInputs(query, key, value, n_img, None)
+    cq, ck, cv = heads(attn.add_q_proj(context)), heads(attn.add_k_proj(context)), heads(attn.add_v_proj(context))
+    if attn.norm_added_q is not None:
+        cq = attn.norm_added_q(cq)
+    if attn.norm_added_k is not None:
+        ck = attn.norm_added_k(ck)
+    concepts = None
+    if n_concepts:
+        n_text = cq.shape[2] - n_concepts
+        concepts = (cq[:, :, n_text:], ck[:, :, n_text:], cv[:, :, n_text:])
+        cq, ck, cv = cq[:, :, :n_text], ck[:, :, :n_text], cv[:, :, :n_text]
+    return JointInputs(
+        torch.cat([query, cq], dim=2), torch.cat([key, ck], dim=2), torch.cat([value, cv], dim=2), n_img, concepts
+    )
+
+
+def concept_attention(inputs: JointInputs) -> torch.Tensor:
+    """Concept tokens' attention ``(b, heads, C, d)``: their queries over the image's keys and their own.
+
+    No image or text query ever sees a concept key, so concepts leave the picture as it is.
+    """
+    cq, ck, cv = inputs.concepts
+    n = inputs.n_img
+    k = torch.cat([inputs.key[:, :, :n], ck], dim=2)
+    v = torch.cat([inputs.value[:, :, :n], cv], dim=2)
+    return F.scaled_dot_product_attention(cq, k, v, dropout_p=0.0, is_causal=False)
+
+
+def joint_output(attn, hidden: torch.Tensor, inputs: JointInputs, has_context: bool):
+    """The second half: heads merged, image and text split, each stream's output projection.
+
+    ``hidden`` is ``(b, heads, n_img + n_text (+ C), d)``; returns ``image`` or ``(image, text)`` as
+    ``JointAttnProcessor2_0`` does.
+    """
+    b, heads, _, d = hidden.shape
+    out = hidden.transpose(1, 2).reshape(b, -1, heads * d).to(inputs.query.dtype)
+    if not has_context:
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out
+    image, text = out[:, : inputs.n_img], out[:, inputs.n_img :]
+    if not attn.context_pre_only:
+        text = attn.to_add_out(text)
+    image = attn.to_out[1](attn.to_out[0](image))
+    return image, text
+
+
 def sdpa_forward(attn, hidden_states, context, mask, temb):
     """``AttnProcessor2_0`` whole, also returning what it attended with: ``(out, query, key, mask)``.
 
@@ -206,7 +286,11 @@ def attention_probs(
 
 __all__ = [
     "CHUNK_ELEMENTS",
+    "JointInputs",
     "SdpaInputs",
+    "concept_attention",
+    "joint_inputs",
+    "joint_output",
     "attention_probs",
     "queries_and_keys",
     "sdpa",

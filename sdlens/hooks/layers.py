@@ -5,8 +5,9 @@ A *layer* is named by its diffusers module path without the ``.processor`` suffi
 
 - ``"cross"``: queries are image pixels, keys are prompt tokens (SD 1/2/XL ``attn2``);
 - ``"self"``: queries and keys are image pixels (SD 1/2/XL ``attn1``, SD 3.5 ``attn2``);
-- ``"joint"``: one softmax over image *and* text keys (SD 3 MMDiT ``attn``); its image→text part
-  is captured as ``"cross"`` and its image→image part as ``"self"``.
+- ``"joint"``: one softmax over image *and* text keys, for image *and* text queries (SD 3 MMDiT
+  ``attn``); its image→text part is captured as ``"cross"``, its image→image part as ``"self"``,
+  and the text queries' parts as ``"text_image"`` (text→image) and ``"text_text"``.
 
 A layer's map size is derived from the denoiser's structure (how many times the latent was
 downsampled before it, or the patch size), so the memory a capture needs can be estimated before
@@ -23,6 +24,7 @@ import torch
 from ..errors import CaptureError
 
 ROLES = ("cross", "self", "joint")
+TEXT_KINDS = ("text_image", "text_text")  # the text queries' parts of a joint layer
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class LayerInfo:
 
     def kinds(self) -> tuple[str, ...]:
         """The capture kinds this layer can provide."""
-        return ("cross", "self") if self.role == "joint" else (self.role,)
+        return ("cross", "self", *TEXT_KINDS, "concept") if self.role == "joint" else (self.role,)
 
     def map_size(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
         """Query grid ``(h, w)`` of this layer for a latent of size ``latent_hw``."""

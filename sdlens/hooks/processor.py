@@ -11,14 +11,21 @@ Named points, in the order they are reached:
 - ``probs(call, p)``: the attention probabilities ``(b, heads, n, keys)`` in float32; return a tensor
   to replace them (replace, refine, reweight). Reached only where a controller that edits them
   is active: the layer then computes an explicit softmax and ``p @ v``.
-- ``out(call, out)``: the layer's output; return a tensor to replace it.
+- ``heads_out(call, hidden)``: joint (SD 3) layers only, observers only: the attention's output per
+  head ``(b, heads, n_img + n_text (+ concepts), d)``, before the output projections.
+- ``out(call, out)``: the layer's output (for a joint layer the pair ``(image, text)``); return a
+  replacement.
 
 At each point the editing controllers (``edits = True``) run first, in the order attached, then
 the observers see the result. A layer whose active controllers only observe keeps diffusers' own
 SDPA computation (``AttnProcessor2_0`` op for op: bit-identical output) and hands over the
-queries and keys it made, without projecting twice. A layer whose processor is not diffusers'
-default (a user's own, SD3's joint one) is run by its own processor; observers of ``qkv`` then get
-queries and keys recomputed for the rows they ask for, and editing such a layer is refused.
+queries and keys it made, without projecting twice. SD 3's joint layers (``JointAttnProcessor2_0``)
+are run the same way, op for op (``attention.joint_inputs`` / ``joint_output``): their queries are
+the image's then the text's, their keys too (``Call.n_img_keys`` says where the image's end), and
+concept tokens riding at the end of the text stream (``Run.n_concepts``) get an attention of their
+own that no image or text query sees. A layer whose processor is another (a user's own) is run by
+its own processor; observers of ``qkv`` then get queries and keys recomputed for the rows they ask
+for, and editing such a layer is refused.
 """
 
 from __future__ import annotations
@@ -28,10 +35,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0, JointAttnProcessor2_0
 
 from ..errors import CaptureError
-from .attention import attention_probs, queries_and_keys, sdpa, sdpa_inputs, sdpa_output
+from .attention import (
+    attention_probs,
+    concept_attention,
+    joint_inputs,
+    joint_output,
+    queries_and_keys,
+    sdpa,
+    sdpa_inputs,
+    sdpa_output,
+)
 
 if TYPE_CHECKING:
     from .attach import Run
@@ -78,7 +95,15 @@ class Controller:
     def probs(self, call: Call, p: torch.Tensor):
         return None
 
+    def heads_out(self, call: Call, hidden: torch.Tensor):
+        return None
+
     def out(self, call: Call, out: torch.Tensor):
+        return None
+
+    def context_tokens(self, run: Run, context: torch.Tensor) -> torch.Tensor | None:
+        """Tokens ``(b, C, width)`` to append to the denoiser's text input at every step (concept
+        tokens, SD 3); None: nothing. Asked at each denoiser call, before the layers run."""
         return None
 
 
@@ -99,6 +124,8 @@ class Call:
     n_img_keys: int = 0  # joint layers: the first n keys are the image's
     rows: list[int] | None = None  # batch rows the tensors hold (None: all, in batch order)
     explicit: bool = False  # probabilities are computed explicitly at this call (an editor is active)
+    n_img_queries: int | None = None  # joint layers: the first n queries are the image's, the rest the text's
+    n_concepts: int = 0  # joint layers: concept tokens after the text's (in heads_out's hidden only)
 
 
 class HookProcessor:
@@ -119,25 +146,30 @@ class HookProcessor:
         # diffusers' default SDPA processor is re-run op for op (see attention.sdpa_inputs); joint
         # (SD3) layers and any other processor run themselves.
         self.fused = type(original) is AttnProcessor2_0 and info.role in ("cross", "self")
+        self.joint = type(original) is JointAttnProcessor2_0 and info.role == "joint"
         # per named point, its controllers in call order (editors first), sorted once, not per call
         self.points = {p: [c for c in controllers if _overrides(c, p) and c.edits]
-                       + [c for c in controllers if _overrides(c, p) and not c.edits] for p in ("qkv", "probs", "out")}
-        if not self.fused:
+                       + [c for c in controllers if _overrides(c, p) and not c.edits]
+                       for p in ("qkv", "probs", "heads_out", "out")}
+        if not (self.fused or self.joint):
             editors = [type(c).__name__ for c in controllers if c.edits]
             if editors:
                 raise CaptureError(
                     f"{', '.join(editors)} cannot edit layer {info.name!r}: its processor is "
                     f"{type(original).__name__}, and attention is edited only on diffusers' AttnProcessor2_0 "
-                    "(pipe.unet.set_attn_processor(AttnProcessor2_0()) installs it)"
+                    "and JointAttnProcessor2_0 (pipe.unet.set_attn_processor(AttnProcessor2_0()) installs it)"
                 )
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
-        if not any(c.active for c in self.controllers):
-            return self.original(attn, hidden_states, *args, **kwargs)
         context = kwargs.get("encoder_hidden_states", args[0] if len(args) > 0 else None)
+        concepts = self.joint and self.run.n_concepts and context is not None  # they need this path
+        if not concepts and not any(c.active for c in self.controllers):
+            return self.original(attn, hidden_states, *args, **kwargs)
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         temb = kwargs.get("temb", args[2] if len(args) > 2 else None)
-        if self.fused and len(args) <= 3 and all(k in _CALL_ARGS for k in kwargs):
+        if self.joint and mask is None and len(args) <= 1 and all(k in _CALL_ARGS for k in kwargs):
+            out, call = self._joint(attn, hidden_states, context)
+        elif self.fused and len(args) <= 3 and all(k in _CALL_ARGS for k in kwargs):
             out, call = self._fused(attn, hidden_states, context, mask, temb)
         else:
             out = self.original(attn, hidden_states, *args, **kwargs)
@@ -168,6 +200,32 @@ class HookProcessor:
             new = c.probs(call, p)
             p = p if new is None else new
         return sdpa_output(attn, (p @ v.float()).to(v.dtype), inputs), call
+
+    def _joint(self, attn, hidden_states, context) -> tuple:
+        """``JointAttnProcessor2_0`` op for op, with the named points; concept tokens attend on their own."""
+        n_concepts = self.run.n_concepts if context is not None else 0
+        inputs = joint_inputs(attn, hidden_states, context, n_concepts)
+        q, k, v = inputs.query, inputs.key, inputs.value
+        explicit = any(c.active and c.edits for c in self.points["probs"])
+        call = Call(self.info, attn, self.run.step, q.shape[0], q.shape[-1] ** -0.5, None, inputs.n_img,
+                    explicit=explicit, n_img_queries=inputs.n_img, n_concepts=n_concepts)
+        for c in _ordered(self.points["qkv"]):
+            new = c.qkv(call, _no_grad(q), _no_grad(k), _no_grad(v))
+            if new is not None:
+                q, k, v = new
+        if not explicit:  # observers only: diffusers' SDPA step, bit-identical
+            hidden = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        else:
+            p = attention_probs(q, k, call.scale)  # (b, heads, n_img + n_text, keys) float32
+            for c in _ordered(self.points["probs"]):
+                new = c.probs(call, p)
+                p = p if new is None else new
+            hidden = (p @ v.float()).to(v.dtype)
+        if inputs.concepts is not None:
+            hidden = torch.cat([hidden, concept_attention(inputs)], dim=2)
+        for c in _ordered(self.points["heads_out"]):
+            c.heads_out(call, _no_grad(hidden))
+        return joint_output(attn, hidden, inputs, context is not None), call
 
     def _observe(self, attn, hidden_states, context, mask, temb) -> Call | None:
         """Queries and keys for the ``qkv`` observers of a layer its own processor ran."""

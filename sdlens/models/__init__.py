@@ -1,14 +1,16 @@
-"""The built-in model: a small Stable Diffusion (VAE, UNet, CLIP text encoder, scheduler) of the shapes world.
+"""The built-in models: small Stable Diffusions of the shapes world, "tiny" (a UNet, SD 1.x's design)
+and "tiny-sd3" (a pure transformer, SD 3's design).
 
-- `configs`: the architecture and its variants (`TinyConfig`);
+- `configs`: the UNet model's architecture and its variants (`TinyConfig`);
 - `train`: the training stages and `train_tiny` (the `sdlens train-tiny` command);
+- `mmdit`: tiny-sd3's architecture and its flow-matching training (`train-tiny --arch sd3`);
 - `load`: `load_pipeline`, for the built-in model, a trained folder or any diffusers pipeline.
 """
 
 from sdlens.models.configs import TinyConfig
-from sdlens.models.load import TINY_DIR, load_pipeline
+from sdlens.models.load import BUILTIN, TINY_DIR, TINY_SD3_DIR, load_pipeline
 
-__all__ = ["TINY_DIR", "TinyConfig", "load_pipeline", "train_tiny"]
+__all__ = ["BUILTIN", "TINY_DIR", "TINY_SD3_DIR", "TinyConfig", "load_pipeline", "train_tiny"]
 
 
 def train_tiny(*args, **kwargs):

@@ -17,6 +17,17 @@ import torch
 TINY_DIR: Path = Path(__file__).resolve().parent.parent / "data" / "tiny"
 """Where the built-in model's weights are installed with the package (a StableDiffusionPipeline folder)."""
 
+TINY_SD3_DIR: Path = TINY_DIR.parent / "tiny-sd3"
+"""The second built-in model, SD 3's design (a StableDiffusion3Pipeline folder; ``sdlens.models.mmdit``)."""
+
+BUILTIN: dict[str, Path] = {"tiny": TINY_DIR, "tiny-sd3": TINY_SD3_DIR}
+"""The built-in models by name: "tiny" (UNet, SD 1.x's design) and "tiny-sd3" (MMDiT, SD 3's design)."""
+
+_TRAIN_HINT = {
+    "tiny": "sdlens train-tiny --out runs/tiny",
+    "tiny-sd3": "sdlens train-tiny --arch sd3 --out runs/tiny-sd3",
+}
+
 # What `scheduler=` accepts by name: diffusers class names, or these short names.
 SCHEDULERS = {
     "dpm": "DPMSolverMultistepScheduler",
@@ -43,7 +54,9 @@ def load_pipeline(
     """A diffusers pipeline, ready to call.
 
     name:      "tiny" (default): the built-in model shipped in the package (`TINY_DIR`), 64x64
-               images, loaded with no network. A path to a folder: a `sdlens train-tiny` output or
+               images, loaded with no network; "tiny-sd3": the built-in model of SD 3's design
+               (a pure transformer with joint attention, `TINY_SD3_DIR`). A path to a folder: a
+               `sdlens train-tiny` output or
                any diffusers pipeline folder, loaded locally. Anything else (a hub id such as
                "stable-diffusion-v1-5/stable-diffusion-v1-5") goes to
                `diffusers.DiffusionPipeline.from_pretrained` with `kwargs`.
@@ -58,17 +71,19 @@ def load_pipeline(
     from diffusers import DiffusionPipeline
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    is_tiny = isinstance(name, str) and name == "tiny"
+    is_tiny = isinstance(name, str) and name in BUILTIN
     if is_tiny:
-        if not (TINY_DIR / "model_index.json").exists():
+        folder: Path | None = BUILTIN[name]
+        if not (folder / "model_index.json").exists():
             raise FileNotFoundError(
-                f"the built-in model's weights are missing: {TINY_DIR} has no model_index.json. "
-                f"Train them with `sdlens train-tiny --out runs/tiny` and copy that folder's model files "
-                f"(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) to {TINY_DIR}, "
-                f"or load the folder directly with load_pipeline('runs/tiny')."
+                f"the built-in model {name!r} has no weights: {folder} has no model_index.json. "
+                f"Train them with `{_TRAIN_HINT[name]}` and copy that folder's model files "
+                f"(model_index.json and the component folders, not train/) to {folder}, "
+                f"or load the folder directly with load_pipeline('runs/...')."
             )
-        folder: Path | None = TINY_DIR
     else:
+        if isinstance(name, str) and name.startswith("tiny") and not Path(name).exists():
+            raise ValueError(f"unknown built-in model {name!r}; the built-in models are {', '.join(BUILTIN)}")
         folder = Path(name) if Path(name).is_dir() else None
 
     if folder is not None:
@@ -78,6 +93,8 @@ def load_pipeline(
                 f"`sdlens train-tiny --out {folder}` writes one"
             )
         kwargs.setdefault("local_files_only", True)
+        for component in _absent_components(folder):  # SD 3 without T5: diffusers wants them named as None
+            kwargs.setdefault(component, None)
     if is_tiny:
         # a 25 MB model needs no accelerate; without this, diffusers advises installing it on every load
         kwargs.setdefault("low_cpu_mem_usage", False)
@@ -129,10 +146,19 @@ def _dtype_keyword() -> str:
 _DTYPE = _dtype_keyword()
 
 
+def _absent_components(folder: Path) -> list[str]:
+    """Components a pipeline folder lists as absent (``[null, null]``), e.g. an SD 3 saved without T5."""
+    import json
+
+    index = json.loads((folder / "model_index.json").read_text())
+    return [k for k, v in index.items() if not k.startswith("_") and v == [None, None]
+            and k not in ("safety_checker", "feature_extractor", "image_encoder")]
+
+
 def _is_small(pipe) -> bool:
-    """True for pipelines whose latents are at most 32x32 (the tiny model: 16x16): a run takes about a second."""
-    unet = getattr(pipe, "unet", None)
-    return unet is not None and int(getattr(unet.config, "sample_size", 64) or 64) <= 32
+    """True for pipelines whose latents are at most 32x32 (the tiny models: 16x16): a run takes about a second."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    return denoiser is not None and int(getattr(denoiser.config, "sample_size", 64) or 64) <= 32
 
 
 def _make_scheduler(scheduler, config):

@@ -55,6 +55,9 @@ from sdlens.models.configs import (
 )
 
 STAGES = ("clip", "vae", "unet")
+# every stage's place in the seed of its data and noise generator (the SD3-style model's denoiser
+# stage, "transformer", is trained by sdlens.models.mmdit)
+STAGE_SEEDS = {"clip": 0, "vae": 1, "unet": 2, "transformer": 3}
 
 
 @dataclass
@@ -225,7 +228,7 @@ class StageLoop:
             self._load(path)
             print(f"[{stage}] resumed from {path} at step {self.step}", file=sys.stderr)
         self.generator = torch.Generator(run.device).manual_seed(
-            run.seed * 1_000_003 + STAGES.index(stage) * 10_007 + self.step
+            run.seed * 1_000_003 + STAGE_SEEDS[stage] * 10_007 + self.step
         )
         self.start = time.monotonic()
         self.last_checkpoint = self.start

@@ -1,14 +1,21 @@
 """``AttentionTrace``: the attention maps of one pipeline run, with what they belong to.
 
-A trace is a read-only view of two things: the maps, one tensor per captured kind (``"cross"`` or
-``"self"``) and layer,
+A trace is a read-only view of two things: the maps, one tensor per captured kind and layer,
 
-    (steps, rows, heads, queries = h·w, keys)
+    (steps, rows, heads, queries, keys)
 
 where *steps* are the captured denoising steps, *rows* the kept rows of the denoiser's batch (one
-per prompt × image, per CFG half kept), *heads* is 1 when heads were averaged, and *keys* are
-prompt token slots (cross) or pixels (self); and a ``TraceInfo`` saying what they belong to.
-``maps()`` returns a layer's tensor with the queries as ``h, w``.
+per prompt × image, per CFG half kept), *heads* is 1 when heads were averaged; and a ``TraceInfo``
+saying what they belong to. The kinds (``KINDS``):
+
+- ``"cross"``: queries the image's h·w pixels, keys the prompt's token slots;
+- ``"self"``: queries and keys the image's pixels;
+- ``"text_image"``, ``"text_text"`` (joint attention, SD 3): queries the text slots, keys the
+  image's pixels or the text slots;
+- ``"concept"`` (SD 3, ``concepts=``): queries the pixels, keys the concepts; the similarity of each
+  pixel's attention output with each concept token's (ConceptAttention), heads 1.
+
+``maps()`` returns a layer's tensor with the pixel queries as ``h, w``.
 
 Words, tokens, labels, steps, layers and heads are resolved here and only here (``word_index``,
 ``step_positions``, ``layer_names``, ``head_positions``); every bad choice raises ``CaptureError``
@@ -47,6 +54,7 @@ class TraceInfo:
     rows: list[Row] = field(default_factory=list)
     tokenizations: dict[str, list[Tokenization | None]] = field(default_factory=lambda: {"cond": [], "uncond": []})
     key_labels: list[str] | None = None  # labels of cross keys beyond the tokenizer's slots (SD 3's T5)
+    concepts: list[str] | None = None  # the keys of "concept" maps (trace(concepts=...))
     num_steps: int = 0  # denoiser calls the run made
     all_timesteps: list[float] = field(default_factory=list)  # the timestep of each of them
     steps: list[int] = field(default_factory=list)  # captured step indices
@@ -65,6 +73,8 @@ class TraceInfo:
     xt_images: np.ndarray | None = None  # uint8 (steps, rows, H, W, 3): x_t decoded
     x0_images: np.ndarray | None = None  # uint8 (steps, rows, H, W, 3): x0 decoded
 
+
+KINDS = ("cross", "self", "text_image", "text_text", "concept")
 
 _DENOISING = ("latents", "x0", "xt_images", "x0_images")  # TraceInfo fields stored as tensors, not JSON
 
@@ -296,10 +306,15 @@ class AttentionTrace:
 
     # ------------------------------------------------------------------ raw maps
     def maps(self, layer: str, kind: str = "cross") -> torch.Tensor:
-        """All stored maps of one layer: ``(steps, rows, heads, h, w, keys)``."""
+        """All stored maps of one layer: ``(steps, rows, heads, h, w, keys)``; for ``"text_image"``
+        ``(steps, rows, heads, text slots, h, w)`` and for ``"text_text"`` ``(steps, rows, heads, T, T)``."""
         self._check_kind(kind)
         t = self._tensor(kind, layer)
+        if kind == "text_text":
+            return t
         h, w = self.map_size(layer)
+        if kind == "text_image":
+            return rearrange(t, "s r hd t (h w) -> s r hd t h w", h=h, w=w)
         return rearrange(t, "s r hd (h w) k -> s r hd h w k", h=h, w=w)
 
     def __getitem__(self, key: tuple[str, str]) -> torch.Tensor:
@@ -366,6 +381,76 @@ class AttentionTrace:
         slots = self.tokenization(prompt, half=half, encoder=encoder).word_tokens[wi]
         return self.slot_map(slots, kind="cross", prompt=prompt, half=half, **kw)
 
+    def concept_map(self, concept: str | int, *, prompt: int = 0, image: int = 0, half: str = "cond",
+                    steps: StepSelector = None, layers: LayerSelector = None, softmax: bool = True,
+                    size=None) -> torch.Tensor:
+        """ConceptAttention map of one concept (``trace(pipe, concepts=[...])``): ``(H, W)`` float32.
+
+        Per layer and step, a softmax over the concepts of each pixel's scores (``softmax=False``:
+        the raw dot products), then the mean over the chosen steps; each layer upsampled, then
+        layers averaged. With the softmax the concepts' maps sum to 1 at every pixel, so a concept
+        list should cover the picture (add "background").
+        """
+        concepts = self.concepts or []
+        if not concepts:
+            raise CaptureError("this trace has no concept maps: trace with concepts=['circle', 'square', ...]")
+        if isinstance(concept, str):
+            if concept not in concepts:
+                raise CaptureError(f"concept {concept!r} was not traced; traced concepts: {concepts}")
+            c = concepts.index(concept)
+        elif isinstance(concept, int) and not isinstance(concept, bool) and -len(concepts) <= concept < len(concepts):
+            c = concept % len(concepts)
+        else:
+            raise CaptureError(f"concept must be one of {concepts} or an index 0..{len(concepts) - 1}; got {concept!r}")
+        r = self.row(prompt, image, half)
+        sidx = self.step_positions(steps)
+        names = self.layer_names(layers, "concept")
+        per_layer = []
+        for name in names:
+            x = self._tensor("concept", name)[:, r, 0][sidx].float()  # (steps, n, C)
+            x = x.softmax(dim=-1) if softmax else x
+            h, w = self.map_size(name)
+            per_layer.append(rearrange(x[..., c].mean(dim=0), "(h w) -> h w", h=h, w=w))
+        return _maps.average_upsampled(per_layer, self._out_size(size))
+
+    def text_map(self, word: str | int, *, prompt: int = 0, occurrence: int | None = None, image: int = 0,
+                 half: str = "cond", steps: StepSelector = None, layers: LayerSelector = None, heads=None,
+                 size=None) -> torch.Tensor:
+        """Where a prompt word's text token looks in the image, by joint attention (text → image):
+        ``(H, W)`` (``trace(pipe, text_attn=True)``, SD 3). Mean over the word's tokens, steps and
+        heads; layers upsampled and averaged. Each text query's row also covers the text keys, so
+        this map sums to the share of the word's attention that goes to the image, not to 1.
+        """
+        wi = self.word_index(word, prompt, occurrence=occurrence, half=half)
+        slots = self.tokenization(prompt, half=half).word_tokens[wi]
+        r = self.row(prompt, image, half)
+        sidx = self.step_positions(steps)
+        per_layer = []
+        for name in self.layer_names(layers, "text_image"):
+            t = self._tensor("text_image", name)  # (steps, rows, heads, text queries, h·w)
+            hsel = self.head_positions(heads, name)
+            x = t[:, r][sidx][:, :, list(slots)]  # (steps, heads, slots, h·w)
+            if hsel is not None:
+                x = x[:, hsel]
+            h, w = self.map_size(name)
+            per_layer.append(rearrange(x.float().mean(dim=(0, 1, 2)), "(h w) -> h w", h=h, w=w))
+        return _maps.average_upsampled(per_layer, self._out_size(size))
+
+    def text_matrix(self, *, prompt: int = 0, image: int = 0, half: str = "cond", steps: StepSelector = None,
+                    layers: LayerSelector = None, heads=None) -> torch.Tensor:
+        """Text → text attention ``(text slots, text slots)`` (queries, keys), mean over steps, heads
+        and layers (``trace(pipe, text_attn=True)``, SD 3)."""
+        r = self.row(prompt, image, half)
+        sidx = self.step_positions(steps)
+        mats = []
+        for name in self.layer_names(layers, "text_text"):
+            t = self._tensor("text_text", name)[:, r][sidx]  # (steps, heads, T, T)
+            hsel = self.head_positions(heads, name)
+            if hsel is not None:
+                t = t[:, hsel]
+            mats.append(t.float().mean(dim=(0, 1)))
+        return torch.stack(mats).mean(dim=0)
+
     def self_map(
         self,
         pixel: tuple[float, float],
@@ -430,10 +515,10 @@ class AttentionTrace:
 
     # ------------------------------------------------------------------ misc
     def _check_kind(self, kind: str) -> None:
-        if kind not in ("cross", "self"):
-            raise CaptureError(f"kind={kind!r} is not valid; use 'cross' or 'self'")
+        if kind not in KINDS:
+            raise CaptureError(f"kind={kind!r} is not valid; use one of {', '.join(map(repr, KINDS))}")
         if kind not in self.kinds:
-            hint = "self_attn=True" if kind == "self" else "cross=True"
+            hint = {"self": "self_attn=True", "cross": "cross=True", "concept": "concepts=[...]"}.get(kind, "text_attn=True")
             raise CaptureError(f"this trace has no {kind}-attention (captured: {list(self.kinds)}); trace with {hint}")
 
     def of_prompt(self, prompt: int) -> AttentionTrace:
@@ -522,6 +607,7 @@ def load_trace(path: str | os.PathLike, device: str | torch.device = "cpu") -> A
             tokenizations={h: [None if t is None else Tokenization(**t) for t in ts]
                            for h, ts in meta["tokenizations"].items()},
             key_labels=meta["key_labels"],
+            concepts=meta.get("concepts"),
             num_steps=meta["num_steps"],
             all_timesteps=meta["all_timesteps"],
             steps=meta["steps"],
