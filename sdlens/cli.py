@@ -270,6 +270,9 @@ def add_attend(subparsers) -> None:
     )
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: ./attend-PROMPT)")
     p.add_argument("--self-attn", action="store_true", help="also keep self-attention in the trace (larger)")
+    p.add_argument("--concepts", nargs="+", default=None, metavar="WORD",
+                   help="joint-attention models (--model tiny-sd3): ConceptAttention maps of these words, "
+                   "into concepts.png (e.g. --concepts circle square background); commas also separate")
     p.set_defaults(func=run_attend)
 
 
@@ -290,6 +293,7 @@ def run_attend(args: argparse.Namespace) -> int:
             out=args.out,
             device=args.device,
             self_attn=args.self_attn,
+            concepts=None if args.concepts is None else [w for a in args.concepts for w in a.split(",") if w.strip()],
             progress=not args.no_progress,
         )
     except AttendError as e:

@@ -53,12 +53,12 @@ def parse_size(text: str | int | None) -> tuple[int, int] | None:
 
 def check_model_name(model: str) -> None:
     """Raise ``AttendError`` for a model that is certainly not loadable, before loading anything."""
-    from ..models.load import TINY_DIR
+    from ..models.load import BUILTIN
 
-    if model == "tiny":
-        if not (TINY_DIR / "model_index.json").exists():
+    if model in BUILTIN:
+        if not (BUILTIN[model] / "model_index.json").exists():
             raise AttendError(
-                f"the built-in model is not installed ({TINY_DIR} has no model_index.json): "
+                f"the built-in model {model!r} is not installed ({BUILTIN[model]} has no model_index.json): "
                 "pass --model FOLDER or a hub id, or train it with `sdlens train-tiny`"
             )
         return
@@ -73,7 +73,7 @@ def check_model_name(model: str) -> None:
     if not looks_local:
         return  # a hub id: diffusers decides
     if not path.is_dir():
-        raise AttendError(f"no model folder {model!r}: give a diffusers pipeline folder, a hub id, or 'tiny'")
+        raise AttendError(f"no model folder {model!r}: give a diffusers pipeline folder, a hub id, 'tiny' or 'tiny-sd3'")
     if not (path / "model_index.json").exists():
         raise AttendError(f"{model!r} is not a diffusers pipeline folder (it has no model_index.json)")
 
@@ -154,6 +154,7 @@ def attend(
     out: str | os.PathLike | None = None,
     device: str | None = None,
     self_attn: bool = False,
+    concepts: Sequence[str] | None = None,
     progress: bool = True,
     pipe=None,
     log: Callable[[str], None] = print,
@@ -168,6 +169,7 @@ def attend(
     - ``word-II-WORD.png``: one overlay per word (``II``: its index in the prompt's words);
     - ``steps.gif``: the maps over the denoising steps (beside the image being denoised when the
       trace records it);
+    - ``concepts.png`` (with ``concepts``, SD 3-style models): one ConceptAttention map per concept;
     - ``trace.safetensors``: the trace, for ``sdlens.load_trace``.
     """
     prompt = (prompt or "").strip()
@@ -185,19 +187,36 @@ def attend(
         pipe = load(model, device, progress)
     height, width = check_size(pipe, size)
     chosen = check_words(pipe, prompt, words)
+    concepts = check_concepts(pipe, concepts)
 
     trace, image = generate(pipe, prompt, steps=steps, seed=seed, guidance=guidance, negative=negative,
-                            size=(height, width), self_attn=self_attn)
+                            size=(height, width), self_attn=self_attn, concepts=concepts)
     return write_outputs(trace, image, out, chosen, gif_words=_gif_words(trace, chosen, words), log=log)
 
 
-def generate(pipe, prompt, *, steps, seed, guidance, negative, size, self_attn=False):
+def check_concepts(pipe, concepts: Sequence[str] | None) -> list[str] | None:
+    """``--concepts`` as a list of words, refused (before generating) where the model has no joint attention."""
+    if not concepts:
+        return None
+    from ..capture.concepts import check_concepts as check
+    from ..hooks.layers import attention_layers, denoiser_of
+
+    if not any(i.role == "joint" for i in attention_layers(denoiser_of(pipe))):
+        raise AttendError("--concepts needs a model with joint attention (SD 3 family, e.g. --model tiny-sd3); "
+                          "this model has cross-attention: its word maps are the ones to read")
+    try:
+        return check(concepts)
+    except CaptureError as e:
+        raise AttendError(f"--concepts: {e}") from None
+
+
+def generate(pipe, prompt, *, steps, seed, guidance, negative, size, self_attn=False, concepts=None):
     """One traced generation: ``(trace, PIL image)``."""
     import torch
 
     from ..capture import trace as sdtrace
 
-    kw = dict(self_attn=self_attn, record_latents=True)
+    kw = dict(self_attn=self_attn, record_latents=True, concepts=concepts)
     device = getattr(pipe, "device", torch.device("cpu"))
     generator = torch.Generator(device=device).manual_seed(seed)
     with sdtrace(pipe, **kw) as tr:
@@ -224,7 +243,7 @@ def _gif_words(trace, chosen: list[int], given) -> list[int]:
 def write_outputs(trace, image, out: Path, words: list[int], *, gif_words=None, log=print) -> list[Path]:
     """Write the pictures and the trace into a temporary folder, then move them into ``out``."""
     from ..viz.animation import animate
-    from ..viz.heatmaps import overlay, word_grid
+    from ..viz.heatmaps import concept_grid, overlay, word_grid
 
     out = Path(out)
     with staged_folder(out, prefix=".sdlens-attend-") as (tmp, names):
@@ -236,6 +255,8 @@ def write_outputs(trace, image, out: Path, words: list[int], *, gif_words=None, 
         image.save(tmp / "image.png")
         names.append("image.png")
         save_fig(word_grid(trace, image, words=words), "words.png")
+        if trace.concepts:
+            save_fig(concept_grid(trace, image), "concepts.png")
         all_words = trace.words()
         for i in words:
             save_fig(overlay(trace, i, image), f"word-{i:02d}-{slug(all_words[i], 24)}.png")

@@ -8,6 +8,7 @@ functions that draw one panel accept ``ax=`` to draw into an existing axes.
         image = pipe("a red circle on the left").images[0]
     viz.overlay(tr, "circle", image)            # one word over the image, colour bar, title
     viz.word_grid(tr, image)                    # every word, and the start/end/padding slots
+    viz.concept_grid(tr, image)                 # SD 3: trace(pipe, concepts=[...]) maps
     viz.step_strip(tr, "circle", image)         # the map over the denoising steps
     viz.layer_grid(tr, "circle", image, by="size")
     viz.self_attention_map(tr, (20, 12), image) # where one pixel attends
@@ -32,7 +33,7 @@ from .frames import (
     self_frame,
     target_map,
 )
-from .heatmaps import head_grid, layer_grid, overlay, word_grid
+from .heatmaps import concept_grid, head_grid, layer_grid, overlay, word_grid
 from .self_attention import (
     kmeans,
     pca_rgb,
@@ -58,6 +59,7 @@ __all__ = [
     "denoising",
     "denoising_frame",
     "framed_mask",
+    "concept_grid",
     "head_grid",
     "kmeans",
     "layer_grid",

@@ -114,6 +114,30 @@ def word_grid(
     return fig
 
 
+def concept_grid(trace, image=None, *, concepts=None, prompt: int = 0, steps=None, layers=None,
+                 alpha: float = 0.6, cmap: str = HEAT_CMAP, ncols: int | None = None):
+    """The image, then one ConceptAttention map per concept (``trace(pipe, concepts=[...])``, SD 3).
+
+    Each map is a softmax over the traced concepts at every pixel, so all panels share one colour
+    scale from 0 to 1: at each pixel the concepts' values add up to 1.
+    """
+    names = list(trace.concepts or []) if concepts is None else list(concepts)
+    if not names:
+        raise CaptureError("this trace has no concept maps: trace with concepts=['circle', 'square', ...]")
+    size = image_size_of(trace, image)
+    heats = [trace.concept_map(c, prompt=prompt, steps=steps, layers=layers, size=size) for c in names]
+    frames = [heat_frame(h, image, c, alpha=alpha, cmap=cmap, vrange=(0.0, 1.0)) for h, c in zip(heats, names)]
+    first = 1 if image is not None else 0
+    fig, axes = panel_grid(len(frames) + first, ncols, extra_width=0.6)
+    if image is not None:
+        show_rgb(axes[0], as_rgb(image), wrap(trace.prompts[prompt], 28) if trace.prompts else "image")
+    for ax, frame, c in zip(axes[first:], frames, names):
+        draw_frame(ax, frame, c, bar=False)
+    colorbar(fig, frames[0], axes[first:], "share of the concepts (one scale)")
+    fig.suptitle(f"concept maps (ConceptAttention) · {layers_label(trace, layers, kind='concept')}", fontsize=10)
+    return fig
+
+
 def layer_grid(
     trace,
     word,

@@ -1,0 +1,260 @@
+"""The SD 3 design: tiny-sd3's training (flow matching, the empty T5 slots as one key, resume), joint
+attention traced in its four parts, concept tokens (ConceptAttention), and edits through joint attention.
+
+Random-weight SD 3 pipelines (``sdlens.models.families.sd3``) stand in where the shipped weights are
+not needed; the references are computed another way (explicit softmax from the layer's own
+projections, the full 256-slot text input, an uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import sdlens
+import sdlens.edit
+from sdlens.errors import CaptureError, EditError
+from sdlens.models import mmdit
+from sdlens.models.families import sd3
+
+KW = dict(num_inference_steps=3, guidance_scale=5.0, output_type="np", height=64, width=64)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    """A random SD 3 pipeline whose transformer's zero-initialised output layers are given weights, so
+    that attention changes the picture (a zero output layer would hide any error)."""
+    p = sd3()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in p.transformer.parameters():
+            if param.ndim > 1:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.05)
+    return p
+
+
+def generate(pipe, prompt="a red circle on the left", seed=0, **kw):
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **{**KW, **kw}).images
+
+
+# ------------------------------------------------------------------ training
+
+
+def small_config(**kw) -> mmdit.Sd3Config:
+    return mmdit.Sd3Config(layers=2, heads=2, head_dim=8, text_width=16, text_width_2=8, **kw)
+
+
+def test_one_zero_slot_computes_what_the_256_do():
+    """The training processor (one zero slot whose logit counts 256 times) gives the transformer's output
+    and gradients of the real input with 256 zero slots, run by diffusers' own joint processor."""
+    cfg = small_config()
+    torch.manual_seed(0)
+    transformer = mmdit.build_transformer(cfg)
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    slots = torch.randn(2, cfg.text_slots, 24)
+    pooled = torch.randn(2, 24)
+    latents = torch.randn(2, 4, 16, 16)
+    t = torch.tensor([200.0, 800.0])
+
+    def run(context):
+        transformer.zero_grad()
+        out = transformer(hidden_states=latents, timestep=t, encoder_hidden_states=context,
+                          pooled_projections=pooled).sample
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in transformer.parameters()]
+
+    full, full_grads = run(torch.cat([slots, torch.zeros(2, cfg.t5_slots, 24)], dim=1))
+    mmdit.use_repeated_zero_slot(transformer, cfg.t5_slots)
+    one, one_grads = run(mmdit.with_zero_slot(slots))
+    torch.testing.assert_close(one, full, rtol=1e-4, atol=1e-5)
+    for a, b in zip(one_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_prompt_cache_is_the_pipelines_encoding(pipe):
+    """The cached training embeddings are what the pipeline feeds the transformer for the same caption."""
+    cfg = mmdit.Sd3Config(text_slots=77, text_width=32, text_width_2=32)
+    cache = mmdit.PromptCache(pipe, cfg)
+    slots, pooled = cache(["a red circle", ""], "cpu")
+    embeds, _, pooled_ref, _ = pipe.encode_prompt("a red circle", None, None, do_classifier_free_guidance=False)
+    torch.testing.assert_close(slots[0], embeds[0, :77])
+    torch.testing.assert_close(pooled[0], pooled_ref[0])
+    assert slots.shape == (2, 77, pipe.transformer.config.joint_attention_dim)
+
+
+def train(tmp_path, name, **kw):
+    from sdlens.models.train import Budget
+
+    return mmdit.train_tiny_sd3(tmp_path / name, small_config(), budget=Budget(steps=4, batch_size=4, lr=1e-3,
+                                warmup_steps=1), progress=False, log_every=1, device="cpu", **kw)
+
+
+def transformer_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.mark.slow
+def test_resumed_training_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
+    from sdlens.models import train as train_module
+
+    whole = train(tmp_path, "whole")
+    record = json.loads((whole / "training.json").read_text())
+    assert record["arch"] == "sd3" and record["stages"]["transformer"]["steps"] == 4
+
+    original = train_module.StageLoop.end_step
+
+    def stop_after_two(self, loss):
+        original(self, loss)
+        if self.step == 2:
+            self.save()
+            raise KeyboardInterrupt  # the session ends mid-run
+
+    monkeypatch.setattr(train_module.StageLoop, "end_step", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, "cut")
+    monkeypatch.setattr(train_module.StageLoop, "end_step", original)
+    resumed = train(tmp_path, "cut", resume=True)
+    a, b = transformer_weights(whole), transformer_weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert json.loads((resumed / "training.json").read_text())["stages"]["transformer"]["steps_this_run"] == 2
+
+    pipe = sdlens.load_pipeline(str(resumed))  # the folder is a StableDiffusion3Pipeline, loaded offline
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.text_encoder_3 is None
+    assert pipe.tokenizer.model_max_length == 32
+    image = pipe("a red circle", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+# ------------------------------------------------------------------ tracing joint attention
+
+
+def test_tracing_leaves_the_image_unchanged(pipe):
+    plain = generate(pipe)
+    with sdlens.trace(pipe, self_attn=True, text_attn=True, concepts=["circle", "red", "background"],
+                      dtype=torch.float32) as tr:
+        traced = generate(pipe)
+    np.testing.assert_array_equal(traced, plain)  # concept tokens and all: bit for bit
+    assert set(tr.kinds) == {"cross", "self", "text_image", "text_text", "concept"}
+    assert all(type(p).__name__ == "JointAttnProcessor2_0" for p in pipe.transformer.attn_processors.values())
+
+
+def explicit_joint_probs(attn, image, text):
+    """Softmax over [image; text] keys of [image; text] queries, from the layer's projections, by hand."""
+    heads = attn.heads
+
+    def split(x):
+        b, n, c = x.shape
+        return x.reshape(b, n, heads, c // heads).permute(0, 2, 1, 3)
+
+    q = torch.cat([split(attn.to_q(image)), split(attn.add_q_proj(text))], dim=2)
+    k = torch.cat([split(attn.to_k(image)), split(attn.add_k_proj(text))], dim=2)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) / q.shape[-1] ** 0.5
+    return torch.softmax(scores, dim=-1)
+
+
+def test_joint_maps_are_the_explicit_softmax_split_in_four(pipe):
+    """Each block's four parts, put back together, are the softmax recomputed from the block's inputs."""
+    inputs = {}
+
+    def grab(name):
+        def hook(module, args, kwargs):
+            inputs[name] = (kwargs["hidden_states"], kwargs["encoder_hidden_states"])
+        return hook
+
+    blocks = {n: m for n, m in pipe.transformer.named_modules() if n.endswith(".attn")}
+    handles = [m.register_forward_pre_hook(grab(n), with_kwargs=True) for n, m in blocks.items()]
+    try:
+        with sdlens.trace(pipe, self_attn=True, text_attn=True, heads="all", dtype=torch.float32, steps=[-1]) as tr:
+            generate(pipe)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, attn in blocks.items():
+        image, text = inputs[name]  # the last step's inputs (both CFG halves): keep the conditional row
+        with torch.no_grad():
+            ref = explicit_joint_probs(attn, image[1:], text[1:])[0]  # (heads, Nq, Nk)
+        n = image.shape[1]
+        got = torch.cat([torch.cat([tr.maps(name, "self")[0, 0].flatten(1, 2), tr.maps(name, "cross")[0, 0].flatten(1, 2)], -1),
+                         torch.cat([tr.maps(name, "text_image")[0, 0].flatten(-2), tr.maps(name, "text_text")[0, 0]], -1)], 1)
+        assert got.shape == ref.shape and n == 256
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got.sum(-1), torch.ones(got.shape[:-1]), rtol=0, atol=1e-4)  # rows sum to 1
+
+
+def test_text_and_concept_views(pipe, tmp_path):
+    concepts = ["circle", "red", "background"]
+    with sdlens.trace(pipe, text_attn=True, concepts=concepts, dtype=torch.float32) as tr:
+        generate(pipe)
+    assert tr.text_map("circle").shape == (64, 64)
+    t = tr.text_matrix()
+    assert t.shape == (333, 333)  # 77 CLIP slots + 256 T5 slots (zeros: no T5 here)
+    total = sum(tr.concept_map(c) for c in concepts)
+    torch.testing.assert_close(total, torch.ones(64, 64), rtol=0, atol=1e-4)  # a softmax over the concepts
+    raw = tr.concept_map("circle", softmax=False)
+    assert raw.shape == (64, 64) and not torch.allclose(raw, tr.concept_map("circle"))
+    with pytest.raises(CaptureError, match="traced concepts"):
+        tr.concept_map("square")
+    saved = sdlens.load_trace(tr.save(tmp_path / "trace"))
+    assert saved.concepts == concepts
+    torch.testing.assert_close(saved.concept_map("red"), tr.concept_map("red"))
+
+
+def test_concept_scores_are_output_dot_products():
+    hidden = torch.randn(2, 3, 10 + 4 + 2, 5)  # (b, heads, image 10 + text 4 + concepts 2, d)
+    from sdlens.capture.concepts import concept_scores
+
+    got = concept_scores(hidden, 10, 2)
+    image = hidden[:, :, :10].permute(0, 2, 1, 3).reshape(2, 10, 15)
+    concepts = hidden[:, :, -2:].permute(0, 2, 1, 3).reshape(2, 2, 15)
+    torch.testing.assert_close(got, torch.einsum("bnc,bkc->bnk", image, concepts))
+
+
+def test_bad_concepts_are_refused_before_running(pipe, sd1_pipe):
+    for bad in ([], [""], ["circle", "circle"], [3]):
+        with pytest.raises(CaptureError, match="concepts"):
+            sdlens.trace(pipe, concepts=bad)
+    with pytest.raises(CaptureError, match="joint attention"), sdlens.trace(sd1_pipe, concepts=["circle"]):
+        sd1_pipe("a red circle", num_inference_steps=2, output_type="np")
+    assert all(type(p).__name__ == "AttnProcessor2_0" for p in sd1_pipe.unet.attn_processors.values())
+
+
+# ------------------------------------------------------------------ editing through joint attention
+
+
+def test_replace_copies_the_bases_word_distribution(pipe):
+    r = sdlens.edit.replace(pipe, "a red circle", "a blue circle", seed=0, trace={"dtype": torch.float32}, **KW)
+    plain = pipe("a red circle", generator=torch.Generator("cpu").manual_seed(0), **KW).images[0]
+    np.testing.assert_allclose(r.images[0], plain, atol=1e-5)  # the base branch is a plain generation
+    assert np.abs(r.images[1] - r.images[0]).max() > 1e-3  # the edit changed the picture
+    for layer in r.trace.layers_of("cross"):
+        m = r.trace.maps(layer)  # (steps, rows, 1, h, w, keys): base, edited
+        base, edited = m[:, 0, ..., :77], m[:, 1, ..., :77]
+        torch.testing.assert_close(edited / edited.sum(-1, keepdim=True), base / base.sum(-1, keepdim=True),
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_reweight_and_blend_run_on_joint_attention(pipe):
+    r = sdlens.edit.reweight(pipe, "a red circle", {"red": 0.0}, seed=0, trace={"dtype": torch.float32}, **KW)
+    slots = r.trace.tokenization(1).word_tokens[r.trace.word_index("red", 1)]
+    for layer in r.trace.layers_of("cross"):
+        assert r.trace.maps(layer)[:, 1][..., slots].abs().max() == 0  # the word's attention is gone
+    b = sdlens.edit.replace(pipe, "a red circle", "a blue circle", seed=0, blend="circle", **KW)
+    assert b.masks is not None and b.masks.shape[0] == 1
+
+
+def test_edits_a_flow_model_cannot_take_are_refused(pipe):
+    image = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(EditError, match="inversion"):
+        sdlens.edit.replace(pipe, "a red circle", "a blue circle", image=image, **KW)
+    with pytest.raises(EditError, match="self_steps"):
+        sdlens.edit.replace(pipe, "a red circle", "a blue circle", self_steps=0.5, **KW)
+    assert all(type(p).__name__ == "JointAttnProcessor2_0" for p in pipe.transformer.attn_processors.values())
