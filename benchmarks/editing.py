@@ -41,6 +41,10 @@ Measures, over the scenes whose base image shows its caption (``sdlens.world.sco
 - time: seconds per edit against a plain generation of the same two-prompt batch.
 
 Targets (issue 15) are printed beneath the tables.
+
+On an SD 3-style model (``--model tiny-sd3``: joint attention, flow matching) the edits act on the
+image->text part of the joint attention; the real-image types (DDIM inversion) and the
+self-attention injection methods are UNet-only and left out by default (asked for, they are refused).
 """
 
 from __future__ import annotations
@@ -310,23 +314,45 @@ def targets(results: dict, times: dict) -> list[tuple[str, bool | None, str]]:
     return out
 
 
+def is_joint(model: str) -> bool:
+    """The model's denoiser is a joint-attention transformer (SD 3 family), read from its folder's index."""
+    from sdlens.models import BUILTIN
+
+    folder = BUILTIN.get(model, Path(model))
+    index = folder / "model_index.json"
+    return index.exists() and json.loads(index.read_text()).get("_class_name", "").startswith("StableDiffusion3")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny", help="'tiny' (built in) or a pipeline folder")
+    parser.add_argument("--model", default="tiny", help="'tiny' or 'tiny-sd3' (built in) or a pipeline folder")
     parser.add_argument("--n", type=int, default=20, help="scenes per edit type")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=EDIT_SEED)
-    parser.add_argument("--types", default=",".join(TYPES), help=f"edit types, comma-separated, of: {', '.join(TYPES)}")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"methods, of: {', '.join(METHODS)}")
+    parser.add_argument("--types", default=None, help=f"edit types, comma-separated, of: {', '.join(TYPES)} "
+                        "(default: all; on an SD 3-style model all but the real-image ones)")
+    parser.add_argument("--methods", default=None, help=f"methods, of: {', '.join(METHODS)} "
+                        "(default: all; on an SD 3-style model all but inject_self)")
     parser.add_argument("--json", default=None, metavar="OUT", help="save the figures and per-edit records")
     parser.add_argument("--report", default=None, metavar="JSON", help="print the tables of a saved --json run")
     args = parser.parse_args(argv)
-    types = [t.strip() for t in args.types.split(",") if t.strip()]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    joint = args.report is None and is_joint(args.model)
+    unet_only_types = [t for t in TYPES if t.startswith("real-")]
+    unet_only_methods = [m for m in METHODS if m.startswith("inject_self")]
+    types = [t.strip() for t in (args.types or ",".join(TYPES)).split(",") if t.strip()]
+    methods = [m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()]
     bad = [t for t in types if t not in TYPES] + [m for m in methods if m not in METHODS]
     if bad or not types or not methods:
         parser.error(f"unknown {bad}: --types from {', '.join(TYPES)}; --methods from {', '.join(METHODS)}")
+    if joint:
+        asked = [t for t in types if t in unet_only_types and args.types] + \
+            [m for m in methods if m in unet_only_methods and args.methods]
+        if asked:
+            parser.error(f"{asked} need a UNet (DDIM inversion, self-attention layers); {args.model} is an SD 3-style "
+                         "joint-attention model")
+        types = [t for t in types if t not in unet_only_types]
+        methods = [m for m in methods if m not in unet_only_methods]
 
     if args.report:
         saved = json.loads(Path(args.report).read_text())

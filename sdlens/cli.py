@@ -24,7 +24,8 @@ def refused(command: str, error: Exception) -> int:
 
 def add_generation_options(p, *, seed: bool = True, size: bool = True, device: bool = True) -> None:
     """The options of every command that generates: model, seed, steps, guidance, size, device, progress bar."""
-    p.add_argument("--model", default="tiny", help="'tiny' (the built-in model, default), a pipeline folder or a hub id")
+    p.add_argument("--model", default="tiny", help="'tiny' (the built-in UNet model, default), 'tiny-sd3' (the built-in "
+                   "SD 3-style transformer), a pipeline folder or a hub id")
     if seed:
         p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")

@@ -258,3 +258,73 @@ def test_edits_a_flow_model_cannot_take_are_refused(pipe):
     with pytest.raises(EditError, match="self_steps"):
         sdlens.edit.replace(pipe, "a red circle", "a blue circle", self_steps=0.5, **KW)
     assert all(type(p).__name__ == "JointAttnProcessor2_0" for p in pipe.transformer.attn_processors.values())
+
+
+# ------------------------------------------------------------------ the shipped model, through the tools
+
+
+@pytest.fixture(scope="module")
+def tiny3():
+    return sdlens.load_pipeline("tiny-sd3")
+
+
+def test_shipped_tiny_sd3_is_sd3s_classes_and_traces_unchanged(tiny3):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    assert type(tiny3).__name__ == "StableDiffusion3Pipeline"
+    assert isinstance(tiny3.transformer, SD3Transformer2DModel)
+    assert isinstance(tiny3.scheduler, FlowMatchEulerDiscreteScheduler)
+    assert tiny3.text_encoder_3 is None and tiny3.tokenizer.model_max_length == 32
+    kw = dict(num_inference_steps=4, output_type="np")
+    plain = tiny3("a red circle on the left", generator=torch.Generator().manual_seed(1), **kw).images
+    with sdlens.trace(tiny3, self_attn=True, text_attn=True, concepts=["red", "circle", "background"]) as tr:
+        traced = tiny3("a red circle on the left", generator=torch.Generator().manual_seed(1), **kw).images
+    np.testing.assert_allclose(traced, plain, rtol=0, atol=1e-4)  # the bound (here: bit for bit)
+    assert len(tr.layers_of("cross")) == 8 and tr.map_size(tr.layers_of("cross")[0]) == (8, 8)
+    assert tr.words() == "a red circle on the left".split()
+
+
+def test_attend_on_tiny_sd3_with_concepts(tmp_path, capsys):
+    from sdlens.cli import main
+
+    out = tmp_path / "attend"
+    rc = main(["attend", "a red circle on the left", "--model", "tiny-sd3", "--steps", "3", "--no-progress",
+               "--out", str(out), "--concepts", "red,circle", "background"])
+    assert rc == 0
+    assert {"image.png", "words.png", "concepts.png", "trace.safetensors"} <= {p.name for p in out.iterdir()}
+    assert sdlens.load_trace(out / "trace.safetensors").concepts == ["red", "circle", "background"]
+    # on the UNet model concepts are refused, in one line, with nothing written
+    bad = tmp_path / "bad"
+    rc = main(["attend", "a red circle", "--model", "tiny", "--steps", "2", "--out", str(bad), "--concepts", "red"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "joint attention" in err[-1] and not bad.exists()
+
+
+def test_sweep_on_tiny_sd3_counts_the_empty_t5_slots(tmp_path):
+    from sdlens.cli import main
+    from sdlens.sweep import load
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on the left\na blue square\n")
+    assert main(["sweep", str(prompts), "--model", "tiny-sd3", "--steps", "3", "--out", str(tmp_path / "sw"),
+                 "--no-progress"]) == 0
+    records = load(tmp_path / "sw")
+    records = records if isinstance(records, list) else records.to_dict("records")
+    assert len(records) == 2
+    for r in records:
+        mass = r["mass"]["all"]
+        assert set(mass) == {"start", "word", "end", "pad", "t5"}
+        total = np.sum([np.asarray(v) for v in mass.values()], axis=0)
+        np.testing.assert_allclose(total, 1.0, atol=1e-3)  # shares of the text part of the attention
+
+
+def test_attention_explorer_on_a_tiny_sd3_trace(tiny3):
+    import sdlens.viz as viz
+    from sdlens.widgets import AttentionExplorer
+
+    with sdlens.trace(tiny3) as tr:
+        image = tiny3("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images[0]
+    ex = AttentionExplorer(tr, image, word="circle")
+    fig = viz.overlay(tr, "circle", image)
+    expected = np.asarray([ax for ax in fig.axes if ax.images][0].images[0].get_array())
+    assert np.array_equal(ex.render(), expected)

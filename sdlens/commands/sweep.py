@@ -95,7 +95,7 @@ def report(root: str, *, log: Callable[[str], None] = print) -> list[Path]:
     lines = [f"# Sweep report: {len(records)} images, {len({r['prompt'] for r in records})} prompts", ""]
 
     # attention mass per slot kind, over the steps (all layers)
-    kinds = ("start", "word", "end", "pad")
+    kinds = ("start", "word", "end", "pad") + (("t5",) if all("t5" in r["mass"]["all"] for r in records) else ())
     mass = {k: np.mean([r["mass"]["all"][k] for r in records], axis=0) for k in kinds}
     sizes = sorted({s for r in records for s in r["mass"] if s != "all"}, key=int)
     lines += ["## Attention mass per slot kind (mean over steps, pixels and heads)", "",

@@ -162,7 +162,7 @@ class JointInputs(NamedTuple):
 
     ``query``, ``key``, ``value`` are ``(b, heads, n_img + n_text, d)``; ``concepts`` holds the
     queries, keys and values ``(b, heads, C, d)`` of concept tokens riding at the end of the text
-    stream (``JointInputs.split``), or None.
+    stream (kept out of the joint keys by ``joint_inputs``), or None.
     """
 
     query: torch.Tensor

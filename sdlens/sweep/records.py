@@ -2,7 +2,9 @@
 
 - ``mass``: per map size (and ``"all"``), per step, the share of the cross-attention (averaged over
   layers of that size, heads and pixels) that goes to the start slot, the words, the end slot and
-  the padding: ``{"16": {"start": [...], "word": [...], "end": [...], "pad": [...]}, ...}``.
+  the padding: ``{"16": {"start": [...], "word": [...], "end": [...], "pad": [...]}, ...}``; for a
+  joint-attention model (SD 3) also T5's slots (``"t5"``), the shares being of the text part of the
+  pixels' attention.
 - ``words``: per word of the prompt, its map's entropy (of the map scaled to sum 1, divided by the
   log of the number of pixels: 1 is flat) and peak position (``(y, x)`` in 0..1); where a true mask
   is known, the map's IoU with it and whether its peak is on it, over all layers and per map size.
@@ -22,6 +24,7 @@ import torch
 from ..world.analyze import mask_iou
 
 SLOT_KINDS = ("start", "word", "end", "pad")
+JOINT_SLOT_KINDS = (*SLOT_KINDS, "t5")  # SD 3: keys after the CLIP tokenizer's slots are T5's
 
 
 def localisation(heat: torch.Tensor, mask: np.ndarray) -> dict:
@@ -34,7 +37,7 @@ def localisation(heat: torch.Tensor, mask: np.ndarray) -> dict:
 
 def slot_mass(tr, prompt: int) -> dict:
     """``{size: {kind: [share per step]}}`` over the cross-attention layers of each map size, and ``"all"``."""
-    kinds = np.array(tr.tokenization(prompt).kinds)
+    kinds = list(tr.tokenization(prompt).kinds)
     row = prompt  # a sweep traces the conditional rows, one image per prompt: row i is prompt i
     per_size: dict[str, list[torch.Tensor]] = {}
     for layer in tr.layers_of("cross"):
@@ -44,8 +47,13 @@ def slot_mass(tr, prompt: int) -> dict:
     per_size["all"] = [p for v in list(per_size.values()) for p in v]
     out = {}
     for size, maps in per_size.items():
-        mean = torch.stack(maps).mean(0).numpy()  # (steps, slots)
-        out[size] = {k: [round(float(x), 5) for x in mean[:, kinds == k].sum(1)] for k in SLOT_KINDS}
+        mean = torch.stack(maps).mean(0).numpy()  # (steps, keys)
+        names = SLOT_KINDS
+        if mean.shape[1] > len(kinds):  # a joint layer: T5's keys follow, and the row's text part is < 1
+            names = JOINT_SLOT_KINDS
+            mean = mean / mean.sum(1, keepdims=True)
+        key_kinds = np.array(kinds + ["t5"] * (mean.shape[1] - len(kinds)))
+        out[size] = {k: [round(float(x), 5) for x in mean[:, key_kinds == k].sum(1)] for k in names}
     return out
 
 
