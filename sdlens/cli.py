@@ -128,6 +128,9 @@ def add_train_tiny(subparsers) -> None:
                    help="each word slot's chance of being zeroed in the UNet's input while training")
     m.add_argument("--sd3-layers", type=int, default=s.layers, help="--arch sd3: transformer blocks")
     m.add_argument("--sd3-heads", type=int, default=s.heads, help="--arch sd3: heads of 32 channels")
+    m.add_argument("--pooled-dropout", type=float, default=s.pooled_dropout,
+                   help="--arch sd3: each caption's chance that its pooled vector is the empty prompt's (the words "
+                   "must then reach the picture through the joint attention)")
     m.add_argument("--tail-dropout", type=float, default=d.tail_dropout,
                    help="each training caption's chance that its slots after a random word are zeroed")
     p.set_defaults(func=run_train_tiny)
@@ -225,6 +228,7 @@ def run_train_tiny_sd3(args: argparse.Namespace) -> int:
             size_word_prob=args.size_word_prob,
             layers=args.sd3_layers,
             heads=args.sd3_heads,
+            pooled_dropout=args.pooled_dropout,
         )
         b = _sd3_budget()
         if args.transformer_steps is not None or args.transformer_minutes is not None:
@@ -427,7 +431,7 @@ def add_anatomy(subparsers) -> None:
         "FLOPs that attention takes; then the text encoders.",
     )
     p.add_argument("--model", default="tiny",
-                   help="'tiny' (built-in), a local diffusers folder, a hub id, or random:FAMILY with FAMILY one of "
+                   help="'tiny' or 'tiny-sd3' (built-in), a local diffusers folder, a hub id, or random:FAMILY with FAMILY one of "
                    + ", ".join(RANDOM_FAMILIES) + " (random weights, real layout; sd15 is SD 1.5's full-size UNet)")
     p.add_argument("--size", default=None, help="image size HxW or N (default: the model's own)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one denoiser call on zeros)")

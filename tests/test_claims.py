@@ -491,3 +491,27 @@ def test_nb7_s8_a_rendered_picture_is_reconstructed_and_recoloured_in_place(pipe
     r = edit.replace(pipe, "a yellow triangle at the top", "a blue triangle at the top", image=scene.image, **NB7)
     assert r.reconstruction_error < 0.01
     assert _iou(scene.masks[0], _mask(r.images[1], "blue")) > 0.6
+
+
+# --- notebook 4, section 6 (tiny-sd3) -----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_nb4_s6_tiny_sd3_follows_the_pooled_vector_not_the_slots():
+    """04_transformers_inside, section 6 ("Where does tiny-sd3 read its prompt?"), and the README: with
+    one prompt's slots and another's pooled vector, the picture is the pooled one's, for seeds 0 and 1."""
+    from sdlens.world import describe
+
+    pipe3 = sdlens.load_pipeline("tiny-sd3")
+    a, b = "a red circle on the left", "a blue square on the right"
+    slots_a, neg, pooled_a, neg_pooled = pipe3.encode_prompt(a, None, None, do_classifier_free_guidance=True)
+    slots_b, _, pooled_b, _ = pipe3.encode_prompt(b, None, None, do_classifier_free_guidance=True)
+    def draw(slots, pooled, seed):
+        return describe(pipe3(prompt_embeds=slots, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg,
+                              negative_pooled_prompt_embeds=neg_pooled, output_type="np",
+                              generator=torch.Generator("cpu").manual_seed(seed)).images[0])
+
+    for seed in (0, 1):
+        assert draw(slots_a, pooled_a, seed) == "red circle"
+        assert draw(slots_a, pooled_b, seed) == "blue square"
+        assert draw(slots_b, pooled_a, seed) == "red circle"

@@ -328,3 +328,36 @@ def test_attention_explorer_on_a_tiny_sd3_trace(tiny3):
     fig = viz.overlay(tr, "circle", image)
     expected = np.asarray([ax for ax in fig.axes if ax.images][0].images[0].get_array())
     assert np.array_equal(ex.render(), expected)
+
+
+def test_joint_parts_count_in_the_budget_before_the_first_step(pipe):
+    from sdlens.errors import BudgetError
+
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(BudgetError, match="max_bytes"):
+            with sdlens.trace(pipe, text_attn=True, max_bytes=10_000):
+                generate(pipe)
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # refused at the first call, before any attention was computed
+    # text_attn adds (tokens × pixels + tokens²) per layer to the estimate: 333 text keys, 256 pixels
+    with sdlens.trace(pipe, steps=[0], dtype=torch.float32) as plain:
+        generate(pipe)
+    with sdlens.trace(pipe, text_attn=True, steps=[0], dtype=torch.float32) as both:
+        generate(pipe)
+    assert both.nbytes - plain.nbytes == 2 * 4 * (333 * 256 + 333 * 333)  # 2 blocks, float32
+
+
+def test_edit_command_on_tiny_sd3(tmp_path, capsys):
+    from sdlens.cli import main
+
+    out = tmp_path / "edit"
+    assert main(["edit", "a red circle", "a blue circle", "--model", "tiny-sd3", "--steps", "3", "--blend", "circle",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert (out / "side.png").exists() and json.loads((out / "settings.json").read_text())["blend"] is not None
+    bad = tmp_path / "bad"
+    rc = main(["edit", "a red circle", "a blue circle", "--model", "tiny-sd3", "--method", "inject_self",
+               "--steps", "3", "--out", str(bad)])
+    assert rc == 2 and "self_steps" in capsys.readouterr().err and not bad.exists()

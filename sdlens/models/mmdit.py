@@ -93,6 +93,11 @@ class Sd3Config:
 
     # --- training data ---
     caption_dropout: float = 0.1
+    # each caption's chance that its pooled vector (the adaLN input) is the empty prompt's while its
+    # slots stay: the shipped weights, trained without it, read the prompt almost only through the
+    # pooled vector (notes/tiny_model.md), so their word maps point nowhere; with it, the words must
+    # reach the picture through the joint attention
+    pooled_dropout: float = 0.0
     two_object_prob: float = 0.7
     free_position_prob: float = 0.35
     size_word_prob: float = 0.35
@@ -106,7 +111,7 @@ class Sd3Config:
             raise ValueError(f"text_slots must be at most CLIP's 77, got {self.text_slots}")
         if self.latent_size % self.patch_size:
             raise ValueError(f"patch_size {self.patch_size} does not divide the latent size {self.latent_size}")
-        for name in ("caption_dropout", "two_object_prob", "free_position_prob", "size_word_prob"):
+        for name in ("caption_dropout", "pooled_dropout", "two_object_prob", "free_position_prob", "size_word_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
 
@@ -352,6 +357,10 @@ def train_transformer(run, budget, vae, pipe, prompts: PromptCache):
         drop = torch.rand(len(captions), generator=g, device=device) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         slots, pooled = prompts(captions, device)  # (N, S, 96), (N, 96)
+        if cfg.pooled_dropout > 0:  # the prompt's words must then come through the slots
+            empty = prompts([""], device)[1]  # (1, 96)
+            hit = torch.rand(len(captions), generator=g, device=device) < cfg.pooled_dropout
+            pooled = torch.where(hit[:, None], empty, pooled)
         with torch.no_grad(), run.autocast():
             latents = vae.encode(images).latent_dist.sample(generator=g)  # (N, 4, 16, 16)
         latents = (latents.float() - shift) * scale
@@ -495,16 +504,20 @@ def train_tiny_sd3(
     return out
 
 
-def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike, *, vae_from=None, seed: int = 0) -> Path:
+def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike, *, vae_from=None, seed: int = 0,
+                      command: list[str] | None = None, precision: str | None = None) -> Path:
     """Export the moving average in a tiny-sd3 run's checkpoint (``RUN/train/checkpoints/transformer.pt``)
-    as a pipeline folder, while the run goes on or after it stopped; writes ``out/training.json`` with
-    the checkpoint's step and minutes. Returns ``out``."""
+    as a pipeline folder, while the run goes on or after it was stopped. ``out/training.json`` records
+    the checkpoint's step and minutes, this machine and the library versions (and ``command`` and
+    ``precision``, the run's, when given). Returns ``out``."""
     from diffusers import AutoencoderKL
 
     from sdlens.models.load import TINY_DIR
+    from sdlens.models.train import _describe_device, _versions
 
     run_dir, out = Path(run_dir), Path(out)
-    state = torch.load(run_dir / "train/checkpoints/transformer.pt", map_location="cpu", weights_only=True)
+    checkpoint = run_dir / "train/checkpoints/transformer.pt"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     cfg = Sd3Config.from_dict(state["config"])
     transformer = build_transformer(cfg)
     for p, e in zip(transformer.parameters(), state["emas"]["transformer"]["params"]):
@@ -513,9 +526,12 @@ def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike, *, vae
     pipe = build_pipeline(cfg, transformer.eval(), vae, build_text_encoders(cfg, seed))
     out.mkdir(parents=True, exist_ok=True)
     export_sd3(out, cfg, pipe)
-    record = json.loads((run_dir / "training.json").read_text()) if (run_dir / "training.json").exists() else {}
-    record.update(arch="sd3", config=cfg.to_dict(), checkpoint={
-        "path": str(run_dir / "train/checkpoints/transformer.pt"), "step": state["step"],
-        "minutes": round(state["elapsed_s"] / 60, 2)})
+    previous = run_dir / "training.json"
+    record = json.loads(previous.read_text()) if previous.exists() else {
+        "command": command, "arch": "sd3", "config": cfg.to_dict(), "seed": seed,
+        "vae_from": str(vae_from or TINY_DIR), "device": _describe_device(torch.device("cpu")),
+        "precision": precision, "versions": _versions()}
+    record["exported_checkpoint"] = {"path": str(checkpoint), "step": state["step"],
+                                     "minutes": round(state["elapsed_s"] / 60, 2)}
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
