@@ -233,10 +233,16 @@ def test_vae_from_and_clip_stage(trained, tmp_path):
 def test_missing_builtin_weights_say_how_to_make_them(monkeypatch, tmp_path):
     from sdlens.models import load
 
-    monkeypatch.setattr(load, "TINY_DIR", tmp_path / "tiny")
-    with pytest.raises(FileNotFoundError, match="sdlens train-tiny") as info:
+    monkeypatch.setitem(load.BUILTIN, "tiny", tmp_path / "tiny")
+    monkeypatch.setitem(load.BUILTIN, "tiny-sd3", tmp_path / "tiny-sd3")
+    with pytest.raises(FileNotFoundError, match="sdlens train-tiny --out") as info:
         load.load_pipeline()
     assert str(tmp_path / "tiny") in str(info.value)
+    with pytest.raises(FileNotFoundError, match="sdlens train-tiny --arch sd3") as info:
+        load.load_pipeline("tiny-sd3")
+    assert str(tmp_path / "tiny-sd3") in str(info.value)
+    with pytest.raises(ValueError, match="tiny, tiny-sd3"):
+        load.load_pipeline("tiny-sd2")
 
 
 def test_init_from_starts_from_the_weights_and_records_them(trained, tmp_path):
