@@ -87,10 +87,10 @@ def test_prompt_cache_is_the_pipelines_encoding(pipe):
     assert slots.shape == (2, 77, pipe.transformer.config.joint_attention_dim)
 
 
-def train(tmp_path, name, **kw):
+def train(tmp_path, name, cfg=None, **kw):
     from sdlens.models.train import Budget
 
-    return mmdit.train_tiny_sd3(tmp_path / name, small_config(), budget=Budget(steps=4, batch_size=4, lr=1e-3,
+    return mmdit.train_tiny_sd3(tmp_path / name, cfg or small_config(), budget=Budget(steps=4, batch_size=4, lr=1e-3,
                                 warmup_steps=1), progress=False, log_every=1, device="cpu", **kw)
 
 
@@ -132,6 +132,26 @@ def test_resumed_training_ends_where_an_uninterrupted_run_ends(tmp_path, monkeyp
     assert pipe.tokenizer.model_max_length == 32
     image = pipe("a red circle", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+@pytest.mark.slow
+def test_pooled_dropout_withholds_the_pooled_vector(tmp_path, monkeypatch):
+    """--pooled-dropout 1: every training step sees the empty prompt's pooled vector (the slots stay)."""
+    seen = []
+    original = mmdit.flow_matching_loss
+
+    def spy(transformer, latents, slots, pooled, cfg, generator):
+        seen.append(pooled.clone())
+        return original(transformer, latents, slots, pooled, cfg, generator)
+
+    monkeypatch.setattr(mmdit, "flow_matching_loss", spy)
+    out = train(tmp_path, "pd", small_config(pooled_dropout=1.0))
+    assert len(seen) == 4 and json.loads((out / "training.json").read_text())["config"]["pooled_dropout"] == 1.0
+    empty = seen[0][:1]
+    for pooled in seen:
+        torch.testing.assert_close(pooled, empty.expand_as(pooled))
+    with pytest.raises(ValueError, match="pooled_dropout"):
+        small_config(pooled_dropout=1.5)
 
 
 # ------------------------------------------------------------------ tracing joint attention
