@@ -73,7 +73,9 @@ def test_short_run_on_the_shipped_model(quality, tmp_path, capsys):
     assert summary["adherence"]["single"] == pytest.approx(np.mean([r["all"] for r in records[:4]]))
     assert summary["adherence"]["two"] == pytest.approx(np.mean([r["all"] for r in records[4:]]))
     for r in records:
-        assert sum(r["slot_mass"].values()) == pytest.approx(1.0, abs=1e-3)  # the softmax's rows sum to 1
+        shares = {k: v for k, v in r["slot_mass"].items() if k != "to text"}
+        assert sum(shares.values()) == pytest.approx(1.0, abs=1e-3)  # the softmax's rows sum to 1
+        assert r["slot_mass"]["to text"] == pytest.approx(1.0, abs=1e-3) and shares["t5"] == 0  # a UNet: all text
     first = [o for r in records[4:] for o in r["objects"][:1] if o["found"]]
     assert summary["localisation"]["first"]["shape"]["iou"] == pytest.approx(
         np.mean([o["shape"]["iou"] for o in first])
