@@ -381,3 +381,22 @@ def test_edit_command_on_tiny_sd3(tmp_path, capsys):
     rc = main(["edit", "a red circle", "a blue circle", "--model", "tiny-sd3", "--method", "inject_self",
                "--steps", "3", "--out", str(bad)])
     assert rc == 2 and "self_steps" in capsys.readouterr().err and not bad.exists()
+
+
+def test_self_attention_denoising_and_edit_explorers_on_tiny_sd3(tiny3):
+    import sdlens.viz as viz
+    from sdlens.widgets import DenoisingExplorer, EditExplorer, SelfAttentionExplorer
+
+    with sdlens.trace(tiny3, self_attn=True, record_latents=True) as tr:
+        image = tiny3("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images[0]
+    ex = SelfAttentionExplorer(tr, image)
+    fig = viz.self_attention_map(tr, (32, 32), image)
+    assert np.array_equal(ex.render(), np.asarray([ax for ax in fig.axes if ax.images][0].images[0].get_array()))
+    den = DenoisingExplorer(tr)
+    den.controls["step"].value = 2
+    x0 = tr.x0_images[2, 0]
+    assert x0.shape == (64, 64, 3) and np.array_equal(den.render()[:, -64:], x0)
+    # the last step's predicted clean picture is the image the pipeline returned (flow matching's x0)
+    assert np.abs(x0.astype(int) - np.asarray(image).astype(int)).mean() < 8
+    edit_ex = EditExplorer(tiny3, "a red circle", "a blue circle", seed=3, steps=3)
+    assert edit_ex.render().shape[-1] == 3
