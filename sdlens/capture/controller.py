@@ -142,6 +142,10 @@ class Capture(Controller):
             self._concept_tokens = embed_concepts(run.pipe, self.spec.concepts, context.device, context.dtype)
         return self._concept_tokens.expand(context.shape[0], -1, -1)
 
+    def _no_probs(self, kinds: tuple[str, ...]) -> bool:
+        """A layer hooked only to carry the concept tokens, or one that keeps only their maps: no probabilities."""
+        return self.spec.concepts is not None and kinds in ((), ("concept",))
+
     def heads_out(self, call: Call, hidden: torch.Tensor):
         if call.n_concepts and "concept" in self.kinds_at.get(call.layer.name, ()):
             self._note(call.layer.name)
@@ -306,10 +310,10 @@ class Capture(Controller):
         self._note(call.layer.name)
         if call.explicit:  # an editor computes the probabilities: keep those, at the probs point
             return None
-        kinds = self.kinds_at.get(call.layer.name)
-        if self.spec.concepts is not None and (kinds is None or kinds == ("concept",)):
-            return None  # hooked only to carry the concepts, or only their maps kept here
-        if call.n_img_queries is not None and not set(TEXT_KINDS) & set(self.kinds_at.get(call.layer.name, ())):
+        kinds = self.kinds_at.get(call.layer.name, ())
+        if self._no_probs(kinds):
+            return None
+        if call.n_img_queries is not None and not set(TEXT_KINDS) & set(kinds):
             q = q[:, :, : call.n_img_queries]  # a joint layer whose text queries are not kept
         if call.rows is None:  # the whole batch: the kept rows are taken when the step's layers are batched
             rows = self._kept_rows(call.batch, q.device)
@@ -321,8 +325,7 @@ class Capture(Controller):
         return None
 
     def probs(self, call: Call, p: torch.Tensor):
-        kinds = self.kinds_at.get(call.layer.name)
-        if self.spec.concepts is not None and (kinds is None or kinds == ("concept",)):
+        if self._no_probs(self.kinds_at.get(call.layer.name, ())):
             return None
         self._note(call.layer.name)
         with torch.no_grad():

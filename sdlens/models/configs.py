@@ -46,8 +46,39 @@ TEXT_MODES = {
 }
 
 
+class ImageConfig:
+    """What both built-in models' configs share (a dataclass with ``image_size`` and ``vae_channels``):
+    the latent's geometry and plain-dict round trips."""
+
+    @property
+    def latent_factor(self) -> int:
+        """How many image pixels one latent pixel covers along each axis (4 for 3 VAE levels)."""
+        return 2 ** (len(self.vae_channels) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.latent_factor
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known keys are {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass
-class TinyConfig:
+class TinyConfig(ImageConfig):
     """Every knob of the tiny model and its training. The defaults are the shipped variant's.
 
     Text encoder (`text_*`): its width sets the size of the token-embedding table, 49408 rows
@@ -123,32 +154,6 @@ class TinyConfig:
         for name in ("two_object_prob", "free_position_prob", "size_word_prob", "word_dropout", "tail_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
-
-    @property
-    def latent_factor(self) -> int:
-        """How many image pixels one latent pixel covers along each axis (4 for 3 VAE levels)."""
-        return 2 ** (len(self.vae_channels) - 1)
-
-    @property
-    def latent_size(self) -> int:
-        return self.image_size // self.latent_factor
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TinyConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown TinyConfig keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**d)
-
-    def replace(self, **changes: Any) -> TinyConfig:
-        return dataclasses.replace(self, **changes)
 
 
 def vae_config(cfg: TinyConfig) -> dict[str, Any]:

@@ -43,7 +43,6 @@ third of the tokens. The exported model is plain diffusers and runs the 256 slot
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -58,11 +57,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdlens.models.configs import CLIP_BOS_ID, CLIP_EOS_ID, CLIP_VOCAB_SIZE
+from sdlens.models.configs import CLIP_BOS_ID, CLIP_EOS_ID, CLIP_VOCAB_SIZE, ImageConfig
 
 
 @dataclass
-class Sd3Config:
+class Sd3Config(ImageConfig):
     """Every knob of tiny-sd3 and its training; the defaults are the shipped variant's."""
 
     # --- images and autoencoder (the tiny model's VAE, reused) ---
@@ -116,31 +115,12 @@ class Sd3Config:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
 
     @property
-    def latent_factor(self) -> int:
-        return 2 ** (len(self.vae_channels) - 1)
-
-    @property
-    def latent_size(self) -> int:
-        return self.image_size // self.latent_factor
-
-    @property
     def width(self) -> int:
         return self.heads * self.head_dim
 
     @property
     def image_tokens(self) -> int:
         return (self.latent_size // self.patch_size) ** 2
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Sd3Config:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown Sd3Config keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**d)
 
 
 def transformer_config(cfg: Sd3Config) -> dict[str, Any]:
@@ -248,30 +228,14 @@ class RepeatedKeyJointProcessor:
         self.copies = copies
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        from einops import rearrange
+        # the joint computation's two halves as sdlens's hooks run them, with the key bias in between
+        from sdlens.hooks.attention import joint_inputs, joint_output
 
-        def heads(x):
-            return rearrange(x, "b n (h d) -> b h n d", h=attn.heads)
-
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        cq = heads(attn.add_q_proj(encoder_hidden_states))
-        ck = heads(attn.add_k_proj(encoder_hidden_states))
-        cv = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)  # (B, heads, N, d)
-        bias = torch.zeros(1, k.shape[2], dtype=q.dtype, device=q.device)  # (1, N): added to every query's logits
-        bias[0, -1] = math.log(self.copies)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, heads, N, d)
-        out = rearrange(out, "b h n d -> b n (h d)")
-        n_img = hidden_states.shape[1]
-        image, text = out[:, :n_img], out[:, n_img:]
-        image = attn.to_out[1](attn.to_out[0](image))
-        if attn.context_pre_only:  # the last block's text stream ends here
-            return image, text
-        return image, attn.to_add_out(text)
+        inputs = joint_inputs(attn, hidden_states, encoder_hidden_states)  # (B, heads, N, d) each
+        bias = torch.zeros(1, inputs.key.shape[2], dtype=inputs.query.dtype, device=inputs.query.device)
+        bias[0, -1] = math.log(self.copies)  # (1, N): added to every query's logits
+        out = F.scaled_dot_product_attention(inputs.query, inputs.key, inputs.value, attn_mask=bias)
+        return joint_output(attn, out, inputs, True)
 
 
 class PromptCache:
@@ -396,8 +360,7 @@ def export_sd3(out: Path, cfg: Sd3Config, pipe) -> None:
     As in the UNet model's export, token-embedding rows no world caption uses are zeroed (they are
     random and never read on the world's captions; zeros compress).
     """
-    from sdlens.models.train import _prefix_text_encoder_keys, world_token_ids
-    from sdlens.tokens import CLIP_TOKENIZER_DIR
+    from sdlens.models.train import _prefix_text_encoder_keys, world_token_ids, write_clip_tokenizer
 
     parts = {}
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
@@ -421,12 +384,7 @@ def export_sd3(out: Path, cfg: Sd3Config, pipe) -> None:
     index.update(text_encoder_3=[None, None], tokenizer_3=[None, None])
     index_path.write_text(json.dumps(index, indent=2) + "\n")
     for sub in ("tokenizer", "tokenizer_2"):  # CLIP's own files (1.6 MB) with this model's slot count
-        shutil.rmtree(out / sub)
-        shutil.copytree(CLIP_TOKENIZER_DIR, out / sub, ignore=shutil.ignore_patterns("__*", "*.py"))
-        config_path = out / sub / "tokenizer_config.json"
-        config = json.loads(config_path.read_text())
-        config["model_max_length"] = cfg.text_slots
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        write_clip_tokenizer(out / sub, cfg.text_slots)
     for sub in ("text_encoder", "text_encoder_2"):
         _prefix_text_encoder_keys(out / sub / "model.safetensors")
 
@@ -454,7 +412,7 @@ def train_tiny_sd3(
     resume:   continue from `out`'s checkpoint; init_from: start from an exported tiny-sd3's weights.
     """
     from sdlens.models.load import TINY_DIR
-    from sdlens.models.train import Budget, Run, _describe_device, _versions, load_vae
+    from sdlens.models.train import Budget, Run, _describe_device, _versions, load_vae, write_record
 
     cfg = cfg or Sd3Config()
     budget = budget or Budget(minutes=60, batch_size=64, lr=3e-4, warmup_steps=200)
@@ -491,16 +449,7 @@ def train_tiny_sd3(
         "wall_minutes": round((time.monotonic() - started) / 60, 2),
         "versions": _versions(),
     }
-    if init_from is not None:
-        source = Path(init_from) / "training.json"
-        record["init_from"] = {"path": str(init_from),
-                               "training": json.loads(source.read_text()) if source.exists() else None}
-    previous = out / "training.json"
-    if resume and previous.exists():
-        earlier = json.loads(previous.read_text())
-        record["earlier_runs"] = earlier.pop("earlier_runs", []) + [earlier]
-    previous.write_text(json.dumps(record, indent=2) + "\n")
-    (run.train_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    write_record(run, record, init_from=init_from)
     return out
 
 

@@ -754,13 +754,23 @@ def export_pipeline(
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         shutil.rmtree(out / sub, ignore_errors=True)  # no stale files from an earlier export
     pipe.save_pretrained(out, safe_serialization=True)
-    # The tokenizer as CLIP ships it (vocab.json + merges.txt, 1.6 MB) rather than the 3.6 MB
-    # tokenizer.json that transformers writes: the same tokenizer, loaded the same way.
+    write_clip_tokenizer(out / "tokenizer")
+    _prefix_text_encoder_keys(out / "text_encoder" / "model.safetensors")
+
+
+def write_clip_tokenizer(folder: Path, model_max_length: int | None = None) -> None:
+    """Replace ``folder`` by the tokenizer as CLIP ships it (vocab.json + merges.txt, 1.6 MB) rather than
+    the 3.6 MB tokenizer.json that transformers writes: the same tokenizer, loaded the same way;
+    ``model_max_length`` sets its number of slots (default CLIP's 77)."""
     from sdlens.tokens import CLIP_TOKENIZER_DIR
 
-    shutil.rmtree(out / "tokenizer")
-    shutil.copytree(CLIP_TOKENIZER_DIR, out / "tokenizer", ignore=shutil.ignore_patterns("__*", "*.py"))
-    _prefix_text_encoder_keys(out / "text_encoder" / "model.safetensors")
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(CLIP_TOKENIZER_DIR, folder, ignore=shutil.ignore_patterns("__*", "*.py"))
+    if model_max_length is not None:
+        config_path = folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        config["model_max_length"] = model_max_length
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _prefix_text_encoder_keys(path: Path) -> None:
@@ -892,19 +902,25 @@ def train_tiny(
         "wall_minutes": round((time.monotonic() - started) / 60, 2),
         "versions": _versions(),
     }
+    write_record(run, record, init_from=init_from)
+    return out
+
+
+def write_record(run: Run, record: dict, *, init_from: str | os.PathLike | None = None) -> None:
+    """Write ``OUT/training.json`` (``record``, with the history of the weights it started from and of
+    the runs it continues) and ``OUT/train/config.json``."""
     if init_from is not None:  # the weights' history: the record of the run they were taken from
         source = Path(init_from) / "training.json"
         record["init_from"] = {
             "path": str(init_from),
             "training": json.loads(source.read_text()) if source.exists() else None,
         }
-    previous = out / "training.json"
-    if resume and previous.exists():  # keep the record of the runs this one continues
+    previous = run.out / "training.json"
+    if run.resume and previous.exists():  # keep the record of the runs this one continues
         earlier = json.loads(previous.read_text())
         record["earlier_runs"] = earlier.pop("earlier_runs", []) + [earlier]
     previous.write_text(json.dumps(record, indent=2) + "\n")
-    (run.train_dir / "config.json").write_text(cfg.to_json() + "\n")
-    return out
+    (run.train_dir / "config.json").write_text(run.cfg.to_json() + "\n")
 
 
 def load_text_encoder(run: Run, folder: Path) -> nn.Module:
