@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .hooks.layers import attention_layers, denoiser_of
+from .hooks.layers import attention_layers, denoiser_of, token_packing
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,9 @@ class Anatomy:
         for te in self.text_encoders:
             lines.append(
                 f"text encoder {te['name']}: {te['class']}, {te['layers']} transformer layers × {te['heads']} heads, "
-                f"width {te['width']}, {te['positions']} positions, {te['params']:,} parameters"
+                f"width {te['width']}, "
+                + (f"{te['positions']} positions" if te["positions"] else "relative positions (any length)")
+                + f", {te['params']:,} parameters"
             )
         return "\n".join(lines)
 
@@ -104,8 +106,18 @@ def _dummy_inputs(pipe, denoiser, latent_hw):
                 "time_ids": torch.zeros(1, 6, device=p.device, dtype=p.dtype),
             }
         return dict(sample=sample, timestep=t, encoder_hidden_states=ctx, **kw)
-    ctx = torch.zeros(1, 77, cfg.joint_attention_dim, device=p.device, dtype=p.dtype)
     pooled = torch.zeros(1, cfg.pooled_projection_dim, device=p.device, dtype=p.dtype)
+    packing = token_packing(denoiser)
+    if packing > 1:  # Flux: 2×2 latent patches packed into tokens, with position ids; 512 T5 slots
+        h, w = latent_hw[0] // packing, latent_hw[1] // packing
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).to(p.device, p.dtype)
+        ctx = torch.zeros(1, 512, cfg.joint_attention_dim, device=p.device, dtype=p.dtype)
+        kw = {"guidance": torch.tensor([3.5], device=p.device)} if cfg.guidance_embeds else {}
+        return dict(hidden_states=torch.zeros(1, h * w, cfg.in_channels, device=p.device, dtype=p.dtype),
+                    timestep=t / 1000, encoder_hidden_states=ctx, pooled_projections=pooled,
+                    txt_ids=torch.zeros(512, 3, device=p.device, dtype=p.dtype), img_ids=img_ids, **kw)
+    ctx = torch.zeros(1, 77, cfg.joint_attention_dim, device=p.device, dtype=p.dtype)
     return dict(hidden_states=sample, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled)
 
 
@@ -117,7 +129,7 @@ def anatomy(pipe, height: int | None = None, width: int | None = None, *, flops:
     """
     denoiser = denoiser_of(pipe)
     vsf = getattr(pipe, "vae_scale_factor", 1) if pipe is not denoiser else 1
-    side = denoiser.config.sample_size
+    side = getattr(denoiser.config, "sample_size", None) or getattr(pipe, "default_sample_size", 64)
     latent_hw = ((height or side * vsf) // vsf, (width or side * vsf) // vsf)
     modules = dict(denoiser.named_modules())
     rows = []

@@ -419,7 +419,7 @@ def run_report_command(args: argparse.Namespace) -> int:
 
 # --- anatomy ---------------------------------------------------------------------------------
 
-RANDOM_FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "sd15")
+RANDOM_FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "sd35", "flux", "sd15")
 
 
 def add_anatomy(subparsers) -> None:

@@ -32,7 +32,8 @@ DEFAULT_MAX_LENGTH = 77  # CLIP's context length; used when a tokenizer does not
 # What CLIP's tokenizer treats as a word boundary: Unicode whitespace. Python's str.split()
 # would also split on the separators U+001C..U+001F, which CLIP keeps as (byte) tokens.
 _WHITESPACE = re.compile(r"[^\S\x1c-\x1f]+")
-_END_OF_WORD = "</w>"
+_END_OF_WORD = "</w>"  # CLIP BPE's mark of a word's end
+_WORD_START = "\u2581"  # T5 SentencePiece's mark of a word's start ("▁")
 
 
 _LABEL = re.compile(r"(.+) \((\d+)\)")  # "red (2)": the 2nd "red" of a prompt
@@ -170,49 +171,51 @@ def tokenize(
         max_length = tokenizer.model_max_length
         if not 2 < max_length <= 100_000:  # "no limit" is stored as a huge number
             max_length = DEFAULT_MAX_LENGTH
-    if max_length < 2:
-        raise ValueError(f"max_length must leave room for the start and end tokens, got {max_length}")
-
     # The slots, exactly as a pipeline encodes the prompt.
     encoded = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True)
     ids: list[int] = list(encoded["input_ids"])
+    # CLIP adds a start and an end token; T5 (SentencePiece) only an end token
+    bos = tokenizer.bos_token_id
+    start = 1 if bos is not None and ids and ids[0] == bos else 0
+    end = 1 if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in ids[start:] else 0
+    if max_length < start + end + 1:
+        raise ValueError(f"max_length must leave room for a word beside the start and end tokens, got {max_length}")
 
-    # CLIP's pre-tokenizer never joins characters across whitespace, so tokenizing each word on its
-    # own gives the same tokens, in order; check that below rather than trust it.
+    # CLIP's and T5's pre-tokenizers never join characters across whitespace, so tokenizing each
+    # word on its own gives the same tokens, in order; check that below rather than trust it.
     pieces = [p for p in _WHITESPACE.split(prompt) if p]
     per_piece: list[list[int]] = (
         tokenizer(pieces, add_special_tokens=False, verbose=False)["input_ids"] if pieces else []
     )
     n_word_slots = sum(len(p) for p in per_piece)
-    kept = min(n_word_slots, max_length - 2)
-    n_real = kept + 2
+    kept = min(n_word_slots, max_length - start - end)
+    n_real = start + kept + end
     flat = [i for piece in per_piece for i in piece]
     if (
-        ids[0] != tokenizer.bos_token_id
-        or ids[1 : n_real - 1] != flat[:kept]
-        or ids[n_real - 1] != tokenizer.eos_token_id
+        ids[start : start + kept] != flat[:kept]
+        or (end and ids[n_real - 1] != tokenizer.eos_token_id)
         or any(i != tokenizer.pad_token_id for i in ids[n_real:])
     ):
         raise RuntimeError(
             f"could not align the tokens of {prompt!r} with its words: is {type(tokenizer).__name__} "
-            "a CLIP BPE tokenizer that adds start and end tokens?"
+            "a CLIP (BPE) or T5 (SentencePiece) tokenizer?"
         )
 
-    bpe = tokenizer.convert_ids_to_tokens(ids)
+    pieces_text = tokenizer.convert_ids_to_tokens(ids)
     tokens = (
-        ["<start>"]
-        + [_readable(t) for t in bpe[1 : n_real - 1]]
-        + ["<end>"]
+        ["<start>"] * start
+        + [_readable(t) for t in pieces_text[start : start + kept]]
+        + ["<end>"] * end
         + ["<pad>"] * (max_length - n_real)
     )
-    kinds = ["start"] + ["word"] * kept + ["end"] + ["pad"] * (max_length - n_real)
+    kinds = ["start"] * start + ["word"] * kept + ["end"] * end + ["pad"] * (max_length - n_real)
 
     words: list[str] = []
     word_tokens: list[list[int]] = []
     token_word: list[int | None] = [None] * max_length
-    slot = 1
+    slot = start
     for piece_ids in per_piece:
-        slots = [s for s in range(slot, slot + len(piece_ids)) if s < n_real - 1]
+        slots = [s for s in range(slot, slot + len(piece_ids)) if s < start + kept]
         slot += len(piece_ids)
         if not slots:  # empty (cleaned away) or past the end
             continue
@@ -257,14 +260,16 @@ def _readable(bpe_tokens: str | list[Any]) -> str:
         bpe_tokens = [bpe_tokens]
     decoder = _byte_decoder()
     data = bytearray()
-    for token in bpe_tokens:
+    for i, token in enumerate(bpe_tokens):
         text = str(token).removesuffix(_END_OF_WORD)
+        if text.startswith(_WORD_START):  # SentencePiece's mark of a word's start
+            text = ("" if i == 0 else " ") + text[len(_WORD_START):]
         for char in text:
             if char in decoder:
                 data.append(decoder[char])
             else:  # not a byte stand-in (e.g. a special token's text): keep it as it is
                 data.extend(char.encode("utf-8"))
-    return data.decode("utf-8", errors="backslashreplace")
+    return data.decode("utf-8", errors="backslashreplace") or (_WORD_START if bpe_tokens else "")
 
 
 def _strip_punctuation(word: str) -> str:

@@ -5,7 +5,8 @@ How it goes here (our implementation of the method, on the hooks):
 
 1. Each concept (a word such as "circle") is encoded by the pipeline's own text encoders as a
    prompt of its own; its word's slot vectors (mean over its tokens; the T5 part when the pipeline
-   has a T5, else the CLIP part) are one concept token ``(width,)`` (``embed_concepts``).
+   has a T5 — Flux's text is T5's alone — else the CLIP part) are one concept token ``(width,)``
+   (``embed_concepts``).
 2. At every step the concept tokens are appended to the denoiser's text input
    (``Controller.context_tokens``), so each block's text-stream weights (adaLN, projections, MLP)
    process them like text tokens, and their residual stream is carried from block to block.
@@ -53,22 +54,32 @@ def embed_concepts(pipe, concepts: Sequence[str], device, dtype) -> torch.Tensor
     """
     if pipe is None or not hasattr(pipe, "encode_prompt") or getattr(pipe, "tokenizer", None) is None:
         raise CaptureError("concepts= needs a pipeline with its text encoders (not a bare denoiser)")
+    import inspect
+
     from ..tokens import tokenize
 
+    flux = getattr(pipe, "text_encoder_3", None) is None and type(getattr(pipe, "transformer", None)).__name__.startswith("Flux")
+    accepts = inspect.signature(type(pipe).encode_prompt).parameters
+    extra = {k: v for k, v in (("prompt_2", None), ("prompt_3", None), ("do_classifier_free_guidance", False))
+             if k in accepts}
     tokens = []
-    clip_len = pipe.tokenizer.model_max_length
     for concept in concepts:
-        embeds = type(pipe).encode_prompt(
-            pipe, prompt=concept, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
-            device=device,
-        )[0][0]  # (clip slots + t5 slots, width)
-        if getattr(pipe, "text_encoder_3", None) is not None:  # T5 has no start token: its first slots
-            n = len(pipe.tokenizer_3(concept, add_special_tokens=False).input_ids)
-            slots = list(range(clip_len, clip_len + max(1, n)))
+        embeds = type(pipe).encode_prompt(pipe, prompt=concept, device=device, **extra)[0][0]  # (slots, width)
+        if flux:  # the text keys are T5's slots only
+            slots = _word_slots(tokenize(concept, pipe.tokenizer_2, max_length=embeds.shape[0]))
+        elif getattr(pipe, "text_encoder_3", None) is not None:  # SD 3: 77 CLIP slots, then T5's
+            clip_len = pipe.tokenizer.model_max_length
+            t5 = tokenize(concept, pipe.tokenizer_3, max_length=embeds.shape[0] - clip_len)
+            slots = [clip_len + s for s in _word_slots(t5)]
         else:
-            slots = [s for word in tokenize(concept, pipe.tokenizer).word_tokens for s in word]
+            slots = _word_slots(tokenize(concept, pipe.tokenizer))
         tokens.append(embeds[slots].mean(dim=0))
     return torch.stack(tokens).to(device=device, dtype=dtype)
+
+
+def _word_slots(tok) -> list[int]:
+    """The slots of a concept's words (its start token's when it has none, e.g. an empty concept)."""
+    return [s for word in tok.word_tokens for s in word] or [0]
 
 
 def concept_scores(hidden: torch.Tensor, n_img: int, n_concepts: int) -> torch.Tensor:

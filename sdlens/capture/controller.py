@@ -243,6 +243,13 @@ class Capture(Controller):
         info = self.info
         if not info.prompts:
             return
+        if _keys_are_t5(run):  # Flux: the text keys are T5's slots of prompt_2 (default: the prompt)
+            given = (run.call or {}).get("prompt_2")
+            texts = info.prompts if given is None else ([given] * len(info.prompts) if isinstance(given, str)
+                                                        else list(given))
+            toks = [tokenize(p, run.pipe.tokenizer_2, max_length=run.context_len) for p in texts]
+            info.tokenizations["cond"] = info.tokenizations["cond_2"] = toks  # encoder 2 (prompt_2), as SDXL names it
+            return
         # a bare denoiser (prompt= given) has no tokenizer of its own: SD 1.x's CLIP tokenizer ships here
         tokenizer = getattr(run.pipe, "tokenizer", None) or load_clip_tokenizer()
         info.tokenizations["cond"] = [tokenize(p, tokenizer) for p in info.prompts]
@@ -397,6 +404,12 @@ class Capture(Controller):
 
             self._stores[layer.name] = store
         return store
+
+
+def _keys_are_t5(run: Run) -> bool:
+    """The text keys are the second encoder's (T5's) slots only: Flux (its CLIP gives the pooled vector)."""
+    return (run.pipe is not None and getattr(run.pipe, "tokenizer_2", None) is not None
+            and type(run.denoiser).__name__.startswith("Flux"))
 
 
 __all__ = ["Capture"]

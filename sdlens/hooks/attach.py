@@ -14,7 +14,9 @@ What it touches, and restores in ``finally`` (normal exit, exception, KeyboardIn
   the tokens controllers add to the text input (concept tokens), and a forward hook that ends each
   step;
 - an instance attribute ``encode_prompt`` on the pipeline that notes the prompts, negative prompts
-  and images per prompt (the class's method is untouched; the attribute is deleted afterwards).
+  and images per prompt (the class's method is untouched; the attribute is deleted afterwards);
+- for processors that call diffusers' attention dispatcher (Flux's), the dispatcher name in their
+  module, intercepted while any attachment needs it (``hooks.dispatch``).
 
 ``HookProcessor``s are installed at the denoiser's first call, when the batch, the latent size and
 the number of steps are known, on the layers the controllers ask for there; every other layer keeps
@@ -28,7 +30,8 @@ import inspect
 import torch
 
 from ..errors import CaptureError
-from .layers import LayerInfo, attention_layers, compiled_denoiser, denoiser_of
+from . import dispatch
+from .layers import LayerInfo, attention_layers, compiled_denoiser, denoiser_of, token_packing
 from .processor import Controller, HookProcessor
 from .rows import RowLayout, row_layout
 
@@ -90,17 +93,44 @@ class Run:
         begin = getattr(sched, "begin_index", None) or 0
         return len(ts) - begin
 
-    def _start(self, sample: torch.Tensor, context: torch.Tensor | None) -> None:
-        self.latent_size = tuple(sample.shape[-2:])
+    def _start(self, sample: torch.Tensor, context: torch.Tensor | None, img_ids=None) -> None:
+        self.latent_size = _latent_size(sample, img_ids, token_packing(self.denoiser))
         vsf = getattr(self.pipe, "vae_scale_factor", None) if self.pipe is not None else None
         self.image_size = (self.latent_size[0] * vsf, self.latent_size[1] * vsf) if vsf else self.latent_size
         self.context_len = context.shape[1] if context is not None else 0
         self.expected_steps = self._expected_steps()
+        if self.encoded and self.call.get("separate_negative"):
+            raise CaptureError(
+                f"{type(self.pipe).__name__} encodes its negative prompt on its own and runs it as a second "
+                "denoiser call at each step (true classifier-free guidance), which sdlens does not trace: "
+                "call it without negative_prompt (or with true_cfg_scale=1)"
+            )
         cfg, pag = None, False  # what the running pipeline says, when it is the traced one
         if self.encoded:
             cfg = self.call.get("cfg", getattr(self.pipe, "do_classifier_free_guidance", None))
             pag = bool(getattr(self.pipe, "do_perturbed_attention_guidance", False))
         self.layout = row_layout(sample.shape[0], self.call, cfg, pag)
+
+
+def _latent_size(sample: torch.Tensor, img_ids, packing: int) -> tuple[int, int]:
+    """``(h, w)`` of the latent a denoiser input stands for.
+
+    A latent image ``(b, c, h, w)`` gives its own; a sequence of packed tokens ``(b, n, c)`` (Flux)
+    gives its token grid from the tokens' position ids ``(n, 3)`` (0, row, column), times the
+    pipeline's packing; with no ids, a square grid.
+    """
+    if sample.ndim != 3:
+        return tuple(sample.shape[-2:])
+    if torch.is_tensor(img_ids) and img_ids.shape[-1] >= 3:
+        ids = img_ids.reshape(-1, img_ids.shape[-1])
+        h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+        if h * w == sample.shape[1]:
+            return h * packing, w * packing
+    side = int(sample.shape[1] ** 0.5)
+    if side * side != sample.shape[1]:
+        raise CaptureError(f"cannot tell the image grid of a denoiser input of {sample.shape[1]} tokens "
+                           "(no img_ids, not a square)")
+    return side * packing, side * packing
 
 
 class Attachment:
@@ -119,6 +149,7 @@ class Attachment:
         self._modules: dict[str, torch.nn.Module] = {}
         self._handles: list = []
         self._patched_encode = False
+        self._dispatch: list = []  # modules whose dispatcher this attachment intercepts
 
     # ------------------------------------------------------------------ enter / exit
     def __enter__(self) -> Run:
@@ -148,10 +179,15 @@ class Attachment:
         self._restore(exc)
 
     def _restore(self, error: BaseException | None) -> None:
-        """Processors first, then the controllers close (they may compute what they held back), then
-        every hook comes off, even if a Ctrl-C lands in between."""
+        """Processors first (and the dispatcher they were hooked through), then the controllers close
+        (they may compute what they held back), then every hook comes off, even if a Ctrl-C lands in
+        between."""
         try:
-            self._uninstall(error)
+            try:
+                self._uninstall(error)
+            finally:
+                while self._dispatch:
+                    dispatch.release(self._dispatch.pop())
         finally:
             try:
                 _close_all(self.controllers, self.run, error)
@@ -178,6 +214,10 @@ class Attachment:
                 )
             bound = sig.bind_partial(*args, **kwargs).arguments
             call = self.run.call or {}
+            if self.run.encoded and "negative_prompt" not in sig.parameters:
+                # a second prompt encoded on its own: the negative of "true" CFG (Flux), which such a
+                # pipeline runs as a second denoiser call per step
+                call["separate_negative"] = True
             if call.get("prompt") is None:
                 call["prompt"] = bound.get("prompt")
             for second in ("prompt_2", "negative_prompt_2"):  # SDXL's and SD 3's second text encoder
@@ -206,7 +246,7 @@ class Attachment:
         else:
             run.timestep = float(timestep)
         if run.step == 0:
-            run._start(sample, context)
+            run._start(sample, context, kwargs.get("img_ids"))
             self._install()
         else:
             self._rewrap()
@@ -224,6 +264,12 @@ class Attachment:
         added = torch.cat(extra, dim=1).to(context)
         self.run.n_concepts = added.shape[1]
         context = torch.cat([context, added], dim=1)
+        txt_ids = kwargs.get("txt_ids")
+        if torch.is_tensor(txt_ids) and txt_ids.shape[-2] == context.shape[1] - added.shape[1]:
+            # Flux: positions of the text tokens (all zero: text has no place in the image); the
+            # concepts get theirs, zero too
+            pad = txt_ids.new_zeros(*txt_ids.shape[:-2], added.shape[1], txt_ids.shape[-1])
+            kwargs = {**kwargs, "txt_ids": torch.cat([txt_ids, pad], dim=-2)}
         if len(args) > 2:
             return (*args[:2], context, *args[3:]), kwargs
         return args, {**kwargs, "encoder_hidden_states": context}
@@ -248,10 +294,17 @@ class Attachment:
         installed = {}
         for name, controllers in wanted.items():
             key = f"{name}.processor"
-            installed[name] = procs[key] = HookProcessor(self.run, infos[name], current[key], controllers)
+            installed[name] = procs[key] = self._hook(infos[name], current[key], controllers)
             self._modules[name] = modules[name]
         self.denoiser.set_attn_processor(procs)  # it pops from the dict it gets
         self.installed = installed
+
+    def _hook(self, info: LayerInfo, original, controllers: list[Controller]) -> HookProcessor:
+        hook = HookProcessor(self.run, info, original, controllers)
+        if hook.dispatch_module is not None and hook.dispatch_module not in self._dispatch:
+            dispatch.acquire(hook.dispatch_module)
+            self._dispatch.append(hook.dispatch_module)
+        return hook
 
     def _rewrap(self) -> None:
         """A processor the pipeline set on a hooked layer since the last step is hooked in its turn."""
@@ -260,7 +313,7 @@ class Attachment:
             if module.processor is not hook:
                 if isinstance(module.processor, HookProcessor):  # another attachment's: not ours to wrap
                     continue
-                new = HookProcessor(self.run, hook.info, module.processor, hook.controllers)
+                new = self._hook(hook.info, module.processor, hook.controllers)
                 module.set_processor(new)
                 self.installed[name] = new
 

@@ -6,8 +6,17 @@ A *layer* is named by its diffusers module path without the ``.processor`` suffi
 - ``"cross"``: queries are image pixels, keys are prompt tokens (SD 1/2/XL ``attn2``);
 - ``"self"``: queries and keys are image pixels (SD 1/2/XL ``attn1``, SD 3.5 ``attn2``);
 - ``"joint"``: one softmax over image *and* text keys, for image *and* text queries (SD 3 MMDiT
-  ``attn``); its image→text part is captured as ``"cross"``, its image→image part as ``"self"``,
-  and the text queries' parts as ``"text_image"`` (text→image) and ``"text_text"``.
+  ``attn``, Flux's double-stream ``transformer_blocks.N.attn`` and single-stream
+  ``single_transformer_blocks.N.attn``); its image→text part is captured as ``"cross"``, its
+  image→image part as ``"self"``, and the text queries' parts as ``"text_image"`` (text→image) and
+  ``"text_text"``.
+
+How a joint layer orders its sequence differs: SD 3 puts the image's tokens first and keeps the
+two streams' weights apart; Flux puts the text first (``LayerInfo.text_first``), and its
+single-stream blocks run text and image as one sequence with one set of weights
+(``LayerInfo.single_stream``: the layer is called with no text input, the text being the first
+``Run.context_len`` tokens of its sequence). The hooks hand every controller the SD 3 order
+(image, then text), whatever the layer's own.
 
 A layer's map size is derived from the denoiser's structure (how many times the latent was
 downsampled before it, or the patch size), so the memory a capture needs can be estimated before
@@ -40,6 +49,8 @@ class LayerInfo:
     heads: int
     factor: int | None
     ceil_steps: int = 0  # number of stride-2 downsamplings (ceil-halving) before this layer
+    text_first: bool = False  # joint layers: the sequence is text then image (Flux), not image then text
+    single_stream: bool = False  # joint layers: text and image come as one sequence (Flux's single blocks)
 
     def kinds(self) -> tuple[str, ...]:
         """The capture kinds this layer can provide."""
@@ -102,12 +113,25 @@ def denoiser_of(obj) -> torch.nn.Module:
     )
 
 
-def _role(module: torch.nn.Module) -> str:
+def _role(module: torch.nn.Module, parent: torch.nn.Module | None) -> str:
     if getattr(module, "add_k_proj", None) is not None and getattr(module, "added_kv_proj_dim", None):
+        return "joint"
+    if _single_stream(parent):
         return "joint"
     if getattr(module, "is_cross_attention", False):
         return "cross"
     return "self"
+
+
+def _single_stream(parent: torch.nn.Module | None) -> bool:
+    """``parent`` is a block that runs text and image as one sequence (Flux's single-stream block)."""
+    return parent is not None and type(parent).__name__.endswith("SingleTransformerBlock")
+
+
+def token_packing(denoiser: torch.nn.Module) -> int:
+    """Latent pixels per image token, per side, packed by the pipeline before the denoiser sees them:
+    2 for Flux (its pipeline folds 2×2 latent patches into one token; its config's patch size is 1)."""
+    return 2 if type(denoiser).__name__.startswith("Flux") else 1
 
 
 def _unet_down_steps(unet) -> tuple[list[int], int]:
@@ -147,8 +171,12 @@ def attention_layers(denoiser: torch.nn.Module) -> list[LayerInfo]:
             else:
                 ceil_steps = 0
         elif patch:
-            factor = int(patch)
-        layers.append(LayerInfo(name, _role(module), int(module.heads), factor, ceil_steps))
+            factor = int(patch) * token_packing(denoiser)
+        parent = modules.get(name.rpartition(".")[0])
+        role = _role(module, parent)
+        flux = type(module).__name__.startswith("Flux")  # its processor puts the text before the image
+        layers.append(LayerInfo(name, role, int(module.heads), factor, ceil_steps,
+                                text_first=role == "joint" and flux, single_stream=_single_stream(parent)))
     return layers
 
 

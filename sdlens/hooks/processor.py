@@ -25,7 +25,11 @@ the image's then the text's, their keys too (``Call.n_img_keys`` says where the 
 concept tokens riding at the end of the text stream (``Run.n_concepts``) get an attention of their
 own that no image or text query sees. A layer whose processor is another (a user's own) is run by
 its own processor; observers of ``qkv`` then get queries and keys recomputed for the rows they ask
-for, and editing such a layer is refused.
+for, and editing such a layer is refused. A processor that calls diffusers' attention dispatcher
+(Flux's, and most newer models') runs itself, and the named points are reached from inside its
+dispatcher call (``hooks.dispatch``): queries and keys as it made them (rotary positions applied),
+in SD 3's order (image, then text) whatever the layer's own, explicit probabilities where an
+editor is active, and the dispatcher's own backend everywhere else.
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0, JointAttnProcessor2_0
 
 from ..errors import CaptureError
+from . import dispatch
 from .attention import (
+    JointInputs,
     attention_probs,
     concept_attention,
     joint_inputs,
@@ -147,27 +153,34 @@ class HookProcessor:
         # (SD3) layers and any other processor run themselves.
         self.fused = type(original) is AttnProcessor2_0 and info.role in ("cross", "self")
         self.joint = type(original) is JointAttnProcessor2_0 and info.role == "joint"
+        # a processor that calls diffusers' attention dispatcher (Flux's): its module, whose dispatcher
+        # the attachment intercepts while hooked
+        self.dispatch_module = None if (self.fused or self.joint) else dispatch.module_of(original)
         # per named point, its controllers in call order (editors first), sorted once, not per call
         self.points = {p: [c for c in controllers if _overrides(c, p) and c.edits]
                        + [c for c in controllers if _overrides(c, p) and not c.edits]
                        for p in ("qkv", "probs", "heads_out", "out")}
-        if not (self.fused or self.joint):
+        if not (self.fused or self.joint or self.dispatch_module):
             editors = [type(c).__name__ for c in controllers if c.edits]
             if editors:
                 raise CaptureError(
                     f"{', '.join(editors)} cannot edit layer {info.name!r}: its processor is "
-                    f"{type(original).__name__}, and attention is edited only on diffusers' AttnProcessor2_0 "
-                    "and JointAttnProcessor2_0 (pipe.unet.set_attn_processor(AttnProcessor2_0()) installs it)"
+                    f"{type(original).__name__}, and attention is edited only on diffusers' AttnProcessor2_0, "
+                    "JointAttnProcessor2_0 and processors that call diffusers' attention dispatcher "
+                    "(pipe.unet.set_attn_processor(AttnProcessor2_0()) installs the first)"
                 )
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
         context = kwargs.get("encoder_hidden_states", args[0] if len(args) > 0 else None)
-        concepts = self.joint and self.run.n_concepts and context is not None  # they need this path
+        # concept tokens ride in the text: every joint layer must keep them out of the keys
+        concepts = self.run.n_concepts and self.info.role == "joint" and (context is not None or self.info.single_stream)
         if not concepts and not any(c.active for c in self.controllers):
             return self.original(attn, hidden_states, *args, **kwargs)
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         temb = kwargs.get("temb", args[2] if len(args) > 2 else None)
-        if self.joint and mask is None and len(args) <= 1 and all(k in _CALL_ARGS for k in kwargs):
+        if self.dispatch_module is not None:
+            out, call = self._dispatched(attn, hidden_states, context, args, kwargs)
+        elif self.joint and mask is None and len(args) <= 1 and all(k in _CALL_ARGS for k in kwargs):
             out, call = self._joint(attn, hidden_states, context)
         elif self.fused and len(args) <= 3 and all(k in _CALL_ARGS for k in kwargs):
             out, call = self._fused(attn, hidden_states, context, mask, temb)
@@ -227,6 +240,80 @@ class HookProcessor:
             c.heads_out(call, _no_grad(hidden))
         return joint_output(attn, hidden, inputs, context is not None), call
 
+    def _dispatched(self, attn, hidden_states, context, args, kwargs) -> tuple:
+        """The layer's own processor, its dispatcher call handed to ``_attend`` (``hooks.dispatch``)."""
+        calls = []
+
+        def handler(attend, query, key, value, mask, dargs, dkwargs):
+            out, call = self._attend(attn, attend, query, key, value, mask, dargs, dkwargs, context)
+            calls.append(call)
+            return out
+
+        with dispatch.intercepting(handler) as scope:
+            out = self.original(attn, hidden_states, *args, **kwargs)
+        if not scope.called:
+            raise CaptureError(
+                f"layer {self.info.name!r}: its processor {type(self.original).__name__} made no call to diffusers' "
+                "attention dispatcher, so sdlens cannot see its attention; trace it with diffusers' own processor"
+            )
+        return out, calls[0]
+
+    def _attend(self, attn, attend, query, key, value, mask, dargs, dkwargs, context) -> tuple:
+        """One dispatcher call of a hooked layer, with the named points: ``(output, Call)``.
+
+        ``query``, ``key``, ``value`` are the dispatcher's ``(b, n, heads, d)``; the controllers get
+        ``(b, heads, n, d)`` in SD 3's order (image, then text, for a joint layer); the output is
+        the dispatcher's layout in the layer's order (concept tokens' outputs where their inputs were).
+        """
+        info, run = self.info, self.run
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (b, heads, n, d)
+        n_img, n_concepts, order = None, 0, _Order(0, 0, 0, False)
+        if info.role == "joint":
+            if mask is not None:
+                raise CaptureError(f"layer {info.name!r} was called with an attention mask; sdlens traces joint "
+                                   "layers without one (call the pipeline without an attention mask)")
+            n_ctx = context.shape[1] if context is not None else run.context_len + run.n_concepts
+            n_concepts = run.n_concepts
+            order = _Order(q.shape[2] - n_ctx, n_ctx - n_concepts, n_concepts, info.text_first)
+            n_img = order.n_img
+        concepts = order.concepts(q, k, v)
+        qc, kc, vc = order.canonical(q), order.canonical(k), order.canonical(v)
+        explicit = any(c.active and c.edits for c in self.points["probs"])
+        n_img_keys = n_img if n_img is not None else (k.shape[2] if info.role == "self" else 0)
+        scale = dkwargs.get("scale") or q.shape[-1] ** -0.5
+        call = Call(info, attn, run.step, q.shape[0], scale, mask, n_img_keys, explicit=explicit,
+                    n_img_queries=n_img, n_concepts=n_concepts)
+        changed = False
+        for c in _ordered(self.points["qkv"]):
+            new = c.qkv(call, _no_grad(qc), _no_grad(kc), _no_grad(vc))
+            if new is not None:
+                qc, kc, vc = new
+                changed = True
+        if explicit:
+            p = attention_probs(qc, kc, scale, mask)  # (b, heads, n_img + n_text, keys) float32
+            for c in _ordered(self.points["probs"]):
+                new = c.probs(call, p)
+                p = p if new is None else new
+            hidden = order.restore((p @ vc.float()).to(vc.dtype)).transpose(1, 2)
+        elif not changed and not n_concepts:  # the processor's own call, untouched: bit-identical
+            hidden = attend(query, key, value, mask, *dargs, **dkwargs)
+        else:
+            q2, k2, v2 = (order.restore(x).transpose(1, 2) for x in (qc, kc, vc))
+            hidden = attend(q2, k2, v2, mask, *dargs, **dkwargs)
+        heads_out = _ordered(self.points["heads_out"])
+        if concepts is None and not heads_out:
+            return hidden, call
+        conc = None if concepts is None else concept_attention(JointInputs(qc, kc, vc, n_img, concepts))
+        if heads_out:
+            both = order.canonical_main(hidden.transpose(1, 2))
+            if conc is not None:
+                both = torch.cat([both, conc.to(both.dtype)], dim=2)
+            for c in heads_out:
+                c.heads_out(call, _no_grad(both))
+        if conc is not None:
+            hidden = order.insert_concepts(hidden, conc.transpose(1, 2).to(hidden.dtype))
+        return hidden, call
+
     def _observe(self, attn, hidden_states, context, mask, temb) -> Call | None:
         """Queries and keys for the ``qkv`` observers of a layer its own processor ran."""
         observers = [c for c in self.points["qkv"] if c.active]
@@ -251,6 +338,53 @@ class HookProcessor:
 
 
 _CALL_ARGS = ("encoder_hidden_states", "attention_mask", "temb")
+
+
+@dataclass(frozen=True)
+class _Order:
+    """Where a joint layer's image, text and concept tokens sit in its sequence, and the way to and
+    from SD 3's order (image, text; concepts held apart). Sizes 0: not a joint layer (no reordering).
+
+    Tensors are ``(b, heads, n, d)``. The layer's order is ``[text, concepts, image]`` when
+    ``text_first`` (Flux), else ``[image, text, concepts]``.
+    """
+
+    n_img: int
+    n_txt: int
+    n_concepts: int
+    text_first: bool
+
+    def canonical(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's order → image, text (concepts dropped)."""
+        if not self.text_first:
+            return x[:, :, : x.shape[2] - self.n_concepts] if self.n_concepts else x
+        n_ctx = self.n_txt + self.n_concepts
+        return torch.cat([x[:, :, n_ctx:], x[:, :, : self.n_txt]], dim=2)
+
+    def canonical_main(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's order without concepts (the main attention's output) → image, text."""
+        if not self.text_first:
+            return x
+        return torch.cat([x[:, :, self.n_txt :], x[:, :, : self.n_txt]], dim=2)
+
+    def restore(self, x: torch.Tensor) -> torch.Tensor:
+        """Image, text → the layer's order, without concepts."""
+        if not self.text_first:
+            return x
+        return torch.cat([x[:, :, self.n_img :], x[:, :, : self.n_img]], dim=2)
+
+    def concepts(self, *xs: torch.Tensor) -> tuple | None:
+        """The concept tokens' part of each of ``xs``, or None."""
+        if not self.n_concepts:
+            return None
+        start = self.n_txt if self.text_first else self.n_img + self.n_txt
+        return tuple(x[:, :, start : start + self.n_concepts] for x in xs)
+
+    def insert_concepts(self, hidden: torch.Tensor, conc: torch.Tensor) -> torch.Tensor:
+        """The dispatcher's ``(b, n, heads, d)`` output without concepts → with them, in the layer's order."""
+        if not self.text_first:
+            return torch.cat([hidden, conc], dim=1)
+        return torch.cat([hidden[:, : self.n_txt], conc, hidden[:, self.n_txt :]], dim=1)
 
 
 def _ordered(controllers: list[Controller]) -> list[Controller]:

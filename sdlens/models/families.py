@@ -14,13 +14,15 @@ from diffusers import (
     DDIMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from ..tokens import load_clip_tokenizer
 
@@ -196,6 +198,101 @@ def sd3(seed: int = 0) -> StableDiffusion3Pipeline:
     return pipe
 
 
+def sd35(seed: int = 0, layers: int = 2, dual_layers: int = 1) -> StableDiffusion3Pipeline:
+    """SD 3.5 family: SD 3's MMDiT with RMS-normalised queries and keys (qk-norm) and, in its first
+    block, MMDiT-X's second attention (``attn2``: image tokens only, beside the joint one), as SD 3.5
+    Medium has in its first 13 blocks (SD 3.5 Large has qk-norm and no second attention).
+
+    Its third encoder is a T5 encoder with random weights; the shipped CLIP tokenizer stands in for
+    T5's (only the token layout matters here: T5's slots follow the 77 CLIP slots).
+    ``layers=24, dual_layers=13`` give SD 3.5 Medium's blocks; ``layers=38, dual_layers=0`` Large's.
+    """
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=64,
+        pooled_projection_dim=64,
+        out_channels=4,
+        qk_norm="rms_norm",
+        dual_attention_layers=tuple(range(dual_layers)),
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=CLIPTextModelWithProjection(_clip_config(projection_dim=32)),
+        tokenizer=load_clip_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config(projection_dim=32)),
+        tokenizer_2=load_clip_tokenizer(),
+        text_encoder_3=T5EncoderModel(_t5_config(width=64)).eval(),
+        tokenizer_3=load_clip_tokenizer(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _t5_config(width: int = 32) -> T5Config:
+    """A 2-layer T5 encoder over the CLIP tokenizer's ids (its pad and end ids are CLIP's end token)."""
+    return T5Config(
+        vocab_size=VOCAB,
+        d_model=width,
+        d_kv=8,
+        d_ff=2 * width,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=49407,
+        eos_token_id=49407,
+        decoder_start_token_id=49407,
+    )
+
+
+def flux(seed: int = 0, layers: int = 1, single_layers: int = 2, heads: int = 2, head_dim: int = 16) -> FluxPipeline:
+    """Flux.1 family: a rectified-flow transformer with double-stream blocks (joint attention, text
+    first, each stream its own weights) then single-stream blocks (text and image as one sequence,
+    one set of weights), rotary positions, 2×2 latent patches packed into tokens by the pipeline, and
+    guidance distilled into an embedding (no classifier-free-guidance rows).
+
+    Its prompt reaches the attention through the T5 encoder (``prompt_2``, default the prompt);
+    CLIP gives only the pooled vector. The T5 encoder has random weights and the shipped CLIP
+    tokenizer stands in for T5's (the random T5 takes any ``max_sequence_length=``).
+
+    ``layers=19, single_layers=38`` give Flux.1's block counts (24 heads of 128 in the real model).
+    """
+    torch.manual_seed(seed)
+    quarter = head_dim // 4  # rotary dimensions of the (time, row, column) axes; Flux.1 splits its 128 as 16, 56, 56
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=layers,
+        num_single_layers=single_layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(quarter, (head_dim - quarter) // 2, head_dim - quarter - (head_dim - quarter) // 2),
+    )
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_vae(latent_channels=1, shift_factor=0.0609, scaling_factor=1.5035,
+                 use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=CLIPTextModel(_clip_config()),
+        tokenizer=load_clip_tokenizer(),
+        text_encoder_2=T5EncoderModel(_t5_config()).eval(),
+        tokenizer_2=load_clip_tokenizer(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def sd15_layout_unet(width: int = 32, sample_size: int = 64, seed: int = 0) -> UNet2DConditionModel:
     """The SD 1.5 UNet's layout (block types, 2 layers per block, 8 heads, 768-d context) at reduced width.
 
@@ -245,4 +342,4 @@ def sd15_layout(width: int = 32, sample_size: int = 64, seed: int = 0) -> Stable
     return pipe
 
 
-FAMILIES = {"sd1": sd1, "sd2": sd2, "sdxl": sdxl, "sd3": sd3}
+FAMILIES = {"sd1": sd1, "sd2": sd2, "sdxl": sdxl, "sd3": sd3, "sd35": sd35, "flux": flux}
