@@ -465,7 +465,37 @@ def run_anatomy(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = [add_train_tiny, add_attend, add_edit, add_sweep, add_report, add_anatomy]  # each adds one subcommand
+# --- web -------------------------------------------------------------------------------------
+
+
+def add_web(subparsers) -> None:
+    p = subparsers.add_parser(
+        "web",
+        help="a static web page that runs the built-in model in the browser, with word maps per step",
+        description="Export the built-in model to ONNX and write a page that runs it in the browser "
+        "(onnxruntime-web, shipped with sdlens): a prompt, the picture, one attention map per word, a step "
+        "slider. Serve the folder with any static server, e.g. python -m http.server -d DIR; no network needed.",
+    )
+    p.add_argument("--out", required=True, help="the folder to write (created; files in it are replaced)")
+    p.add_argument("--model", default="tiny", help="the built-in model to export: 'tiny' (the only one the page runs)")
+    p.add_argument("--seeds", type=int, default=1000,
+                   help="seeds the page can use: their initial noise is shipped (default 1000: seeds 0-999)")
+    p.set_defaults(func=run_web)
+
+
+def run_web(args: argparse.Namespace) -> int:
+    from sdlens.web.export import write_page
+
+    try:
+        out = write_page(args.out, model=args.model, seeds=args.seeds)
+    except (ValueError, FileNotFoundError) as e:
+        return refused("web", e)
+    print(f"{out}/index.html")
+    print(f"serve it: python -m http.server -d {out}  (then open http://localhost:8000)")
+    return 0
+
+
+SUBCOMMANDS = [add_train_tiny, add_attend, add_edit, add_sweep, add_report, add_anatomy, add_web]  # each adds one subcommand
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -328,3 +328,18 @@ def test_sdlens_edit_refuses_flux_plainly(fpipe):
 
     with pytest.raises(EditError, match="Flux is traced .* but not edited"):
         edit.replace(fpipe, "a red circle", "a blue circle", **KW)
+
+
+def test_figures_of_a_flux_trace(fpipe):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from sdlens import viz
+
+    with sdlens.trace(fpipe, concepts=["circle", "background"]) as tr:
+        image = generate(fpipe, prompt="a red circle")[0]
+    fig = viz.word_grid(tr, image)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert any("circle" in t for t in titles) and any("red" in t for t in titles)
+    fig = viz.concept_grid(tr, image)
+    assert any("background" in ax.get_title() for ax in fig.axes)

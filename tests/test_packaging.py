@@ -1,4 +1,4 @@
-"""The built-in models ship inside the wheel and load offline from a non-editable install."""
+"""The built-in models and the web page ship inside the wheel and work offline from a non-editable install."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ for name in BUILTIN:
     image = pipe("a red circle", num_inference_steps=2, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     out[name] = [type(pipe).__name__, list(image.shape)]
+from sdlens.web.export import write_page
+page = write_page(sys.argv[2], seeds=2)   # the page, onnxruntime-web and the exported model, from the install
+out["web"] = sorted(p.name for p in page.iterdir())
 print(json.dumps(out))
 """
 
@@ -36,12 +39,17 @@ def test_wheel_carries_both_models_and_they_load_offline(tmp_path):
     for folder in ("tiny", "tiny-sd3"):
         assert f"sdlens/data/{folder}/model_index.json" in names, folder
     assert "sdlens/data/tiny-sd3/transformer/diffusion_pytorch_model.safetensors" in names
+    for name in ("page/index.html", "page/worker.js", "vendor/ort-wasm-simd-threaded.wasm", "vendor/LICENSE"):
+        assert f"sdlens/web/{name}" in names, name
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, cwd=tmp_path)
     env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", CHECK, str(target)], cwd=tmp_path, env=env,
+    result = subprocess.run([sys.executable, "-c", CHECK, str(target), str(tmp_path / "page")], cwd=tmp_path, env=env,
                             capture_output=True, text=True, check=True)
     loaded = __import__("json").loads(result.stdout.strip().splitlines()[-1])
+    web = loaded.pop("web")
     assert loaded == {"tiny": ["StableDiffusionPipeline", [64, 64, 3]],
                       "tiny-sd3": ["StableDiffusion3Pipeline", [64, 64, 3]]}
+    assert {"index.html", "app.js", "worker.js", "unet.onnx", "model.json", "noise.bin",
+            "ort-wasm-simd-threaded.wasm", "ort.wasm.min.mjs"} <= set(web)
