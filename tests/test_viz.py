@@ -7,6 +7,7 @@ that takes 90% of the attention, self-attention with two regions).
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import numpy as np
@@ -177,7 +178,7 @@ def test_overlay_is_aligned_with_the_image(run):
 # ---------------------------------------------------------------------------------------- grids
 def test_word_grid_panels_titles_and_shares(run):
     tr, image = run
-    fig = viz.word_grid(tr, image)
+    fig = viz.word_grid(tr, image, scale="each")
     axes = image_axes(fig)
     assert len(axes) == 1 + 6 + 3
     assert axes[0].get_title() == PROMPT and np.array_equal(drawn(axes[0]), viz.as_rgb(image))
@@ -188,6 +189,35 @@ def test_word_grid_panels_titles_and_shares(run):
         assert np.array_equal(drawn(ax), overlay_frame(tr, word, image).rgb)
     assert len(image_axes(viz.word_grid(tr, image, specials=False))) == 1 + 6
     assert len(image_axes(viz.word_grid(tr, words=["circle", "left"], specials=False))) == 2  # no image
+
+
+def test_overlays_follow_the_convention_grey_picture_and_one_scale_for_compared_panels(run):
+    """An object's own colour cannot pass for attention (the map is laid over the picture's grey),
+    and panels that are compared share one colour scale unless asked otherwise."""
+    tr, image = run
+    rgb = viz.as_rgb(image).copy()
+    red = rgb.copy()
+    red[20:40, 20:40] = (255, 0, 0)  # a saturated red square ...
+    lum = int(round(0.2126 * 255))
+    grey = rgb.copy()
+    grey[20:40, 20:40] = (lum, lum, lum)  # ... and a grey one of the same luminance
+    for f in (lambda im: overlay_frame(tr, "circle", im).rgb, lambda im: drawn(image_axes(viz.overlay(tr, "circle", im))[0])):
+        a, b = f(red), f(grey)
+        assert np.array_equal(a, b)  # the picture's hue never reaches the panel
+    fig = viz.word_grid(tr, image, specials=False)
+    panels = [drawn(ax) for ax in image_axes(fig)[1:]]
+    heats = [overlay_frame(tr, w, image).heat for w in tr.words()]
+    lo, hi = min(float(h.min()) for h in heats), max(float(h.max()) for h in heats)
+    for panel, word, heat in zip(panels, tr.words(), heats):
+        assert np.array_equal(panel, heat_frame(heat, image, word, vrange=(lo, hi)).rgb)  # one min..max for all
+    colorbars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(colorbars) == 1  # one scale, one bar
+    for name in ("word_grid", "layer_grid", "head_grid"):
+        assert inspect.signature(getattr(viz, name)).parameters["scale"].default == "shared", name
+    from sdlens.widgets import AttentionExplorer
+
+    a, b = (AttentionExplorer(tr, im, word="circle").frame().rgb for im in (red, grey))
+    assert np.array_equal(a, b)  # the explorer draws the same way
 
 
 def test_word_grid_makes_a_dominant_start_slot_visible(run):
@@ -207,14 +237,14 @@ def test_word_grid_makes_a_dominant_start_slot_visible(run):
 
 def test_layer_grid_by_layer_and_by_size(run):
     tr, image = run
-    fig = viz.layer_grid(tr, "circle", image)
+    fig = viz.layer_grid(tr, "circle", image, scale="each")  # each panel as viz.overlay draws it alone
     axes = image_axes(fig)
     names = tr.layers_of("cross")
     assert len(axes) == len(names)
     assert axes[0].get_title() == "down0.0 · 32×32"
     for ax, name in zip(axes, names):
         assert np.array_equal(drawn(ax), overlay_frame(tr, "circle", image, layers=name).rgb)
-    fig = viz.layer_grid(tr, "circle", image, by="size")
+    fig = viz.layer_grid(tr, "circle", image, by="size", scale="each")
     axes = image_axes(fig)
     assert [ax.get_title() for ax in axes] == ["32×32 maps (3 layers)", "16×16 maps (4 layers)"]
     assert np.array_equal(drawn(axes[1]), overlay_frame(tr, "circle", image, layers=16).rgb)
@@ -225,7 +255,7 @@ def test_layer_grid_by_layer_and_by_size(run):
 def test_head_grid(run, pipe):
     tr, image = run
     layer = tr.layers_of("cross")[0]
-    fig = viz.head_grid(tr, "circle", layer, image)
+    fig = viz.head_grid(tr, "circle", layer, image, scale="each")
     axes = image_axes(fig)
     assert [ax.get_title() for ax in axes] == ["mean of heads", "head 0", "head 1"]
     assert np.array_equal(drawn(axes[2]), overlay_frame(tr, "circle", image, layers=layer, heads=1).rgb)

@@ -21,7 +21,7 @@ import torch
 
 from .. import maps as _maps
 from ..errors import CaptureError
-from .style import HEAT_CMAP
+from .style import HEAT_CMAP, underlay
 
 SPECIALS = ("<start>", "<end>", "<pad>")
 """Names of the key slots that are not words: CLIP's start token, end token and the padding after it."""
@@ -225,7 +225,8 @@ class Frame:
 
 
 def heat_frame(heat, image, label: str, *, alpha: float = 0.6, cmap: str = HEAT_CMAP, vrange=None) -> Frame:
-    """A ``Frame`` from a map already computed: coloured (``vrange`` or its own min..max) and blended on ``image``."""
+    """A ``Frame`` from a map already computed: coloured (``vrange`` or its own min..max) and blended on
+    ``image``'s grey (``style.underlay``: no colour of the picture can pass for attention)."""
     h = heat.detach().float().cpu().numpy() if isinstance(heat, torch.Tensor) else np.asarray(heat, np.float32)
     if vrange is None:
         vmin, vmax = (float(h.min()), float(h.max()))
@@ -237,7 +238,7 @@ def heat_frame(heat, image, label: str, *, alpha: float = 0.6, cmap: str = HEAT_
     base = None if image is None else as_rgb(image)
     if base is not None and base.shape[:2] != h.shape:
         raise CaptureError(f"the map is {h.shape} but the image is {base.shape[:2]}")
-    return Frame(blend(base, colors, alpha), h, vmin, vmax, label, cmap)
+    return Frame(blend(None if base is None else underlay(base), colors, alpha), h, vmin, vmax, label, cmap)
 
 
 def overlay_frame(

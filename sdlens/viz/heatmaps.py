@@ -83,16 +83,16 @@ def word_grid(
     heads=None,
     alpha: float = 0.6,
     cmap: str = HEAT_CMAP,
-    scale="each",
+    scale="shared",
     ncols: int | None = None,
 ):
     """The image, then one overlay per word of the prompt, then (``specials``) its start, end and padding slots.
 
     Every panel's title gives the share of the attention mass its slots take (the padding slots
-    are summed). In Stable Diffusion the start slot usually takes most of it; ``scale="absolute"``
-    (0..the largest value) or ``"shared"`` (one min..max) put every panel on one colour scale with
-    one colour bar, so that this is visible in the colours too. With ``scale="each"`` (default)
-    each panel spans its own min..max (each map's shape) and has its own colour bar.
+    are summed). The panels are compared, so by default (``scale="shared"``) they share one colour
+    scale (one min..max) and one colour bar: a faint word looks faint. ``scale="absolute"`` puts 0
+    at the dark end; ``scale="each"`` gives each panel its own min..max and colour bar (each map's
+    shape, its strength hidden). Maps are drawn over the picture's grey (``style.underlay``).
     """
     targets = prompt_targets(trace, prompt, words=words, specials=specials)
     size = image_size_of(trace, image)
@@ -149,13 +149,14 @@ def layer_grid(
     heads=None,
     alpha: float = 0.6,
     cmap: str = HEAT_CMAP,
-    scale="each",
+    scale="shared",
     ncols: int | None = None,
 ):
     """The map of ``word`` in each cross-attention layer (``by="layer"``) or each map size (``by="size"``).
 
     Shows where in the network a word's map is sharp: low-resolution layers give blobs, high
-    resolution layers give outlines. Titles name the layer (``down1.0 · 16×16``) or the size.
+    resolution layers give outlines. Titles name the layer (``down1.0 · 16×16``) or the size. The
+    panels share one colour scale by default (``scale="each"``: each its own, shapes only).
     """
     if by == "layer":
         selections = [(name, f"{short_layer_name(name)} · {size_label(trace.map_size(name))}") for name in trace.layers_of("cross")]
@@ -188,10 +189,11 @@ def head_grid(
     steps=None,
     alpha: float = 0.6,
     cmap: str = HEAT_CMAP,
-    scale="each",
+    scale="shared",
     ncols: int | None = None,
 ):
     """The map of ``word`` in each kept head of ``layer`` (a layer name, or an int map size), after their mean.
+    The panels share one colour scale by default (``scale="each"``: each its own, shapes only).
 
     Needs a trace captured with ``heads="all"`` (or a list of heads). Pass one layer's name to see
     what its heads do: with a map size, "head 1" is the mean of head 1 of every layer of that size,

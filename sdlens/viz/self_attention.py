@@ -16,7 +16,7 @@ from .. import maps as _maps
 from ..errors import CaptureError
 from ._figure import draw_frame, figure_and_ax, new_figure, show_rgb
 from .frames import as_rgb, blend, image_size_of, layers_label, map_sizes, self_frame
-from .style import HEAT_CMAP
+from .style import HEAT_CMAP, underlay
 
 
 def self_attention_map(
@@ -173,7 +173,7 @@ def self_attention_segments(
     pca_up = torch.stack([_maps.upsample(pca[..., c], size) for c in range(3)], -1).clamp(0, 1)
     pca_rgb8 = as_rgb(pca_up.numpy())
     lab_up = torch.nn.functional.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
-    seg = blend(None if image is None else as_rgb(image), label_colors(lab_up.numpy()), alpha)
+    seg = blend(None if image is None else underlay(as_rgb(image)), label_colors(lab_up.numpy()), alpha)
     panels = ([(as_rgb(image), "image")] if image is not None else []) + [
         (pca_rgb8, "self-attention: 3 principal components"),
         (seg, f"k-means, {n_clusters} clusters"),

@@ -3,6 +3,12 @@
 - ``HEAT_CMAP``: attention is drawn with a perceptually uniform colour map (equal steps in
   attention look like equal steps in colour, and it reads the same in grey), dark for little
   attention, bright for much. Rainbow maps such as "jet" invent edges where the hue changes.
+- ``underlay``: a heat map laid over a picture is laid over the picture's luminance, faded towards
+  grey: the heat map's colours are the only colours in the panel, so a red or yellow object cannot
+  pass for attention, and the objects' outlines still show where they are.
+- Panels that are compared (one per word) share one colour scale with one colour bar by default
+  (``viz.word_grid(scale="shared")``): on its own scale a faint word would look as bright as a
+  strong one. A single map has its own colour bar.
 - ``annotate_cells``: numbers written on a heat map in dark text on light cells and light text on
   dark ones, two decimals by default.
 - ``outline``: a mask drawn as a contour over a picture, so the picture stays visible; a mask on its
@@ -16,6 +22,16 @@ from __future__ import annotations
 import numpy as np
 
 HEAT_CMAP = "inferno"
+UNDERLAY_FADE = 0.55  # how far the picture's grey is pulled towards mid-grey under a heat map
+
+
+def underlay(image: np.ndarray) -> np.ndarray:
+    """``image (H, W, 3)`` uint8 → its luminance, faded towards mid-grey, as uint8 ``(H, W, 3)``: the
+    picture a heat map is drawn over (see the module's notes)."""
+    rgb = np.asarray(image, dtype=np.float32)
+    lum = rgb @ np.array([0.2126, 0.7152, 0.0722], dtype=np.float32)
+    grey = (1.0 - UNDERLAY_FADE) * lum + UNDERLAY_FADE * 128.0
+    return np.repeat(np.round(grey).astype(np.uint8)[..., None], 3, axis=-1)
 
 
 def text_color(value: float, vmin: float, vmax: float, cmap: str = HEAT_CMAP) -> str:
