@@ -488,3 +488,26 @@ def test_word_over_steps_starts_at_zero_and_head_grid_names_heads_across_layers(
     n = sum(tr.map_size(name)[0] == size for name in tr.layers_of("cross"))
     titles = [ax.get_title() for ax in viz.head_grid(tr, "circle", size).axes if ax.get_title()]
     assert f"head 0 (mean over {n} layers)" in titles
+
+
+def test_architecture_is_drawn_from_the_models_own_modules():
+    """The plan's transformer blocks, map sizes and heads are the attention layers the hooks find."""
+    from sdlens.hooks import attention_layers
+    from sdlens.models.families import sd3, sd15_layout
+
+    for pipe, size in ((sd15_layout(width=32), 512), (sdlens.load_pipeline("tiny"), None)):
+        p = viz.plan(pipe, size, size)
+        layers = [i for i in attention_layers(pipe.unet) if i.role == "cross"]
+        latent = p.latent[1:]
+        for s in p.stages:
+            mine = [i for i in layers if i.name.startswith(s.name + ".")]
+            assert s.transformers == len(mine), s.name
+            assert all(i.map_size(latent) == s.size and i.heads == s.heads for i in mine), s.name
+        assert p.attention_layers == len(layers)
+    assert viz.plan(sd15_layout(width=32), 512, 512).attention_layers == 16  # SD 1.5's 16 cross-attention layers
+    p = viz.plan(sd3())
+    assert [s.kind for s in p.stages] == ["embed", "joint", "out"] and p.stages[1].transformers == 2
+    assert p.context == (77 + 256, 64)
+    fig = viz.architecture(sdlens.load_pipeline("tiny"))
+    text = " ".join(t.get_text() for t in fig.texts + fig.axes[0].texts)
+    assert "timestep" in text and "cross-attention" in text and "down_blocks.1" in text

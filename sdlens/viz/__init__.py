@@ -20,6 +20,7 @@ conventions (colour map, numbers on cells, mask outlines) from ``sdlens.viz.styl
 """
 
 from .animation import animate, animation_frames
+from .architecture import architecture, plan
 from .frames import (
     SPECIALS,
     Frame,
@@ -46,6 +47,8 @@ from .steps import denoising, step_strip, word_over_steps
 from .style import HEAT_CMAP, annotate_cells, framed_mask, outline, overlap, text_color
 
 __all__ = [
+    "architecture",
+    "plan",
     "HEAT_CMAP",
     "SPECIALS",
     "Frame",
