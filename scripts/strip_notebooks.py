@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("paths", nargs="*", type=Path, help="notebooks (default: notebooks/*.ipynb)")
     ap.add_argument("--check", action="store_true", help="only report; exit 1 if a notebook is not stripped")
     args = ap.parse_args(argv)
-    paths = args.paths or sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+    paths = args.paths or sorted(NOTEBOOK_DIR.glob("*.ipynb")) + sorted(NOTEBOOK_DIR.glob("solutions/*.ipynb"))
     bad = 0
     for path in paths:
         nb = nbformat.read(path, as_version=4)

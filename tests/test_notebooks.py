@@ -1,6 +1,6 @@
 """The classroom notebooks: each one runs top to bottom, offline, in a fresh kernel; all are committed stripped.
 
-Every ``notebooks/*.ipynb`` is executed with nbclient in a new ``python3`` kernel of the Python
+Every ``notebooks/*.ipynb`` (and the teachers' ``notebooks/solutions/*.ipynb``) is executed with nbclient in a new ``python3`` kernel of the Python
 that runs the tests, with ``cwd = notebooks/`` and ``HF_HUB_OFFLINE=1``/``TRANSFORMERS_OFFLINE=1``.
 A network guard is prepended to the notebook in memory (the file is not touched): any socket
 connection to an address that is not loopback raises, and a last cell, also added in memory,
@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
-NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb")) + sorted((NOTEBOOK_DIR / "solutions").glob("*.ipynb"))
 TIMEOUT_PER_CELL = 600  # seconds; a whole notebook should take well under 2 minutes on 2 CPU cores
 
 # Prepended to every notebook. Loopback stays open (the kernel's own channels use ZeroMQ, which does

@@ -1,0 +1,173 @@
+"""Checks and hints for the notebooks' exercises.
+
+A check takes the student's answer and says whether it is right and why, from the true answer
+computed here from the model, the tokenizer or the trace (never a stored number). An unanswered
+check (``None``) says what to write. Open exercises have hints (``hint("04.2")``).
+
+    >>> from sdlens import classroom
+    >>> classroom.check_slots("a red circle", 5).right
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Verdict:
+    """The outcome of a check: ``right`` (None when there was no answer) and the explanation."""
+
+    right: bool | None
+    message: str
+
+    def __repr__(self) -> str:
+        mark = {True: "✓ right", False: "✗ not yet", None: "… no answer yet"}[self.right]
+        return f"{mark}: {self.message}"
+
+
+def _verdict(answer, truth, why: str, close=None) -> Verdict:
+    if answer is None:
+        return Verdict(None, "put your answer in the variable above and run this cell again")
+    ok = close(answer, truth) if close else answer == truth
+    return Verdict(bool(ok), why if ok else f"you said {answer!r}; {why}")
+
+
+def check_slots(text: str, answer: int | None, tokenizer=None) -> Verdict:
+    """Exercise 04.1: how many of the 77 slots ``text`` fills (start and end tokens included)."""
+    from .tokens import tokenize
+
+    t = tokenize(text, tokenizer)
+    n = t.n_real
+    cut = f" (it is cut: only its first {len(t.words)} words reach the model)" if t.truncated else ""
+    return _verdict(answer, n, f"{text[:40]!r} fills {n} slots: start, {n - 2} token(s), end{cut}")
+
+
+def check_guidance_batch(pipe, answer: int | None) -> Verdict:
+    """Exercise 01.4: the batch the denoiser sees at each step with ``guidance_scale=1.0``."""
+    seen = []
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    handle = denoiser.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(int((args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))).shape[0])),
+        with_kwargs=True)
+    try:
+        pipe("a red circle", num_inference_steps=1, guidance_scale=1.0, output_type="latent",
+             generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    return _verdict(answer, seen[0], f"with guidance 1 the pipeline skips the empty-prompt half: the denoiser sees "
+                                     f"a batch of {seen[0]} (guidance above 1 doubles it)")
+
+
+def softmax_entropy(scores: torch.Tensor) -> float:
+    """Mean entropy (nats) of the softmax of ``scores`` over the last dimension."""
+    p = scores.float().softmax(-1)
+    return float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean())
+
+
+def cross_attention_qk(pipe, prompt: str = "a red circle on the left", seed: int = 0):
+    """Per-head queries ``(heads, n, d)`` and keys ``(heads, 77, d)`` of the first cross-attention layer
+    of a UNet pipeline, for ``prompt`` on a noisy latent halfway through the noise (one denoiser call)."""
+    from .hooks.layers import attention_layers, denoiser_of
+
+    unet = denoiser_of(pipe)
+    name = next(i.name for i in attention_layers(unet) if i.role == "cross")
+    attn = dict(unet.named_modules())[name]
+    grabbed = {}
+    handle = attn.register_forward_pre_hook(
+        lambda m, args, kwargs: grabbed.update(x=args[0] if args else kwargs["hidden_states"],
+                                               ctx=kwargs.get("encoder_hidden_states")), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                 return_tensors="pt").input_ids.to(pipe.device)
+            context = pipe.text_encoder(ids)[0]
+            c, size = unet.config.in_channels, unet.config.sample_size
+            latent = torch.randn(1, c, size, size, generator=torch.Generator().manual_seed(seed)).to(pipe.device, context.dtype)
+            unet(latent, 500, encoder_hidden_states=context)
+            heads = attn.heads
+            q = attn.to_q(grabbed["x"])[0]
+            k = attn.to_k(grabbed["ctx"])[0]
+    finally:
+        handle.remove()
+    return (q.unflatten(-1, (heads, -1)).transpose(0, 1), k.unflatten(-1, (heads, -1)).transpose(0, 1))
+
+
+def check_scale(pipe, answer: str | None) -> Verdict:
+    """Exercise 04.3: with the scale 1 instead of 1/√d, is the UNet's cross-attention "sharper" or
+    "flatter"? Measured on its first cross-attention layer (``cross_attention_qk``)."""
+    q, k = cross_attention_qk(pipe)
+    d = q.shape[-1]
+    scores = q.float() @ k.float().transpose(-1, -2)
+    h_scaled, h_one = softmax_entropy(scores * d**-0.5), softmax_entropy(scores)
+    truth = "sharper" if h_one < h_scaled else "flatter"
+    return _verdict(None if answer is None else str(answer).strip().lower(), truth,
+                    f"the scores grow √d = {d ** 0.5:.1f} times larger, so the softmax is {truth}: mean entropy "
+                    f"{h_one:.2f} nats against {h_scaled:.2f} with 1/√d (less entropy: the weight sits on fewer "
+                    "slots); the scale keeps the scores' spread the same whatever the head's width")
+
+
+def joint_tokens(pipe, height: int | None = None, width: int | None = None, t5_slots: int = 256) -> int:
+    """Tokens one joint-attention block of an SD 3 pipeline attends over at an image size: image
+    patches plus the CLIP slots plus T5's."""
+    t = pipe.transformer
+    vsf = pipe.vae_scale_factor
+    h = (height or t.config.sample_size * vsf) // vsf // t.config.patch_size
+    w = (width or t.config.sample_size * vsf) // vsf // t.config.patch_size
+    return h * w + pipe.tokenizer.model_max_length + t5_slots
+
+
+def check_joint_tokens(pipe, tiny_answer: int | None, sd3_answer: int | None, matrix_answer: int | None) -> Verdict:
+    """Exercise 04.6: tokens per block of tiny-sd3; of SD 3 at 1024 px (latent 128, patch 2, 77 + 256
+    text tokens); entries of one joint-attention matrix per head of SD 3 there."""
+    tiny = joint_tokens(pipe)
+    sd3 = (128 // 2) ** 2 + 77 + 256
+    truth = (tiny, sd3, sd3 * sd3)
+    given = (tiny_answer, sd3_answer, matrix_answer)
+    if any(a is None for a in given):
+        return Verdict(None, "give all three numbers, then run this cell again")
+    why = (f"tiny-sd3: {tiny} tokens ({tiny - pipe.tokenizer.model_max_length - 256} image patches + "
+           f"{pipe.tokenizer.model_max_length} CLIP slots + 256 T5 slots); SD 3 at 1024 px: 64 × 64 = 4096 patches "
+           f"+ 333 text tokens = {sd3}; one matrix per head: {sd3}² = {sd3 * sd3:,} entries")
+    return _verdict(tuple(int(a) for a in given), truth, why)
+
+
+HINTS = {
+    "01.1": "Compare the circle's position in the picture with the bright region of the map, seed by seed.",
+    "01.2": "Run sdlens.world.score on each picture: it says which part of the caption (colour, shape, "
+            "position, count) the model got wrong.",
+    "01.3": "Step through the explorer and note the first step where the circle's map has one bright blob; "
+            "then find the first x0 picture where a circle is recognisable.",
+    "01.5": "Pick <pad> in the explorer's word menu and compare its map with the picture: objects or background?",
+    "01.6": "Count how many of the 20 circles land in each quarter of the picture (analyze gives the centroid).",
+    "04.2": "Drop the mask by passing no causal mask to the attention; compare the vectors with torch.dist. "
+            "Without the mask the start slot sees the whole prompt.",
+    "04.4": "The anatomy table lists each attn2 with its map size; repeat section 3 with one of another size.",
+    "04.5": "Move the query pixel with its (y, x) coordinates; the slot distribution is the bar chart.",
+    "04.7": "A softmax over the concepts makes their maps sum to 1 at every pixel: where must the circle's share go "
+            "when 'background' is missing?",
+    "05.1": "'absolute' puts 0 at the dark end of one scale for all; 'each' stretches every panel to its own range.",
+    "05.2": "Re-run the cell that computes IoU with the new threshold and compare the order of the layers.",
+    "05.3": "score_maps takes steps=; compare its mean IoU with the all-steps value printed in section 3.",
+    "05.4": "Sort the layers by their padding share and by their IoU; are the orders alike?",
+    "05.5": "Read the unknown word's share in the word grid and where its map is bright.",
+    "07.1": "Try starts 0.0, 0.2, 0.4, …; sdlens.world.analyze says where the object ends up.",
+    "07.2": "Compare the edited picture's colour and shape (analyze) for windows 0.3 and 1.0.",
+    "07.3": "Low thresholds grow the mask into the background; high ones shrink it inside the object.",
+    "07.4": "Look at the colour of the circle and at how much of the picture changes (edit.change_map).",
+    "07.5": "The reconstruction error is printed by the inversion cell; compare it with the right caption's.",
+    "07.6": "Run the same cells with inversion='null-text' and compare the printed errors and IoU.",
+}
+
+
+def hint(exercise: str) -> str:
+    """The hint for an exercise (``"04.2"``: notebook 4, exercise 2)."""
+    if exercise not in HINTS:
+        raise KeyError(f"no hint for {exercise!r}; exercises with hints: {', '.join(sorted(HINTS))}")
+    return HINTS[exercise]
+
+
+__all__ = ["HINTS", "Verdict", "check_guidance_batch", "cross_attention_qk", "check_joint_tokens", "check_scale", "check_slots", "hint",
+           "joint_tokens", "softmax_entropy"]
