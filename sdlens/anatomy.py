@@ -56,10 +56,14 @@ class Anatomy:
         for r in self.layers:
             size = f"{r.map_size[0]}×{r.map_size[1]}" if r.map_size else "?"
             lines.append(f"{r.name:<62} {r.role:<6} {r.heads:>5} {r.head_dim:>4} {size:>8} {r.params:>10,}")
-        lines.append(
-            f"{len(self.layers)} attention layers: {self.count('cross')} give cross-attention, "
-            f"{self.count('self')} self-attention"
-        )
+        joint = sum(r.role == "joint" for r in self.layers)
+        if joint:  # one softmax over image and text keys: each joint layer gives both kinds of map
+            rest = len(self.layers) - joint
+            lines.append(f"{len(self.layers)} attention layers: {joint} joint (each gives an image→text and an "
+                         f"image→image part)" + (f", {rest} image-only" if rest else ""))
+        else:
+            lines.append(f"{len(self.layers)} attention layers: {self.count('cross')} cross-attention, "
+                         f"{self.count('self')} self-attention")
         lines.append(
             f"parameters: {self.params_total:,} in the denoiser; attention {self.params_attention:,} "
             f"({100 * self.params_attention / self.params_total:.1f}%), whole transformer blocks "
@@ -67,8 +71,8 @@ class Anatomy:
         )
         if self.flops_total:
             lines.append(
-                f"compute for one denoiser call: {self.flops_total / 1e9:.2f} GFLOP, attention layers "
-                f"{self.flops_attention / 1e9:.2f} GFLOP ({100 * self.flops_attention / self.flops_total:.1f}%)"
+                f"compute for one denoiser call: {_flops(self.flops_total)}, attention layers "
+                f"{_flops(self.flops_attention)} ({100 * self.flops_attention / self.flops_total:.1f}%)"
             )
         for te in self.text_encoders:
             lines.append(
@@ -78,6 +82,14 @@ class Anatomy:
                 + f", {te['params']:,} parameters"
             )
         return "\n".join(lines)
+
+
+def _flops(n: float) -> str:
+    """A FLOP count in the unit that keeps two significant digits: 8.5 GFLOP, 62 MFLOP, 3.1 kFLOP."""
+    for scale, unit in ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "kFLOP")):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} FLOP"
 
 
 def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
