@@ -21,4 +21,18 @@ def load_pipeline(name: str = "tiny", **kwargs):
     return _load(name, **kwargs)
 
 
+# subpackages reachable as attributes after a plain `import sdlens` (sdlens.edit.replace, sdlens.viz.word_grid),
+# imported on first use so that `import sdlens` stays light
+_SUBPACKAGES = ("anatomy", "capture", "classroom", "edit", "hooks", "maps", "models", "result", "sweep", "tokens",
+                "viz", "web", "widgets", "world")
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'sdlens' has no attribute {name!r}")
+
+
 __all__ = ["AttentionTrace", "BudgetError", "CaptureError", "load_pipeline", "load_trace", "trace", "__version__"]

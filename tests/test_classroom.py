@@ -50,3 +50,4 @@ def test_every_exercise_has_a_check_or_a_hint():
             assert key in checks or key in classroom.HINTS, key
     with pytest.raises(KeyError, match="exercises with hints"):
         classroom.hint("09.1")
+
