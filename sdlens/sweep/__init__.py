@@ -4,7 +4,7 @@ process or many (Hugging Face Accelerate launches them).
     from sdlens.sweep import read_items, run_sweep, load
     items = read_items("prompts.txt", seeds=2)
     run_sweep(pipe, items, "runs/sweep", {"steps": 25, "guidance": 7.5, "map_size": 16, "layers": None})
-    records = load("runs/sweep")          # one dict per image (a DataFrame where pandas is installed)
+    records = load("runs/sweep")          # a list: one dict per image (pandas.DataFrame(records) for a table)
 """
 
 from .items import Item, SweepError, assign, read_items

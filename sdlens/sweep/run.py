@@ -158,8 +158,9 @@ def _release_memory() -> None:
 
 
 def load(root: str | os.PathLike, *, maps: bool = False):
-    """The records of a sweep folder, sorted by id: a pandas DataFrame if pandas is installed, else a
-    list of dicts. ``maps=True``: each record also gets ``"maps"``, ``{word index: (s, s) tensor}``."""
+    """The records of a sweep folder, sorted by id: a list of dicts, whatever is installed
+    (``pandas.DataFrame(load(root))`` makes a table of them). ``maps=True``: each record also gets
+    ``"maps"``, ``{word index: (s, s) tensor}``."""
     folder = SweepFolder(root)
     if not (folder.root / "settings.json").is_file():
         raise SweepError(f"{str(root)!r} is not a sweep folder (it has no settings.json)")
@@ -174,11 +175,7 @@ def load(root: str | os.PathLike, *, maps: bool = False):
                 r = dict(r, maps={k.split("/")[1]: v for k, v in tensors.items() if k.startswith(r["id"] + "/")})
             records.append(r)
     records.sort(key=lambda r: r["id"])
-    try:
-        import pandas as pd
-    except ImportError:
-        return records
-    return pd.DataFrame(records)
+    return records
 
 
 __all__ = ["SweepFolder", "load", "run_sweep"]
