@@ -8,7 +8,7 @@
 """
 
 from .capture import trace
-from .errors import BudgetError, CaptureError
+from .errors import BudgetError, CaptureError, EditError, SdlensError
 from .result import AttentionTrace, load_trace
 
 __version__ = "0.1.0"
@@ -35,4 +35,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'sdlens' has no attribute {name!r}")
 
 
-__all__ = ["AttentionTrace", "BudgetError", "CaptureError", "load_pipeline", "load_trace", "trace", "__version__"]
+__all__ = ["AttentionTrace", "BudgetError", "CaptureError", "EditError", "SdlensError", "load_pipeline", "load_trace", "trace", "__version__"]

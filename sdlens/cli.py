@@ -347,7 +347,7 @@ def add_edit(subparsers) -> None:
 
 def run_edit(args: argparse.Namespace) -> int:
     from sdlens.commands.edit import run_edit as edit
-    from sdlens.errors import CaptureError
+    from sdlens.errors import SdlensError
 
     try:
         edit(args.base, args.target, method=args.method, model=args.model, out=args.out, seed=args.seed,
@@ -355,7 +355,7 @@ def run_edit(args: argparse.Namespace) -> int:
              word_steps=args.word_steps, self_steps=args.self_steps, blend=args.blend, threshold=args.threshold,
              weights=args.weights, image=args.image, inversion=args.inversion, trace=args.trace, device=args.device,
              progress=not args.no_progress)
-    except CaptureError as e:  # EditError, the command's own, and attend's checks
+    except SdlensError as e:  # EditError, the command's own, and attend's checks
         return refused("edit", e)
     return 0
 
@@ -383,14 +383,14 @@ def add_sweep(subparsers) -> None:
 
 def run_sweep_command(args: argparse.Namespace) -> int:
     from sdlens.commands.sweep import sweep
-    from sdlens.errors import CaptureError
+    from sdlens.errors import SdlensError
 
     layers = int(args.layers) if args.layers and args.layers.isdigit() else args.layers
     try:
         sweep(args.prompts, out=args.out, model=args.model, seeds=args.seeds, steps=args.steps,
               guidance=args.guidance, layers=layers, map_size=args.map_size, batch=args.batch,
               progress=not args.no_progress)
-    except CaptureError as e:
+    except SdlensError as e:
         return refused("sweep", e)
     return 0
 
@@ -406,11 +406,11 @@ def add_report(subparsers) -> None:
 
 def run_report_command(args: argparse.Namespace) -> int:
     from sdlens.commands.sweep import report
-    from sdlens.errors import CaptureError
+    from sdlens.errors import SdlensError
 
     try:
         report(args.dir)
-    except CaptureError as e:
+    except SdlensError as e:
         return refused("report", e)
     return 0
 

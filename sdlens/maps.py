@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .errors import CaptureError
+
 
 def upsample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear upsampling of a ``(h, w)`` grid to ``size`` ``(H, W)``; float32.
@@ -26,7 +28,7 @@ def upsample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def average_upsampled(grids: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
     """Mean of ``grids`` (each ``(h_i, w_i)``) after upsampling each to ``size``: ``(H, W)`` float32."""
     if not grids:
-        raise ValueError("no maps to average: the selection of layers/steps is empty")
+        raise CaptureError("no maps to average: the selection of layers/steps is empty")
     return torch.stack([upsample(g, size) for g in grids]).mean(0)
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import TokenError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -110,19 +112,19 @@ class Tokenization:
                 k = int(labelled[2])
                 if len(base) > 1 and 1 <= k <= len(base):
                     return base[k - 1]
-            raise ValueError(f"{word!r} is not a word of this prompt; its words are {self.word_labels}")
+            raise TokenError(f"{word!r} is not a word of this prompt; its words are {self.word_labels}")
         if occurrence is None:
             if len(matches) > 1:
                 labels = self.word_labels
                 choices = ", ".join(f"{labels[i]!r} (word {i}, slots {self.word_tokens[i]})" for i in matches[:5])
                 choices += ", ..." if len(matches) > 5 else ""
-                raise ValueError(
+                raise TokenError(
                     f"{word!r} occurs {len(matches)} times in the prompt; name one: {choices}, "
                     "or give its word index"
                 )
             return matches[0]
         if not 0 <= occurrence < len(matches):
-            raise ValueError(
+            raise TokenError(
                 f"occurrence={occurrence} is out of range: {word!r} occurs {len(matches)} time(s), "
                 f"so occurrence must be in 0..{len(matches) - 1}"
             )
@@ -179,7 +181,7 @@ def tokenize(
     start = 1 if bos is not None and ids and ids[0] == bos else 0
     end = 1 if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in ids[start:] else 0
     if max_length < start + end + 1:
-        raise ValueError(f"max_length must leave room for a word beside the start and end tokens, got {max_length}")
+        raise TokenError(f"max_length must leave room for a word beside the start and end tokens, got {max_length}")
 
     # CLIP's and T5's pre-tokenizers never join characters across whitespace, so tokenizing each
     # word on its own gives the same tokens, in order; check that below rather than trust it.

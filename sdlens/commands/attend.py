@@ -14,13 +14,13 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..errors import CaptureError
+from ..errors import CaptureError, CommandError
 from ..files import staged_folder
 
 STOP_WORDS = frozenset("a an the on in at of and or to with is are under over above below".split())
 
 
-class AttendError(CaptureError):
+class AttendError(CommandError):
     """An argument of ``sdlens attend`` that cannot work; the message is one line for the user."""
 
 

@@ -12,14 +12,14 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..errors import CaptureError
+from ..errors import CommandError
 from ..files import staged_folder
 from .attend import check_model_name, check_size, load, parse_size, slug
 
 METHODS = ("replace", "refine", "reweight", "inject_self", "mutual")
 
 
-class EditCommandError(CaptureError):
+class EditCommandError(CommandError):
     """An argument of ``sdlens edit`` that cannot work; the message is one line for the user."""
 
 

@@ -32,6 +32,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import ModelError
+
 # CLIP's tokenizer (shipped in sdlens/data/clip_tokenizer): the model keeps its vocabulary and slots.
 CLIP_VOCAB_SIZE = 49408
 CLIP_MAX_LENGTH = 77
@@ -70,7 +72,7 @@ class ImageConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known keys are {sorted(known)}")
+            raise ModelError(f"unknown {cls.__name__} keys {sorted(unknown)}; known keys are {sorted(known)}")
         return cls(**d)
 
     def replace(self, **changes: Any):
@@ -137,23 +139,23 @@ class TinyConfig(ImageConfig):
         self.vae_channels = tuple(self.vae_channels)
         self.unet_channels = tuple(self.unet_channels)
         if self.text_mode not in TEXT_MODES:
-            raise ValueError(f"text_mode must be one of {sorted(TEXT_MODES)}, got {self.text_mode!r}")
+            raise ModelError(f"text_mode must be one of {sorted(TEXT_MODES)}, got {self.text_mode!r}")
         if len(self.unet_channels) != 3:
-            raise ValueError(f"unet_channels needs 3 levels (16x16, 8x8, 4x4), got {self.unet_channels}")
+            raise ModelError(f"unet_channels needs 3 levels (16x16, 8x8, 4x4), got {self.unet_channels}")
         for c in self.unet_channels[:2]:
             if c % self.unet_head_dim:
-                raise ValueError(f"unet_head_dim {self.unet_head_dim} does not divide the channels {c}")
+                raise ModelError(f"unet_head_dim {self.unet_head_dim} does not divide the channels {c}")
         if self.text_width % self.text_heads:
-            raise ValueError(f"text_heads {self.text_heads} does not divide text_width {self.text_width}")
+            raise ModelError(f"text_heads {self.text_heads} does not divide text_width {self.text_width}")
         if self.text_mode == "clip" and self.text_layers < 1:
-            raise ValueError(
+            raise ModelError(
                 "text_mode='clip' needs text_layers >= 1: a 0-layer encoder has nothing to pretrain"
             )
         if self.image_size % self.latent_factor:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of {self.latent_factor}")
+            raise ModelError(f"image_size {self.image_size} is not a multiple of {self.latent_factor}")
         for name in ("two_object_prob", "free_position_prob", "size_word_prob", "word_dropout", "tail_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+                raise ModelError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
 
 
 def vae_config(cfg: TinyConfig) -> dict[str, Any]:

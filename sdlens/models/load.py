@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ModelError
+
 TINY_DIR: Path = Path(__file__).resolve().parent.parent / "data" / "tiny"
 """Where the built-in model's weights are installed with the package (a StableDiffusionPipeline folder)."""
 
@@ -83,7 +85,7 @@ def load_pipeline(
             )
     else:
         if isinstance(name, str) and name.startswith("tiny") and not Path(name).exists():
-            raise ValueError(f"unknown built-in model {name!r}; the built-in models are {', '.join(BUILTIN)}")
+            raise ModelError(f"unknown built-in model {name!r}; the built-in models are {', '.join(BUILTIN)}")
         folder = Path(name) if Path(name).is_dir() else None
 
     if folder is not None:
@@ -168,7 +170,7 @@ def _make_scheduler(scheduler, config):
         class_name = SCHEDULERS.get(scheduler.lower(), scheduler)
         cls = getattr(diffusers, class_name, None)
         if cls is None or not hasattr(cls, "from_config"):
-            raise ValueError(
+            raise ModelError(
                 f"unknown scheduler {scheduler!r}; use one of {', '.join(SCHEDULERS)}, a diffusers scheduler "
                 f"class name, a scheduler class or an instance"
             )

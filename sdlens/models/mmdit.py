@@ -59,6 +59,8 @@ from torch import nn
 
 from sdlens.models.configs import CLIP_BOS_ID, CLIP_EOS_ID, CLIP_VOCAB_SIZE, ImageConfig
 
+from ..errors import ModelError
+
 
 @dataclass
 class Sd3Config(ImageConfig):
@@ -105,14 +107,14 @@ class Sd3Config(ImageConfig):
         self.vae_channels = tuple(self.vae_channels)
         for name in ("layers", "heads", "head_dim", "text_slots", "text_width", "text_width_2", "t5_slots"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ModelError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.text_slots > 77:
-            raise ValueError(f"text_slots must be at most CLIP's 77, got {self.text_slots}")
+            raise ModelError(f"text_slots must be at most CLIP's 77, got {self.text_slots}")
         if self.latent_size % self.patch_size:
-            raise ValueError(f"patch_size {self.patch_size} does not divide the latent size {self.latent_size}")
+            raise ModelError(f"patch_size {self.patch_size} does not divide the latent size {self.latent_size}")
         for name in ("caption_dropout", "pooled_dropout", "two_object_prob", "free_position_prob", "size_word_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+                raise ModelError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
 
     @property
     def width(self) -> int:

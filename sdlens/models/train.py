@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdlens.errors import ModelError
 from sdlens.models.configs import (
     TinyConfig,
     build_sampler,
@@ -72,11 +73,11 @@ class Budget:
 
     def __post_init__(self) -> None:
         if self.steps is None and self.minutes is None:
-            raise ValueError("a stage budget needs steps or minutes (or both)")
+            raise ModelError("a stage budget needs steps or minutes (or both)")
         if self.batch_size < 1:
-            raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
+            raise ModelError(f"batch size must be at least 1, got {self.batch_size}")
         if not self.lr >= 0:  # 0 is allowed: a run that changes nothing, as the tests use
-            raise ValueError(f"learning rate must be 0 or more, got {self.lr}")
+            raise ModelError(f"learning rate must be 0 or more, got {self.lr}")
 
 
 DEFAULT_BUDGETS: dict[str, Budget] = {
@@ -110,7 +111,7 @@ class Run:
         precision: str = "auto",
     ) -> None:
         if precision not in PRECISIONS:
-            raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+            raise ModelError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         self.out = Path(out)
         self.train_dir = self.out / "train"
         self.cfg = cfg
@@ -318,7 +319,7 @@ class StageLoop:
     def _load(self, path: Path) -> None:
         state = torch.load(path, map_location=self.run.device, weights_only=True)  # no arbitrary unpickling
         if state["config"] != self.run.cfg.to_dict():
-            raise ValueError(
+            raise ModelError(
                 f"the checkpoint {path} was made with another config; resume with the same options, "
                 f"or start a new run in another --out folder"
             )
@@ -568,7 +569,7 @@ def load_vae(run: Run, path: str | os.PathLike) -> nn.Module:
     expected = build_vae(run.cfg).config
     for key in ("block_out_channels", "latent_channels", "sample_size"):
         if tuple(_as_tuple(vae.config[key])) != tuple(_as_tuple(expected[key])):
-            raise ValueError(
+            raise ModelError(
                 f"the VAE in {folder} has {key}={vae.config[key]}, this config needs {expected[key]}"
             )
     print(f"[vae] using the trained VAE in {folder}", file=sys.stderr)
@@ -830,16 +831,16 @@ def train_tiny(
         )
     unknown = set(stages) - set(STAGES)
     if unknown:
-        raise ValueError(f"unknown stages {sorted(unknown)}; the stages are {', '.join(STAGES)}")
+        raise ModelError(f"unknown stages {sorted(unknown)}; the stages are {', '.join(STAGES)}")
     if "vae" in stages and vae_from:
-        raise ValueError("give either the 'vae' stage or vae_from, not both")
+        raise ModelError("give either the 'vae' stage or vae_from, not both")
     if (
         "unet" in stages
         and "vae" not in stages
         and not vae_from
         and not (resume and (Path(out) / "train/vae").exists())
     ):
-        raise ValueError(
+        raise ModelError(
             "the UNet stage needs a VAE: add the 'vae' stage, or pass vae_from=DIR (--vae-from DIR)"
         )
     out = Path(out)

@@ -18,11 +18,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CaptureError
-
-
-class SweepError(CaptureError):
-    """A sweep's input or output folder that cannot be used as asked; the message says why and what to do."""
+from ..errors import SweepError
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import CaptureError
 from ..hooks.layers import denoiser_of
 
 
@@ -123,7 +124,7 @@ def plan(pipe, height: int | None = None, width: int | None = None) -> Plan:
     if hasattr(denoiser, "transformer_blocks") and hasattr(denoiser.config, "joint_attention_dim"):
         t5 = 256 if pipe is not denoiser and hasattr(pipe, "tokenizer_3") else 0  # SD 3 pipelines' default T5 length
         return _transformer_plan(denoiser, latent_hw, slots, t5)
-    raise ValueError(f"architecture draws UNets and SD 3-style transformers; got {type(denoiser).__name__}")
+    raise CaptureError(f"architecture draws UNets and SD 3-style transformers; got {type(denoiser).__name__}")
 
 
 def _label(s: Stage) -> str:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import CaptureError
+
 HEAT_CMAP = "inferno"
 UNDERLAY_FADE = 0.55  # how far the picture's grey is pulled towards mid-grey under a heat map
 
@@ -86,7 +88,7 @@ def overlap(ax, region, mask, *, region_label: str = "region", mask_label: str =
 
     r, m = np.asarray(region, dtype=bool), np.asarray(mask, dtype=bool)
     if r.shape != m.shape:
-        raise ValueError(f"overlap needs a region and a mask of one shape; got {r.shape} and {m.shape}")
+        raise CaptureError(f"overlap needs a region and a mask of one shape; got {r.shape} and {m.shape}")
     code = r.astype(int) + 2 * m.astype(int)  # 0 neither, 1 region only, 2 mask only, 3 both
     ax.imshow(np.asarray(OVERLAP_COLOURS)[code], interpolation="nearest")
     ax.set_xticks([])

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import WebError
 from ..files import staged_folder
 
 HERE = Path(__file__).resolve().parent
@@ -208,16 +209,16 @@ def write_page(out, *, model: str = "tiny", seeds: int = 1000, pipe=None) -> Pat
     from ..models.load import load_pipeline
 
     if model != "tiny":
-        raise ValueError(f"--model {model!r}: the web page runs the built-in UNet model only; valid: 'tiny'")
+        raise WebError(f"--model {model!r}: the web page runs the built-in UNet model only; valid: 'tiny'")
     if not 1 <= seeds <= 100_000:
-        raise ValueError(f"--seeds {seeds}: give 1 to 100000 (the page ships the noise of seeds 0 … seeds-1)")
+        raise WebError(f"--seeds {seeds}: give 1 to 100000 (the page ships the noise of seeds 0 … seeds-1)")
     missing = [f for f in ORT_FILES if not (VENDOR / f).is_file()]
     if missing:
         raise FileNotFoundError(f"onnxruntime-web's files {missing} are missing from {VENDOR} (see its README)")
     pipe = pipe if pipe is not None else load_pipeline(model)
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file, not a folder")
+        raise WebError(f"--out {str(out)!r} is a file, not a folder")
     with staged_folder(out, prefix=".sdlens-web-") as (tmp, names):
         names += model_files(pipe, tmp, seeds=seeds)
         for name in PAGE_FILES:

@@ -20,6 +20,8 @@ import math
 
 import numpy as np
 
+from ..errors import WebError
+
 
 def _alpha_sigma(s: float) -> tuple[float, float]:
     """diffusers' ``_sigma_to_alpha_sigma_t`` for a variance-preserving schedule."""
@@ -33,7 +35,7 @@ def _check(scheduler) -> None:
               "prediction_type": "epsilon", "thresholding": False, "use_flow_sigmas": False}
     wrong = {k: cfg.get(k) for k, v in wanted.items() if cfg.get(k) != v}
     if type(scheduler).__name__ != "DPMSolverMultistepScheduler" or wrong:
-        raise ValueError(f"the web page samples with DPM-Solver++ (2M, midpoint, epsilon) only; this model's scheduler "
+        raise WebError(f"the web page samples with DPM-Solver++ (2M, midpoint, epsilon) only; this model's scheduler "
                          f"is {type(scheduler).__name__} with {wrong or cfg}")
 
 

@@ -33,6 +33,8 @@ import torch
 from sdlens.world.render import SIZE_RADII, signed_distance
 from sdlens.world.scene import BACKGROUND, COLORS, SHAPES, Obj, Scene, parse_caption
 
+from ..errors import WorldError
+
 PALETTE_NAMES: tuple[str, ...] = ("background", *COLORS)
 PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.float64)  # (5, 3) RGB 0..255
 MIN_AREA_FRACTION = 0.01  # blobs smaller than this fraction of the image are noise, not objects
@@ -79,10 +81,10 @@ def to_rgb(image: np.ndarray | torch.Tensor) -> np.ndarray:
     if floating and image.shape[-1] == 3:
         lo, hi = float(image.min()), float(image.max())
         if lo < -1e-3 or hi > 1 + 1e-3:
-            raise ValueError(f"a float (H, W, 3) image must be in 0..1 (as output_type='np' gives); this one spans "
+            raise WorldError(f"a float (H, W, 3) image must be in 0..1 (as output_type='np' gives); this one spans "
                              f"{lo:.2f}..{hi:.2f}")
         return np.clip(np.round(image.astype(np.float64) * 255.0), 0.0, 255.0)
-    raise ValueError(
+    raise WorldError(
         f"expected a uint8 (H, W, 3) image, a float (H, W, 3) image in 0..1 or a float (3, H, W) image in "
         f"[-1, 1]; got dtype {image.dtype} and shape {tuple(image.shape)}"
     )

@@ -34,6 +34,8 @@ import torch
 
 from sdlens.world.scene import BACKGROUND, COLORS, SHAPES, Scene
 
+from ..errors import WorldError
+
 POSITION_CENTERS: dict[str, tuple[float, float]] = {
     "left": (0.25, 0.5),
     "right": (0.75, 0.5),
@@ -130,7 +132,7 @@ def signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.
     if shape == "triangle":
         # the base line y = r, and the two slanted sides with outward normals (±2, -1)/√5
         return np.maximum(dy - r, (2 * np.abs(dx) - dy - r) / math.sqrt(5))
-    raise ValueError(f"unknown shape {shape!r}; valid shapes are: {', '.join(SHAPES)}")
+    raise WorldError(f"unknown shape {shape!r}; valid shapes are: {', '.join(SHAPES)}")
 
 
 def pixel_centers(size: int) -> np.ndarray:

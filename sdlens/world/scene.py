@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import WorldError
+
 # Pure, well separated colours (RGB, 0..255). The background is light grey rather than white so that
 # yellow stays easy to see; its nearest palette colour (yellow) is still 214 units away.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -56,7 +58,7 @@ TWO_OBJECT_PROB = 0.5
 
 def _check_name(kind: str, value: str, valid: tuple[str, ...] | list[str]) -> None:
     if value not in valid:
-        raise ValueError(f"unknown {kind} {value!r}; valid {kind}s are: {', '.join(valid)}")
+        raise WorldError(f"unknown {kind} {value!r}; valid {kind}s are: {', '.join(valid)}")
 
 
 @dataclass(frozen=True)
@@ -93,20 +95,20 @@ class Scene:
     def __post_init__(self) -> None:
         object.__setattr__(self, "objects", tuple(self.objects))  # accept a list, store a tuple
         if not 1 <= len(self.objects) <= 2:
-            raise ValueError(f"a scene has 1 or 2 objects, got {len(self.objects)}")
+            raise WorldError(f"a scene has 1 or 2 objects, got {len(self.objects)}")
         if len(self.objects) == 2:
             a, b = self.objects
             if a.color == b.color:
-                raise ValueError(
+                raise WorldError(
                     f"the two objects of a scene must have different colours, both are {a.color}"
                 )
             if (a.position is None) != (b.position is None):
-                raise ValueError(
+                raise WorldError(
                     "either both objects of a scene have a position or neither has, got "
                     f"{a.position} and {b.position}"
                 )
             if a.position is not None and OPPOSITE[a.position] != b.position:
-                raise ValueError(
+                raise WorldError(
                     f"the two objects of a scene must be at opposite positions (left/right or top/bottom), "
                     f"got {a.position} and {b.position}"
                 )
@@ -131,10 +133,10 @@ def sample_scene(
     if n_objects is None:
         n_objects = 2 if rng.random() < TWO_OBJECT_PROB else 1
     if n_objects not in (1, 2):
-        raise ValueError(f"n_objects must be 1, 2 or None, got {n_objects}")
+        raise WorldError(f"n_objects must be 1, 2 or None, got {n_objects}")
     for name, p in (("free_prob", free_prob), ("size_prob", size_prob)):
         if not 0.0 <= p <= 1.0:
-            raise ValueError(f"{name} must be between 0 and 1, got {p}")
+            raise WorldError(f"{name} must be between 0 and 1, got {p}")
     colors = rng.choice(list(COLORS), size=n_objects, replace=False)
     shapes = rng.choice(SHAPES, size=n_objects)
     if n_objects == 1:
@@ -171,7 +173,7 @@ def _parse_object(words: list[str], text: str) -> Obj:
     size = words[1] if len(words) > 1 and words[1] in SIZES else None
     rest = words[2 if size else 1 :]
     if not words or words[0] != "a" or len(rest) not in (2, 5):
-        raise ValueError(f"cannot parse {' '.join(words)!r} in caption {text!r}: expected {_GRAMMAR}")
+        raise WorldError(f"cannot parse {' '.join(words)!r} in caption {text!r}: expected {_GRAMMAR}")
     color, shape, *place = rest
     _check_name("colour", color, list(COLORS))
     _check_name("shape", shape, SHAPES)
@@ -179,7 +181,7 @@ def _parse_object(words: list[str], text: str) -> Obj:
         return Obj(shape, color, None, size)
     phrase = " ".join(place)
     if phrase not in _PHRASE_TO_POSITION:
-        raise ValueError(
+        raise WorldError(
             f"unknown position phrase {phrase!r} in caption {text!r}; valid phrases are: "
             f"{', '.join(_PHRASE_TO_POSITION)}"
         )
@@ -199,7 +201,7 @@ def parse_caption(text: str) -> Scene:
         else:
             parts[-1].append(word)
     if len(parts) > 2:
-        raise ValueError(f"a caption describes 1 or 2 objects, {text!r} has {len(parts)}")
+        raise WorldError(f"a caption describes 1 or 2 objects, {text!r} has {len(parts)}")
     return Scene(tuple(_parse_object(part, text) for part in parts))
 
 
