@@ -21,8 +21,15 @@ def test_subpackages_are_attributes_after_a_plain_import():
 
 def test_user_mistakes_across_the_kit_raise_the_one_error_family(tmp_path):
     """A wrong argument in each part of the kit raises its own SdlensError subclass (a ValueError)."""
-    from sdlens.errors import (CaptureError, ModelError, SdlensError, SweepError, TokenError, WebError,
-                               WorldError)
+    from sdlens.errors import (
+        CaptureError,
+        ModelError,
+        SdlensError,
+        SweepError,
+        TokenError,
+        WebError,
+        WorldError,
+    )
     from sdlens.models.families import sd1
     from sdlens.sweep import load
     from sdlens.tokens import tokenize

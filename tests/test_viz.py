@@ -18,6 +18,7 @@ from PIL import Image
 import sdlens
 import sdlens.viz as viz
 from sdlens.cli import main as cli_main
+from sdlens.errors import CaptureError
 from sdlens.viz._figure import new_figure
 from sdlens.viz.frames import heat_frame, overlay_frame, self_frame, target_map
 
@@ -105,9 +106,9 @@ def test_targets_words_specials_and_slots(run):
     pad = viz.resolve_target(tr, "<pad>")
     assert pad.slots == tuple(range(8, 77)) and pad.label == "<pad> ×69" and pad.reduce == "sum"
     assert viz.resolve_target(tr, ("slot", 3)).label == "#3 circle"
-    with pytest.raises(ValueError, match="square.*words are"):
+    with pytest.raises(CaptureError, match="square.*words are"):
         viz.resolve_target(tr, "square")
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(CaptureError, match="out of range"):
         viz.resolve_target(tr, 6)
     # a word's map is the trace's own word_map; the padding's is the sum of its slots' maps
     torch.testing.assert_close(viz.target_map(tr, "circle"), tr.word_map("circle"))
@@ -120,7 +121,7 @@ def test_as_rgb_takes_pil_numpy_and_torch():
     assert np.array_equal(viz.as_rgb(torch.from_numpy(a).permute(2, 0, 1)), a)
     assert np.array_equal(viz.as_rgb(a.astype(np.float32) / 255), a)
     assert viz.as_rgb(np.zeros((5, 7))).shape == (5, 7, 3)
-    with pytest.raises(ValueError, match="an image must be"):
+    with pytest.raises(CaptureError, match="an image must be"):
         viz.as_rgb(np.zeros((2, 5, 7, 3)))
 
 
@@ -248,7 +249,7 @@ def test_layer_grid_by_layer_and_by_size(run):
     axes = image_axes(fig)
     assert [ax.get_title() for ax in axes] == ["32×32 maps (3 layers)", "16×16 maps (4 layers)"]
     assert np.array_equal(drawn(axes[1]), overlay_frame(tr, "circle", image, layers=16).rgb)
-    with pytest.raises(ValueError, match="by="):
+    with pytest.raises(CaptureError, match="by="):
         viz.layer_grid(tr, "circle", by="head")
 
 
@@ -262,7 +263,7 @@ def test_head_grid(run, pipe):
     assert len(image_axes(viz.head_grid(tr, "circle", 16, image))) == 3  # the heads kept in all 16x16 layers
     with sdlens.trace(pipe) as averaged:
         pipe(PROMPT, num_inference_steps=1, height=64, width=64)
-    with pytest.raises(ValueError, match="heads='all'"):
+    with pytest.raises(CaptureError, match="heads='all'"):
         viz.head_grid(averaged, "circle", layer)
 
 
@@ -291,7 +292,7 @@ def test_denoising_figure(run):
     assert np.array_equal(drawn(axes[0]), tr.xt_images[1, 0]) and np.array_equal(drawn(axes[1]), tr.x0_images[1, 0])
     assert axes[2].get_title() == f"step 1 · t={tr.timesteps[1]:.0f} · noise {tr.noise_levels[1]:.2f}"
     bare = tr.replace(xt_images=None, x0_images=None)
-    with pytest.raises(ValueError, match="record_latents=True"):
+    with pytest.raises(CaptureError, match="record_latents=True"):
         viz.denoising(bare, 1)
 
 
@@ -337,7 +338,7 @@ def test_self_attention_segments_find_the_two_regions(run):
     axes = image_axes(fig)
     assert [ax.get_title() for ax in axes] == ["image", "self-attention: 3 principal components", "k-means, 2 clusters"]
     assert all(drawn(ax).shape == (64, 64, 3) for ax in axes)
-    with pytest.raises(ValueError, match="one size"):
+    with pytest.raises(CaptureError, match="one size"):
         viz.self_attention_rows(tr, layers=[32, 16])
 
 
@@ -347,7 +348,7 @@ def test_kmeans_and_pca_are_deterministic():
     labels = viz.kmeans(x, 2, seed=3)
     assert labels.tolist() == [0] * 30 + [1] * 30
     assert torch.equal(viz.pca_rgb(x, (6, 10)), viz.pca_rgb(x, (6, 10)))
-    with pytest.raises(ValueError, match="n_clusters"):
+    with pytest.raises(CaptureError, match="n_clusters"):
         viz.kmeans(x, 0)
 
 
@@ -467,7 +468,7 @@ def test_overlap_colours_each_pixel_by_region_and_mask_and_names_them():
     for (r, c), k in want.items():
         assert np.allclose(shown[r, c], OVERLAP_COLOURS[k]), (r, c)
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["neither", "map only", "object only", "both"]
-    with pytest.raises(ValueError, match="one shape"):
+    with pytest.raises(CaptureError, match="one shape"):
         overlap(ax, region, mask[:1])
     plt.close(fig)
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import sdlens
+from sdlens.errors import WebError
 from sdlens.web import schedule
 from sdlens.web.export import VENDOR, write_page
 
@@ -69,7 +70,7 @@ def test_coefficients_step_as_diffusers_scheduler(tiny):
 def test_other_samplers_are_refused(tiny):
     from diffusers import DDIMScheduler
 
-    with pytest.raises(ValueError, match="DPM-Solver"):
+    with pytest.raises(WebError, match="DPM-Solver"):
         schedule.coefficients(DDIMScheduler.from_config(tiny.scheduler.config), 10)
 
 

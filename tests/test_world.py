@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sdlens.errors import WorldError
 from sdlens.world import (
     BACKGROUND,
     COLORS,
@@ -137,18 +138,18 @@ def test_parse_is_lenient_about_case_spaces_and_full_stop():
     ],
 )
 def test_parse_errors_name_the_problem_and_the_vocabulary(text, fragments):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(WorldError) as info:
         parse_caption(text)
     for fragment in fragments:
         assert fragment in str(info.value)
 
 
 def test_objects_and_scenes_validate_themselves():
-    with pytest.raises(ValueError, match="valid shapes are: circle, square, triangle"):
+    with pytest.raises(WorldError, match="valid shapes are: circle, square, triangle"):
         Obj("hexagon", "red", "left")
-    with pytest.raises(ValueError, match="valid positions are"):
+    with pytest.raises(WorldError, match="valid positions are"):
         Obj("circle", "red", "middle")
-    with pytest.raises(ValueError, match="1 or 2 objects"):
+    with pytest.raises(WorldError, match="1 or 2 objects"):
         Scene(())
     assert Scene([Obj("circle", "red", "left")]).objects == (Obj("circle", "red", "left"),)  # list → tuple
 
@@ -163,7 +164,7 @@ def test_sample_scene():
     assert {o.shape for s in scenes for o in s.objects} == set(SHAPES)
     assert {o.position for s in scenes for o in s.objects} == set(POSITIONS)
     assert sample_scene(np.random.default_rng(3)) == sample_scene(np.random.default_rng(3))
-    with pytest.raises(ValueError, match="n_objects"):
+    with pytest.raises(WorldError, match="n_objects"):
         sample_scene(rng, n_objects=3)
 
 
@@ -313,7 +314,7 @@ def test_analyzer_input_formats():
     for image in (r.image, as_float, as_float.numpy(), torch.from_numpy(r.image)):
         assert sorted((d.color, d.shape, d.position) for d in analyze(image)) == sorted(expected)
     np.testing.assert_allclose(to_rgb(as_float), r.image, atol=1e-3)
-    with pytest.raises(ValueError, match=r"uint8 \(H, W, 3\) image, a float \(H, W, 3\) image in 0..1 or a float \(3, H, W\)"):
+    with pytest.raises(WorldError, match=r"uint8 \(H, W, 3\) image, a float \(H, W, 3\) image in 0..1 or a float \(3, H, W\)"):
         analyze(np.zeros((64, 64), dtype=np.float32))
 
 
@@ -413,11 +414,11 @@ def test_score_judges_size_words_and_leaves_open_positions_unjudged():
 
 
 def test_a_scene_gives_positions_to_both_objects_or_to_neither():
-    with pytest.raises(ValueError, match="both objects"):
+    with pytest.raises(WorldError, match="both objects"):
         Scene((Obj("circle", "red", "left"), Obj("square", "blue")))
-    with pytest.raises(ValueError, match="unknown size 'huge'"):
+    with pytest.raises(WorldError, match="unknown size 'huge'"):
         Obj("circle", "red", size="huge")
-    with pytest.raises(ValueError, match="free_prob"):
+    with pytest.raises(WorldError, match="free_prob"):
         sample_scene(np.random.default_rng(0), free_prob=2.0)
 
 
@@ -435,5 +436,5 @@ def test_a_pipelines_float_output_reads_as_its_uint8_image():
     assert mask_iou(red, scene.masks[0]) == 1.0 and mask_iou(red, scene.masks[1]) == 0.0
     assert object_mask(blurred, "green") is None and mask_iou(None, red) == 0.0
     assert describe(np.full((64, 64, 3), 0.78)) == "no object found"
-    with pytest.raises(ValueError, match=r"0\.\.1.*spans -0\.90\.\.0\.90"):
+    with pytest.raises(WorldError, match=r"0\.\.1.*spans -0\.90\.\.0\.90"):
         analyze(blurred * 2 - 1)
