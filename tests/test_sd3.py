@@ -154,6 +154,23 @@ def test_pooled_dropout_withholds_the_pooled_vector(tmp_path, monkeypatch):
         small_config(pooled_dropout=1.5)
 
 
+def test_without_pooled_input_the_pooled_vector_changes_nothing(tmp_path):
+    """--no-pooled-input: the trained and exported transformer gives the same output whatever the pooled vector."""
+    out = train(tmp_path, "np", small_config(pooled_input=False))
+    assert json.loads((out / "training.json").read_text())["config"]["pooled_input"] is False
+    assert float(transformer_weights(out)["time_text_embed.text_embedder.linear_1.weight"].abs().max()) == 0.0
+    pipe = sdlens.load_pipeline(str(out))
+    t = pipe.transformer.float()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, generator=g)
+    ctx = torch.randn(1, 8, t.config.joint_attention_dim, generator=g)
+    with torch.no_grad():
+        a, b = (t(x, encoder_hidden_states=ctx, pooled_projections=torch.randn(1, t.config.pooled_projection_dim,
+                                                                                generator=g),
+                  timestep=torch.tensor([500.0])).sample for _ in range(2))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------ tracing joint attention
 
 

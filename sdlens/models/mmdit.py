@@ -99,6 +99,10 @@ class Sd3Config(ImageConfig):
     # pooled vector (notes/tiny_model.md), so their word maps point nowhere; with it, the words must
     # reach the picture through the joint attention
     pooled_dropout: float = 0.0
+    # False: the pooled vector reaches nothing (its projection's input weights are zero and frozen, in
+    # training and in the exported weights), so the prompt can only be read through the joint
+    # attention; the classes and the pipeline are SD 3's unchanged
+    pooled_input: bool = True
     two_object_prob: float = 0.7
     free_position_prob: float = 0.35
     size_word_prob: float = 0.35
@@ -299,6 +303,15 @@ def flow_matching_loss(transformer, latents, slots, pooled, cfg: Sd3Config, gene
 # The stage and the run.
 
 
+def cut_pooled_input(transformer) -> None:
+    """Zero and freeze the input weights of the pooled vector's projection (``time_text_embed.text_embedder``):
+    its output is then its bias alone, the same for every prompt."""
+    weight = transformer.time_text_embed.text_embedder.linear_1.weight
+    with torch.no_grad():
+        weight.zero_()
+    weight.requires_grad_(False)
+
+
 def train_transformer(run, budget, vae, pipe, prompts: PromptCache):
     """Train the transformer (the one trainable part); returns its exponential moving average.
 
@@ -312,7 +325,9 @@ def train_transformer(run, budget, vae, pipe, prompts: PromptCache):
     transformer = pipe.transformer.to(device).train()
     use_repeated_zero_slot(transformer, cfg.t5_slots)
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
-    params = list(transformer.parameters())
+    if not cfg.pooled_input:
+        cut_pooled_input(transformer)
+    params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, budget.lr, device)
     emas = {"transformer": EMA(transformer)}
     loop = StageLoop(run, "transformer", budget, {"transformer": transformer}, optimizer, emas)
