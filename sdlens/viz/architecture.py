@@ -93,7 +93,7 @@ def _transformer_plan(model, latent_hw: tuple[int, int], slots: int, t5: int) ->
     width = cfg.num_attention_heads * cfg.attention_head_dim
     dual = [i for i, b in enumerate(model.transformer_blocks) if getattr(b, "attn2", None) is not None]
     stages = [Stage("pos_embed", "embed", grid, width, notes=[f"{p}×{p} patches → {grid[0] * grid[1]} tokens",
-                                                               "+ a learnt position embedding per patch"])]
+                                                               "+ a fixed 2-D sine–cosine position embedding"])]
     n = len(model.transformer_blocks)
     stages.append(Stage(f"transformer_blocks.0–{n - 1}", "joint", grid, width, transformers=n,
                         heads=cfg.num_attention_heads,
