@@ -440,15 +440,16 @@ def _iou(a, b) -> float:
 
 @pytest.mark.slow  # over 5 s: in the full run, not the quick loop
 def test_nb7_s3_the_first_half_of_the_copied_steps_keeps_the_object_and_self_injection_does_not_help(pipe):
-    """07_editing, section 3: over the notebook's five colour swaps (no positions), copying the maps
-    for the first half of the steps does nearly all of what copying them all does, far above
-    regenerating; adding self-attention injection does not raise the IoU."""
+    """07_editing, section 3: over the notebook's eight colour swaps (no positions), copying the maps
+    for the first half of the steps does nearly all of what copying them all does, well above
+    regenerating, and holds the object's place only in part (mean IoU under 0.7); adding
+    self-attention injection does not raise the IoU."""
     from sdlens import edit
     from sdlens.world import COLORS
 
     rng = np.random.default_rng(7)
     cases = []
-    for sc in [sample_scene(rng, n_objects=1, free_prob=1.0) for _ in range(5)]:
+    for sc in [sample_scene(rng, n_objects=1, free_prob=1.0) for _ in range(8)]:
         o = sc.objects[0]
         new = rng.choice([c for c in COLORS if c != o.color])
         cases.append((caption(sc), f"a {new} {o.shape}", o.color, str(new), int(rng.integers(2**31))))
@@ -462,7 +463,7 @@ def test_nb7_s3_the_first_half_of_the_copied_steps_keeps_the_object_and_self_inj
         return float(np.mean(ious))
 
     none, half, full = (mean_iou(cross_steps=f, self_steps=0) for f in (0.0, 0.5, 1.0))
-    assert none < 0.35 and half > none + 0.4 and abs(full - half) < 0.1, (none, half, full)
+    assert none < 0.35 and half > none + 0.25 and abs(full - half) < 0.1 and full < 0.7, (none, half, full)
     assert mean_iou(cross_steps=1.0, self_steps=0.4) <= full + 0.02
 
 
@@ -482,14 +483,19 @@ def test_nb7_s5_blend_keeps_the_other_object_that_regenerating_moves(pipe):
 
 
 def test_nb7_s8_a_rendered_picture_is_reconstructed_and_recoloured_in_place(pipe):
-    """07_editing, section 8: the inverted picture comes back to within 0.01 and the edit makes
-    the triangle blue where the true mask is (IoU above 0.6)."""
+    """07_editing, section 8: the inverted picture's mean error is under 0.01, but inside the triangle
+    it is many times that and the triangle comes back smaller; the edit makes it blue where the true
+    mask is (IoU above 0.6)."""
     from sdlens import edit
     from sdlens.world import render
 
     scene = render(parse_caption("a yellow triangle at the top"), size=64, seed=2)
     r = edit.replace(pipe, "a yellow triangle at the top", "a blue triangle at the top", image=scene.image, **NB7)
     assert r.reconstruction_error < 0.01
+    inside = np.abs(np.asarray(r.images[0], dtype=np.float32) - scene.image.astype(np.float32) / 255).mean(-1)[scene.masks[0]].mean()
+    assert inside > 5 * r.reconstruction_error  # the picture-wide error is mostly easy background
+    rec = _mask(r.images[0], "yellow")
+    assert rec.sum() < scene.masks[0].sum() and _iou(scene.masks[0], rec) < 0.9  # the triangle comes back smaller
     assert _iou(scene.masks[0], _mask(r.images[1], "blue")) > 0.6
 
 

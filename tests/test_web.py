@@ -222,6 +222,11 @@ def test_page_in_chromium(tiny, served, tmp_path):
                 (ROOT / "docs").mkdir(exist_ok=True)
                 (ROOT / "docs" / "web-page.png").write_bytes(shot.read_bytes())
 
+            # readable on a phone: nothing wider than the screen
+            page.set_viewport_size({"width": 390, "height": 844})
+            assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth + 1")
+            page.set_viewport_size({"width": 1200, "height": 1400})
+
             # a word outside the model's vocabulary: the message, not a crash
             page.fill("#prompt", "a red dog")
             page.dispatch_event("#prompt", "input")

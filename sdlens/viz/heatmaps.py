@@ -89,26 +89,34 @@ def word_grid(
     """The image, then one overlay per word of the prompt, then (``specials``) its start, end and padding slots.
 
     Every panel's title gives the share of the attention mass its slots take (the padding slots
-    are summed). The panels are compared, so by default (``scale="shared"``) they share one colour
-    scale (one min..max) and one colour bar: a faint word looks faint. ``scale="absolute"`` puts 0
-    at the dark end; ``scale="each"`` gives each panel its own min..max and colour bar (each map's
-    shape, its strength hidden). Maps are drawn over the picture's grey (``style.underlay``).
+    are summed). The words are compared, so by default (``scale="shared"``) their panels share one
+    colour scale (one min..max) and one colour bar: a faint word looks faint; the start, end and
+    padding panels, which are not words (the padding's map is the sum of its slots), keep their own
+    scale and bar. ``scale="absolute"`` puts every panel on 0..the largest value, specials included;
+    ``scale="each"`` gives each panel its own min..max and colour bar (each map's shape, its strength
+    hidden). Maps are drawn over the picture's grey (``style.underlay``).
     """
     targets = prompt_targets(trace, prompt, words=words, specials=specials)
     size = image_size_of(trace, image)
     sel = dict(prompt=prompt, steps=steps, layers=layers, heads=heads)
     heats = [target_map(trace, t, size=size, **sel) for t in targets]
-    ranges = [None] * len(heats) if scale == "each" else color_range(heats, scale)
+    # "shared": the words share one scale; the start, end and padding slots (the padding summed over
+    # its slots) are not words and keep their own, or they would set the words' scale
+    own = [scale == "each" or (scale == "shared" and t.kind in ("start", "end", "pad")) for t in targets]
+    shared = [h for h, o in zip(heats, own) if not o]
+    common = iter(color_range(shared, scale)) if shared else iter(())
+    ranges = [None if o else next(common) for o in own]
     frames = [heat_frame(h, image, t.label, alpha=alpha, cmap=cmap, vrange=r) for h, t, r in zip(heats, targets, ranges)]
     first = 1 if image is not None else 0
     fig, axes = panel_grid(len(frames) + first, ncols, extra_width=0.6 if scale != "each" else 0.0)
     if image is not None:
         show_rgb(axes[0], as_rgb(image), wrap(trace.prompts[prompt], 28) if trace.prompts else "image")
     shares = attention_shares(trace, targets, **sel)
-    for ax, frame, t, share in zip(axes[first:], frames, targets, shares):
-        draw_frame(ax, frame, f"{t.label}\n{format_share(share)} of attention", bar=scale == "each", bar_label=None)
-    if scale != "each" and frames:
-        colorbar(fig, frames[0], axes[first:], "attention (one scale)")
+    for ax, frame, t, share, o in zip(axes[first:], frames, targets, shares, own):
+        draw_frame(ax, frame, f"{t.label}\n{format_share(share)} of attention", bar=o, bar_label=None)
+    one = [(ax, f) for ax, f, o in zip(axes[first:], frames, own) if not o]
+    if one:
+        colorbar(fig, one[0][1], [ax for ax, _ in one], "words: one scale" if scale == "shared" else "one scale")
     what = layers_label(trace, layers)
     fig.suptitle(f"cross-attention per word · {what}{scale_note(scale)}", fontsize=10)
     return fig

@@ -129,13 +129,16 @@ function drawMaps(result, stepIndex) {
   const scale = $("scale").value;
   const words = result.targets.filter((t) => t.kind === "word" || $("specials").checked);
   let lo = Infinity, hi = -Infinity;
-  if (scale === "shared") {
-    for (const t of words) for (const v of src.maps[t.label]) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+  if (scale === "shared") { // the words share a scale; start, end and padding (summed) keep their own
+    for (const t of words) {
+      if (t.kind !== "word") continue;
+      for (const v of src.maps[t.label]) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+    }
   }
   for (const t of words) {
     const m = src.maps[t.label];
     let a = lo, b = hi;
-    if (scale === "each") { a = Math.min(...m); b = Math.max(...m); }
+    if (scale === "each" || t.kind !== "word") { a = Math.min(...m); b = Math.max(...m); }
     const fig = document.createElement("figure");
     fig.className = "map";
     fig.dataset.word = t.label;
@@ -150,7 +153,8 @@ function drawMaps(result, stepIndex) {
     grid.append(fig);
   }
   $("legend").textContent = scale === "shared"
-    ? `One scale: dark = ${fmtShare(Math.max(lo, 0))}, light = ${fmtShare(hi)} of a pixel's attention.`
+    ? `The words on one scale: dark = ${fmtShare(Math.max(lo, 0))}, light = ${fmtShare(hi)} of a pixel's attention` +
+      ($("specials").checked ? "; the start, end and padding maps each on their own." : ".")
     : "Each map on its own scale: dark = its smallest value, light = its largest.";
   const pad = ["<start>", "<end>", "<pad>"].reduce((s, k) => s + (src.shares[k] || 0), 0);
   $("special-share").textContent = `${fmtShare(pad)} of the attention goes to the start, end and padding slots, not to a word.`;
