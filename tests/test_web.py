@@ -173,7 +173,8 @@ RUN_JS = """async (args) => {
   const maps = {};
   for (const w of r.words) maps[w] = Array.from(r.maps[w]);
   return {width: r.width, height: r.height, words: r.words, maps, image: Array.from(r.image),
-          steps: r.steps.length, seconds: r.seconds};
+          steps: r.steps.length, seconds: r.seconds, mapSize: r.mapSize,
+          x0: r.steps.map(s => s.x0.length), stepWords: Object.keys(r.steps[0].maps)};
 }"""
 
 
@@ -242,6 +243,8 @@ def test_page_in_chromium(tiny, served, tmp_path):
                 image = np.array(got["image"], dtype=np.float64).reshape(64, 64, 4)[..., :3] / 255
                 assert np.abs(image - np.asarray(ref) / 255).mean() <= 0.02, prompt
                 assert got["words"] == tr.tokenization().word_labels
+                assert got["mapSize"] == [64, 64] and got["x0"] == [64 * 64 * 4] * 25
+                assert set(got["words"]) <= set(got["stepWords"])
                 for word in got["words"]:
                     ours = np.array(got["maps"][word])
                     assert np.corrcoef(ours, tr.word_map(word).flatten().numpy())[0, 1] >= 0.95, (prompt, word)

@@ -1,6 +1,7 @@
 // The page: a prompt in the model's own words, the picture, one heat map per word with its share of
 // the attention, and a step slider. window.sdlensDemo.run({prompt, seed, steps, guidance}) is the
-// same pipeline for scripts and tests.
+// same pipeline for scripts and tests; it resolves to {width, height, image (RGBA), words, maps
+// {word: Float32Array (H·W)}, shares, mapSize [H, W], steps: [{maps, shares, x0 (RGBA)}], timesteps, seconds}.
 const worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
 const pending = new Map();
 let nextId = 0;
@@ -166,7 +167,7 @@ function showStep(i) {
   const all = i >= n;
   $("step-label").textContent = all ? `all ${n} steps (averaged)` : `step ${i + 1} of ${n} (timestep ${last.timesteps[i]})`;
   if (all) putRGBA($("x0"), last.image, last.width, last.height);
-  else putRGBA($("x0"), last.steps[i].image, last.width, last.height);
+  else putRGBA($("x0"), last.steps[i].x0, last.width, last.height);
   $("x0-note").textContent = all
     ? "The finished picture."
     : "What the model expects the clean picture to be at this step: early steps guess a blur, later ones settle.";

@@ -134,7 +134,8 @@ async function run(msg, progress) {
   progress(steps + 1, steps + 1, "decoding");
   const [H, W] = decoded.dims.slice(2);
   const pixels = decoded.data;
-  const perStep = stepGroups.map((groups, i) => ({ ...targetMaps(groups, targets, meta.slots, H, W), image: rgba(pixels, i + 1, H, W) }));
+  // per step: the word maps and shares, and the clean-picture estimate x0 (RGBA)
+  const perStep = stepGroups.map((groups, i) => ({ ...targetMaps(groups, targets, meta.slots, H, W), x0: rgba(pixels, i + 1, H, W) }));
   const maps = {}, shares = {};
   for (const t of targets) {
     const acc = new Float32Array(H * W);
