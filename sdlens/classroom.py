@@ -142,6 +142,37 @@ HINTS = {
             "then find the first x0 picture where a circle is recognisable.",
     "01.5": "Pick <pad> in the explorer's word menu and compare its map with the picture: objects or background?",
     "01.6": "Count how many of the 20 circles land in each quarter of the picture (analyze gives the centroid).",
+    "02.1": "Decode the scaled latent and run sdlens.world.analyze on both pictures; the decoder is not linear, "
+            "so compare what changes with what 1.5 × the pixels would do.",
+    "02.2": "Roll by one latent pixel, decode, and find the shift that best matches the two pictures "
+            "(try torch.roll on the decoded picture by 1…8 pixels).",
+    "02.3": "Repeat section 3's measurement with 100 scenes and compare; in notebook 3, pass latents scaled by 2 "
+            "or 0.5 to the sampling loop and look at the picture.",
+    "02.4": "Compare the dot's pixels before and after the round trip (mean difference inside it).",
+    "02.5": "Take section 7's GFLOP per UNet call, double it for the guidance batch, multiply by 50 steps; do the "
+            "same for the pixel-space figure.",
+    "03.1": "guidance = 1 means eps = eps_text exactly; for a negative scale, read what sdlens.world.score says "
+            "the picture shows.",
+    "03.2": "Measure each run's distance to a 50-step reference, as section 5 does, at 5, 10 and 20 steps.",
+    "03.3": "Decode x̂0 at each step, run sdlens.world.analyze, and note the first step after which the "
+            "colour (then the position) no longer changes.",
+    "03.4": "Print torch.linalg.norm of each mixed noise: the straight mix is shorter in the middle.",
+    "03.5": "Noise the start latent to the first kept timestep with scheduler.add_noise, then run "
+            "scheduler.timesteps[-n_run:].",
+    "03.6": "Compare the inpainted pictures of a few seeds: does anything outside the mask change?",
+    "03.7": "Score each picture for 'a red circle on the left' with sdlens.world.score: how often is it a circle?",
+    "06.1": "Read the self-attention map's values on the object and on the background at the edge pixel.",
+    "06.2": "Re-run section 3's clustering cell with each K and compare the printed IoU.",
+    "06.3": "Compare the similarity matrices: the clearer layout is the one whose same-layout block stands out.",
+    "06.4": "Use until=3 in the swap and run sdlens.world.analyze on B's picture: where is its object?",
+    "06.5": "Scale only the position word's slot in the probabilities (a Controller with probs, as in the hooks' "
+            "docs) and compare the picture with B's.",
+    "08.1": "Read the loss at the end and the printed match rate and IoU of both runs side by side.",
+    "08.2": "Compare the loss curves at the same step counts, then the samples.",
+    "08.3": "With no empty captions in training, the unconditional prediction was never learnt: look at the "
+            "guided picture.",
+    "08.4": "Run the section 6 lens on the new model and read the padding's share.",
+    "08.5": "The command prints where it writes; load the folder and run notebook 1 on it.",
     "04.2": "Drop the mask by passing no causal mask to the attention; compare the vectors with torch.dist. "
             "Without the mask the start slot sees the whole prompt.",
     "04.4": "The anatomy table lists each attn2 with its map size; repeat section 3 with one of another size.",
