@@ -127,8 +127,8 @@ def test_exported_graphs_give_the_pytorch_pipelines_picture_and_maps(tiny, page_
         slots = tr.tokenization().word_tokens[tr.word_index(word)]
         torch.testing.assert_close(_word_map(groups, meta, slots), tr.word_map(word), rtol=1e-3, atol=1e-5)
     assert len(meta["schedules"]) == 50 and meta["noise"]["seeds"] == 8
-    assert [g["size"] for g in meta["mapGroups"]] == [[16, 16], [8, 8]]
-    assert sum(g["layers"] for g in meta["mapGroups"]) == len(tr.layers_of("cross"))
+    assert [g["layer"] for g in meta["mapGroups"]] == tr.layers_of("cross")  # one output per layer
+    assert [tuple(g["size"]) for g in meta["mapGroups"]] == [tr.map_size(n) for n in tr.layers_of("cross")]
 
 
 def test_web_command_refuses_bad_arguments_and_leaves_nothing(tmp_path, capsys):

@@ -5,8 +5,8 @@ What the page gets, all in one folder (no network needed once written):
 - ``text_encoder.onnx``: token ids ``(b, 77)`` → the prompt's slot vectors ``(b, 77, width)``;
 - ``unet.onnx``: ``(sample (b, 4, h, w), timestep (1,), context (b, 77, width))`` → the noise
   estimate ``eps`` and, for the batch's last row (the conditional one, as the pipeline orders a
-  CFG batch), the cross-attention probabilities of every layer averaged over heads and over the
-  layers of one map size: ``maps_<h>x<w>`` of shape ``(h·w, 77)``, largest size first;
+  CFG batch), each cross-attention layer's probabilities averaged over heads: ``maps_<i>`` of
+  shape ``(h·w, 77)``, in the layers' call order;
 - ``vae_decoder.onnx``: latents ``(b, 4, h, w)`` → pictures ``(b, 3, H, W)`` in [0, 1];
 - ``model.json``: the vocabulary (the world's words and their CLIP token ids), the special ids,
   the sampler's coefficients for every step count (``web.schedule``), the map groups (size and
@@ -64,15 +64,14 @@ class _ExplicitAttention:
 
 
 class _UNetWithMaps(torch.nn.Module):
-    """The UNet, returning the noise estimate and its cross-attention maps grouped by map size."""
+    """The UNet, returning the noise estimate and each cross-attention layer's head-averaged map."""
 
-    def __init__(self, unet, sizes: list[tuple[int, int]]) -> None:
+    def __init__(self, unet) -> None:
         super().__init__()
         from ..hooks.layers import attention_layers
 
         self.unet = unet
         self.store: list = []
-        self.sizes = sizes  # map size per cross layer, in call order
         procs = {}
         for info in attention_layers(unet):
             procs[f"{info.name}.processor"] = _ExplicitAttention(self.store if info.role == "cross" else None)
@@ -81,10 +80,7 @@ class _UNetWithMaps(torch.nn.Module):
     def forward(self, sample, timestep, context):
         self.store.clear()
         eps = self.unet(sample, timestep, encoder_hidden_states=context).sample
-        groups: dict[tuple[int, int], list] = {}
-        for size, p in zip(self.sizes, self.store):
-            groups.setdefault(size, []).append(p)
-        return (eps, *[torch.stack(groups[s]).mean(0) for s in sorted(groups, reverse=True)])
+        return (eps, *self.store)
 
 
 class _TextEncoder(torch.nn.Module):
@@ -162,13 +158,12 @@ def model_files(pipe, tmp: Path, *, seeds: int = 1000, max_steps: int = MAX_STEP
     latent = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     slots = pipe.tokenizer.model_max_length
     width = text.config.hidden_size
-    cross = [i for i in attention_layers(unet) if i.role == "cross"]
+    cross = [i for i in attention_layers(unet) if i.role == "cross"]  # in call order, as the store fills
     sizes = [i.map_size(latent[1:]) for i in cross]
-    groups = sorted(set(sizes), reverse=True)
-    out_names = [f"maps_{h}x{w}" for h, w in groups]
+    out_names = [f"maps_{i}" for i in range(len(cross))]
 
     unet = copy.deepcopy(unet).float().eval()
-    _export(_UNetWithMaps(unet, sizes), (torch.randn(2, *latent), torch.tensor([500.0]), torch.randn(2, slots, width)),
+    _export(_UNetWithMaps(unet), (torch.randn(2, *latent), torch.tensor([500.0]), torch.randn(2, slots, width)),
             tmp / "unet.onnx", ["sample", "timestep", "context"], ["eps", *out_names],
             {"sample": {0: "batch"}, "context": {0: "batch"}, "eps": {0: "batch"}})
     _export(_TextEncoder(copy.deepcopy(text).float().eval()), (torch.zeros(2, slots, dtype=torch.long),),
@@ -190,8 +185,8 @@ def model_files(pipe, tmp: Path, *, seeds: int = 1000, max_steps: int = MAX_STEP
         "slots": slots,
         "ids": {"start": tok.bos_token_id, "end": tok.eos_token_id, "pad": tok.pad_token_id},
         "vocabulary": vocabulary(tok),
-        "mapGroups": [{"output": name, "size": list(size), "layers": sizes.count(size)}
-                      for name, size in zip(out_names, groups)],
+        "mapGroups": [{"output": name, "layer": info.name, "size": list(size), "layers": 1}
+                      for name, info, size in zip(out_names, cross, sizes)],
         "schedules": {str(n): coefficients(copy.deepcopy(pipe.scheduler), n) for n in range(1, max_steps + 1)},
         "defaults": {"steps": 25, "guidance": 7.5, "seed": 0},
         "noise": {"file": "noise.bin", "seeds": seeds, "dtype": "float32"},
