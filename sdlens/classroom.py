@@ -47,9 +47,10 @@ def check_slots(text: str, answer: int | None, tokenizer=None) -> Verdict:
 
 def check_guidance_batch(pipe, answer: int | None) -> Verdict:
     """Exercise 01.4: the batch the denoiser sees at each step with ``guidance_scale=1.0``."""
+    from .hooks.layers import denoiser_of
+
     seen = []
-    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
-    handle = denoiser.register_forward_pre_hook(
+    handle = denoiser_of(pipe).register_forward_pre_hook(
         lambda m, args, kwargs: seen.append(int((args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))).shape[0])),
         with_kwargs=True)
     try:

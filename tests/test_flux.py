@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _weights import give_weights
 from diffusers.models.embeddings import apply_rotary_emb
 
 import sdlens
@@ -26,12 +27,7 @@ KW = dict(num_inference_steps=3, output_type="np", height=32, width=32, max_sequ
 
 
 def _randomise(pipe):
-    """Give every matrix of the transformer weights (zero-initialised layers would hide errors)."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in pipe.transformer.parameters():
-            if param.ndim > 1:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    give_weights(pipe.transformer, 0.1)
     return pipe
 
 

@@ -29,20 +29,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from _browser import CHROMIUM, CHROMIUM_ARGS, browser_missing
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "01_start_here.ipynb"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 START_TIMEOUT = 60  # seconds for JupyterLab to answer
 KERNEL_TIMEOUT = 120  # seconds for the kernel to start and connect to the page
 RUN_TIMEOUT = 300  # seconds for "Run All Cells" to bring up the explorer (~20 s on a quiet 2-core CPU)
@@ -51,12 +41,9 @@ CHANGE_TIMEOUT = 30  # seconds for the picture to change after the slider moves
 
 def _requirements() -> str | None:
     """Why the test cannot run here, or None."""
-    if not CHROMIUM.exists():
-        return f"{CHROMIUM} is not installed (apt-get install chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright Python package is not installed (pip install playwright)"
+    missing = browser_missing()
+    if missing:
+        return missing
     try:
         import jupyterlab  # noqa: F401
         import jupyterlab_widgets  # noqa: F401

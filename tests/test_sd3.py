@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _weights import give_weights
 
 import sdlens
 import sdlens.edit
@@ -28,11 +29,7 @@ def pipe():
     """A random SD 3 pipeline whose transformer's zero-initialised output layers are given weights, so
     that attention changes the picture (a zero output layer would hide any error)."""
     p = sd3()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in p.transformer.parameters():
-            if param.ndim > 1:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.05)
+    give_weights(p.transformer, 0.05)
     return p
 
 

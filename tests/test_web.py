@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _browser import CHROMIUM, CHROMIUM_ARGS, browser_missing
 
 import sdlens
 from sdlens.errors import WebError
@@ -27,9 +28,6 @@ from sdlens.web import schedule
 from sdlens.web.export import VENDOR, write_page
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 PROMPTS = ["a red circle on the left and a blue square on the right", "a big green triangle",
            "a small blue circle at the top"]
 
@@ -144,16 +142,6 @@ def test_web_command_refuses_bad_arguments_and_leaves_nothing(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ the browser
-def _browser_skip() -> str | None:
-    if not CHROMIUM.exists():
-        return f"{CHROMIUM} is not installed (apt-get install chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright Python package is not installed (pip install playwright)"
-    return None
-
-
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
@@ -181,7 +169,7 @@ RUN_JS = """async (args) => {
 @pytest.mark.slow
 @pytest.mark.browser
 def test_page_in_chromium(tiny, served, tmp_path):
-    reason = _browser_skip()
+    reason = browser_missing()
     if reason:
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright

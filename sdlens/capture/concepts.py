@@ -56,9 +56,10 @@ def embed_concepts(pipe, concepts: Sequence[str], device, dtype) -> torch.Tensor
         raise CaptureError("concepts= needs a pipeline with its text encoders (not a bare denoiser)")
     import inspect
 
+    from ..hooks.layers import is_flux
     from ..tokens import tokenize
 
-    flux = getattr(pipe, "text_encoder_3", None) is None and type(getattr(pipe, "transformer", None)).__name__.startswith("Flux")
+    flux = is_flux(getattr(pipe, "transformer", None))
     accepts = inspect.signature(type(pipe).encode_prompt).parameters
     extra = {k: v for k, v in (("prompt_2", None), ("prompt_3", None), ("do_classifier_free_guidance", False))
              if k in accepts}

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import BudgetError, CaptureError, TraceWarning, warn
 from ..hooks.attach import Run
-from ..hooks.layers import TEXT_KINDS, LayerInfo, infer_map_size
+from ..hooks.layers import TEXT_KINDS, LayerInfo, infer_map_size, is_flux
 from ..hooks.processor import Call, Controller
 from ..result.attention_trace import AttentionTrace, TraceInfo
 from ..result.recording import Recording
@@ -408,8 +408,7 @@ class Capture(Controller):
 
 def _keys_are_t5(run: Run) -> bool:
     """The text keys are the second encoder's (T5's) slots only: Flux (its CLIP gives the pooled vector)."""
-    return (run.pipe is not None and getattr(run.pipe, "tokenizer_2", None) is not None
-            and type(run.denoiser).__name__.startswith("Flux"))
+    return run.pipe is not None and getattr(run.pipe, "tokenizer_2", None) is not None and is_flux(run.denoiser)
 
 
 __all__ = ["Capture"]

@@ -20,7 +20,7 @@ from ..capture.controller import Capture
 from ..capture.spec import CaptureSpec
 from ..errors import EditError
 from ..hooks.attach import attach
-from ..hooks.layers import attention_layers, denoiser_of, token_packing
+from ..hooks.layers import attention_layers, denoiser_of, is_flux
 from ..hooks.processor import Controller
 from ..result.attention_trace import AttentionTrace
 from ..tokens import Tokenization, tokenize
@@ -139,7 +139,7 @@ def edit(pipe, base: str, targets, *, kind: str | None, seed: int = 0, cross_ste
     if reserved:
         raise EditError(f"{reserved} cannot be passed to an edit: it sets the prompts and the starting noise itself "
                         "(use seed=, and image= for a real image)")
-    if _denoiser(pipe) is not None and token_packing(_denoiser(pipe)) > 1:
+    if is_flux(_denoiser(pipe)):
         raise EditError(f"{type(pipe).__name__}: Flux is traced (sdlens.trace) but not edited by sdlens.edit, which "
                         "aligns the prompts' words in CLIP's slots while Flux's attention reads T5's; attention edits "
                         "support SD 1.x/2.x/SDXL (UNet) and SD 3 (joint attention) pipelines")

@@ -128,10 +128,15 @@ def _single_stream(parent: torch.nn.Module | None) -> bool:
     return parent is not None and type(parent).__name__.endswith("SingleTransformerBlock")
 
 
+def is_flux(module: torch.nn.Module | None) -> bool:
+    """``module`` is one of diffusers' Flux modules (its transformer, or one of its attentions)."""
+    return module is not None and type(module).__name__.startswith("Flux")
+
+
 def token_packing(denoiser: torch.nn.Module) -> int:
     """Latent pixels per image token, per side, packed by the pipeline before the denoiser sees them:
     2 for Flux (its pipeline folds 2×2 latent patches into one token; its config's patch size is 1)."""
-    return 2 if type(denoiser).__name__.startswith("Flux") else 1
+    return 2 if is_flux(denoiser) else 1
 
 
 def _unet_down_steps(unet) -> tuple[list[int], int]:
@@ -174,9 +179,8 @@ def attention_layers(denoiser: torch.nn.Module) -> list[LayerInfo]:
             factor = int(patch) * token_packing(denoiser)
         parent = modules.get(name.rpartition(".")[0])
         role = _role(module, parent)
-        flux = type(module).__name__.startswith("Flux")  # its processor puts the text before the image
-        layers.append(LayerInfo(name, role, int(module.heads), factor, ceil_steps,
-                                text_first=role == "joint" and flux, single_stream=_single_stream(parent)))
+        layers.append(LayerInfo(name, role, int(module.heads), factor, ceil_steps,  # Flux's processor: text first
+                                text_first=role == "joint" and is_flux(module), single_stream=_single_stream(parent)))
     return layers
 
 

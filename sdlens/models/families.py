@@ -168,34 +168,31 @@ def sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
     return pipe
 
 
-def sd3(seed: int = 0) -> StableDiffusion3Pipeline:
-    """SD 3 family: an MMDiT with joint attention over image and text tokens (T5 absent → zeros)."""
+def _mmdit_pipeline(seed: int, *, shift: float = 1.0, t5: bool = False, **transformer) -> StableDiffusion3Pipeline:
+    """A random SD 3-layout pipeline: an MMDiT (``transformer`` kwargs on top of a small base), two
+    CLIP encoders with projection, and a T5 encoder (``t5``) or none (the pipeline's zero slots)."""
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        caption_projection_dim=16,
-        joint_attention_dim=64,
-        pooled_projection_dim=64,
-        out_channels=4,
-    )
+    config = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                  num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=64,
+                  pooled_projection_dim=64, out_channels=4)
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(),
+        transformer=SD3Transformer2DModel(**{**config, **transformer}),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
         vae=_vae(shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False),
         text_encoder=CLIPTextModelWithProjection(_clip_config(projection_dim=32)),
         tokenizer=load_clip_tokenizer(),
         text_encoder_2=CLIPTextModelWithProjection(_clip_config(projection_dim=32)),
         tokenizer_2=load_clip_tokenizer(),
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_3=T5EncoderModel(_t5_config(width=64)).eval() if t5 else None,
+        tokenizer_3=load_clip_tokenizer() if t5 else None,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def sd3(seed: int = 0) -> StableDiffusion3Pipeline:
+    """SD 3 family: an MMDiT with joint attention over image and text tokens (T5 absent → zeros)."""
+    return _mmdit_pipeline(seed)
 
 
 def sd35(seed: int = 0, layers: int = 2, dual_layers: int = 1) -> StableDiffusion3Pipeline:
@@ -207,34 +204,8 @@ def sd35(seed: int = 0, layers: int = 2, dual_layers: int = 1) -> StableDiffusio
     T5's (only the token layout matters here: T5's slots follow the 77 CLIP slots).
     ``layers=24, dual_layers=13`` give SD 3.5 Medium's blocks; ``layers=38, dual_layers=0`` Large's.
     """
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=2,
-        in_channels=4,
-        num_layers=layers,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        caption_projection_dim=16,
-        joint_attention_dim=64,
-        pooled_projection_dim=64,
-        out_channels=4,
-        qk_norm="rms_norm",
-        dual_attention_layers=tuple(range(dual_layers)),
-    )
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_vae(shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False),
-        text_encoder=CLIPTextModelWithProjection(_clip_config(projection_dim=32)),
-        tokenizer=load_clip_tokenizer(),
-        text_encoder_2=CLIPTextModelWithProjection(_clip_config(projection_dim=32)),
-        tokenizer_2=load_clip_tokenizer(),
-        text_encoder_3=T5EncoderModel(_t5_config(width=64)).eval(),
-        tokenizer_3=load_clip_tokenizer(),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _mmdit_pipeline(seed, shift=3.0, t5=True, num_layers=layers, qk_norm="rms_norm",
+                           dual_attention_layers=tuple(range(dual_layers)))
 
 
 def _t5_config(width: int = 32) -> T5Config:

@@ -32,6 +32,7 @@ import torch
 
 from ..errors import WebError
 from ..files import staged_folder
+from ..hooks.attention import sdpa_inputs, sdpa_output
 
 HERE = Path(__file__).resolve().parent
 PAGE = HERE / "page"
@@ -43,24 +44,20 @@ OPSET = 17
 
 
 class _ExplicitAttention:
-    """An attention processor for export: ``softmax(q·kᵀ/√d)·v`` as plain ops. A cross-attention
-    layer appends its head-averaged probabilities of the batch's last row to ``store``."""
+    """An attention processor for export: diffusers' ``AttnProcessor2_0`` (the hooks' two halves of it)
+    with ``softmax(q·kᵀ/√d)·v`` as plain ops in the middle. A cross-attention layer appends its
+    head-averaged probabilities of the batch's last row to ``store``."""
 
     def __init__(self, store: list | None) -> None:
         self.store = store
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        b, n, _ = hidden_states.shape
-        heads = attn.heads
-        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        d = q.shape[-1] // heads
-        q, k, v = (x.view(b, -1, heads, d).transpose(1, 2) for x in (q, k, v))  # (b, heads, n, d)
-        p = torch.softmax((q @ k.transpose(-1, -2)) * d**-0.5, dim=-1)  # (b, heads, n, keys)
+        inputs = sdpa_inputs(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        q, k = inputs.query, inputs.key  # (b, heads, n, d), (b, heads, keys, d)
+        p = torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)  # (b, heads, n, keys)
         if self.store is not None:
             self.store.append(p[-1].mean(0))  # (n, keys): the last row, heads averaged
-        out = (p @ v).transpose(1, 2).reshape(b, n, heads * d)
-        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+        return sdpa_output(attn, p @ inputs.value, inputs)
 
 
 class _UNetWithMaps(torch.nn.Module):
@@ -176,7 +173,7 @@ def model_files(pipe, tmp: Path, *, seeds: int = 1000, max_steps: int = MAX_STEP
     (tmp / "noise.bin").write_bytes(noise.tobytes())
 
     tok = pipe.tokenizer
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    scale = pipe.vae_scale_factor
     meta = {
         "format": 1,
         "model": "tiny",
