@@ -74,14 +74,15 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path, modules: set[str]) -> set[str]:
-    """Modules of the package that ``path`` imports (at any depth of its code, not under TYPE_CHECKING)."""
+def _imports(path: Path, modules: set[str], type_only: bool = False) -> set[str]:
+    """Modules of the package that ``path`` imports (at any depth of its code; under TYPE_CHECKING
+    only with ``type_only``)."""
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     tree = ast.parse(path.read_text())
     skip = set()
     for node in ast.walk(tree):  # `if TYPE_CHECKING:` imports never run
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if not type_only and isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             skip.update(id(n) for n in ast.walk(node))
     out = set()
     for node in ast.walk(tree):
@@ -102,10 +103,7 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
     return out
 
 
-def test_the_package_imports_have_no_cycle():
-    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph = {m: _imports(p, set(files)) for m, p in files.items()}
-    assert graph["sdlens.capture.controller"] >= {"sdlens.hooks.processor", "sdlens.result.attention_trace"}
+def _fail_on_cycle(graph: dict[str, set[str]]) -> None:
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 
     def visit(m, path):
@@ -121,12 +119,27 @@ def test_the_package_imports_have_no_cycle():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+
+
+def test_the_package_imports_have_no_cycle():
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {m: _imports(p, set(files)) for m, p in files.items()}
+    assert graph["sdlens.capture.controller"] >= {"sdlens.hooks.processor", "sdlens.result.attention_trace"}
+    _fail_on_cycle(graph)
     # the layers run one way: the hooks know nothing of capture, results or pictures
     for m, deps in graph.items():
         if m.startswith("sdlens.hooks"):
             assert not {d for d in deps if d.startswith(("sdlens.capture", "sdlens.result", "sdlens.viz"))}, m
         if m.startswith("sdlens.result"):
             assert not {d for d in deps if d.startswith(("sdlens.capture", "sdlens.viz", "sdlens.widgets"))}, m
+
+
+def test_the_hooks_have_no_cycle_even_in_type_annotations():
+    """The processor names ``Run`` for its types, and ``Run`` knows nothing of the processor."""
+    files = {_module_name(p): p for p in (PACKAGE / "hooks").rglob("*.py")}
+    graph = {m: _imports(p, set(files), type_only=True) for m, p in files.items()}
+    assert "sdlens.hooks.run" in graph["sdlens.hooks.processor"]
+    _fail_on_cycle(graph)
 
 
 def test_the_cycle_finder_finds_a_cycle(tmp_path, monkeypatch):

@@ -16,9 +16,9 @@ from collections.abc import Callable
 import torch
 
 from ..errors import BudgetError, CaptureError, TraceWarning, warn
-from ..hooks.attach import Run
 from ..hooks.layers import TEXT_KINDS, LayerInfo, infer_map_size, is_flux
 from ..hooks.processor import Call, Controller
+from ..hooks.run import Run
 from ..result.attention_trace import AttentionTrace, TraceInfo
 from ..result.recording import Recording
 from ..select import select_steps

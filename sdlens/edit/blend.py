@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EditError
-from ..hooks.attach import Run
 from ..hooks.attention import attention_probs
 from ..hooks.processor import Call, Controller
+from ..hooks.run import Run
 from ..tokens import Tokenization
 from .controllers import branch_rows
 from .steps import in_window, window

@@ -28,9 +28,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import EditError
-from ..hooks.attach import Run
 from ..hooks.processor import Call, Controller
 from ..hooks.rows import RowLayout
+from ..hooks.run import Run
 from .align import Alignment
 from .steps import Window, in_window
 

@@ -16,10 +16,11 @@ Capture (``sdlens.capture``) and editing are controllers on these hooks::
         pipe("a red circle on the left")
 """
 
-from .attach import Attachment, Run, attach
+from .attach import Attachment, attach
 from .layers import LayerInfo, attention_layers, denoiser_of, infer_map_size
 from .processor import Call, Controller, HookProcessor
 from .rows import Row, RowLayout
+from .run import Run
 
 __all__ = [
     "Attachment",

@@ -57,8 +57,8 @@ from .attention import (
 )
 
 if TYPE_CHECKING:
-    from .attach import Run
     from .layers import LayerInfo
+    from .run import Run
 
 
 class Controller:
@@ -142,6 +142,7 @@ class HookProcessor:
         self.info = info
         self.original = original
         self.controllers = controllers
+        self._rows: dict[tuple, list[int] | None] = {}  # (observers, batch) -> the rows they need
         # diffusers passes a processor only the cross_attention_kwargs its __call__ names, so show it
         # the original's signature: a hooked run then receives exactly the arguments of an unhooked one.
         def call(attn, hidden_states, *args, **kwargs):
@@ -320,7 +321,7 @@ class HookProcessor:
         if not observers:
             return None
         batch = hidden_states.shape[0]
-        rows = self.run.rows_for(observers, batch)
+        rows = self._rows_for(observers, batch)
         with torch.no_grad():
             pick = (lambda x: x) if rows is None else _picker(rows, hidden_states.device)
             role = self.info.role
@@ -335,6 +336,21 @@ class HookProcessor:
             for c in observers:
                 c.qkv(call, q, k, None)
         return call
+
+
+    def _rows_for(self, controllers: list[Controller], batch: int) -> list[int] | None:
+        """The batch rows the ``controllers`` need, sorted (None: all), for a batch of ``batch`` rows."""
+        key = (tuple(map(id, controllers)), batch)
+        if key not in self._rows:
+            wanted: set[int] | None = set()
+            for c in controllers:
+                rows = c.rows(self.run)
+                if rows is None or max(rows, default=-1) >= batch:  # all, or a batch unlike the layout's
+                    wanted = None
+                    break
+                wanted.update(rows)
+            self._rows[key] = None if wanted is None or len(wanted) == batch else sorted(wanted)
+        return self._rows[key]
 
 
 _CALL_ARGS = ("encoder_hidden_states", "attention_mask", "temb")
