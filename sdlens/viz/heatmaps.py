@@ -146,6 +146,20 @@ def concept_grid(trace, image=None, *, concepts=None, prompt: int = 0, steps=Non
     return fig
 
 
+def _heat_panels(heats, labels, image=None, *, alpha: float = 0.6, cmap: str = HEAT_CMAP, scale="shared",
+                ncols: int | None = None):
+    """One panel per map of ``heats``, titled by ``labels``, over ``image``: with ``scale="each"`` each
+    panel has its own colour range and bar, else they share ``color_range(heats, scale)`` and one bar."""
+    ranges = [None] * len(heats) if scale == "each" else color_range(heats, scale)
+    fig, axes = panel_grid(len(heats), ncols, extra_width=0.6 if scale != "each" else 0.0)
+    frames = [heat_frame(h, image, label, alpha=alpha, cmap=cmap, vrange=r) for h, label, r in zip(heats, labels, ranges)]
+    for ax, frame in zip(axes, frames):
+        draw_frame(ax, frame, frame.label, bar=scale == "each", bar_label=None)
+    if scale != "each":
+        colorbar(fig, frames[0], axes, "attention (one scale)")
+    return fig
+
+
 def layer_grid(
     trace,
     word,
@@ -175,14 +189,7 @@ def layer_grid(
     t = resolve_target(trace, word, prompt)
     size = image_size_of(trace, image)
     heats = [target_map(trace, t, prompt=prompt, steps=steps, layers=sel, heads=heads, size=size) for sel, _ in selections]
-    ranges = [None] * len(heats) if scale == "each" else color_range(heats, scale)
-    fig, axes = panel_grid(len(heats), ncols, extra_width=0.6 if scale != "each" else 0.0)
-    frames = []
-    for ax, h, (_, label), r in zip(axes, heats, selections, ranges):
-        frames.append(heat_frame(h, image, label, alpha=alpha, cmap=cmap, vrange=r))
-        draw_frame(ax, frames[-1], label, bar=scale == "each", bar_label=None)
-    if scale != "each":
-        colorbar(fig, frames[0], axes, "attention (one scale)")
+    fig = _heat_panels(heats, [label for _, label in selections], image, alpha=alpha, cmap=cmap, scale=scale, ncols=ncols)
     fig.suptitle(f"{t.label!r} per {'layer' if by == 'layer' else 'map size'}{scale_note(scale)}", fontsize=10)
     return fig
 
@@ -218,13 +225,6 @@ def head_grid(
     across = f" (mean over {n_layers} layers)" if n_layers > 1 else ""
     sels = [(None, "mean of heads")] + [(h, f"head {h}{across}") for h in heads]
     heats = [target_map(trace, t, prompt=prompt, steps=steps, layers=layer, heads=h, size=size) for h, _ in sels]
-    ranges = [None] * len(heats) if scale == "each" else color_range(heats, scale)
-    fig, axes = panel_grid(len(heats), ncols, extra_width=0.6 if scale != "each" else 0.0)
-    frames = []
-    for ax, h, (_, label), r in zip(axes, heats, sels, ranges):
-        frames.append(heat_frame(h, image, label, alpha=alpha, cmap=cmap, vrange=r))
-        draw_frame(ax, frames[-1], label, bar=scale == "each", bar_label=None)
-    if scale != "each":
-        colorbar(fig, frames[0], axes, "attention (one scale)")
+    fig = _heat_panels(heats, [label for _, label in sels], image, alpha=alpha, cmap=cmap, scale=scale, ncols=ncols)
     fig.suptitle(f"{t.label!r} per head · {layers_label(trace, layer)}{scale_note(scale)}", fontsize=10)
     return fig
