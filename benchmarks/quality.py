@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdlens.sweep.records import localisation  # noqa: E402  the measure sweeps record too
+from sdlens.analysis import JOINT_SLOT_KINDS, kind_shares, localisation  # noqa: E402  the measures sweeps record too
 from sdlens.world import object_words  # noqa: E402  (colour_words.py imports it from here too)
 
 EVAL_SEED = 2_000_000_007  # held out: training draws its data from seed * 1_000_003 + small offsets
@@ -129,12 +129,9 @@ class PromptMaps:
         """Share of cross-attention going to start / word / end / padding slots (and T5's, SD 3), and the
         share of the pixels' whole attention that goes to text ("to text": 1 for a UNet)."""
         mass = torch.stack([m.mean(dim=(0, 1)) for m in self.layers]).mean(0)  # (keys,)
-        total = float(mass.sum())  # 1 for cross-attention; the text part of a joint softmax
-        out = {k: 0.0 for k in ("start", "word", "end", "pad", "t5")}
-        kinds = list(self.tokenization.kinds) + ["t5"] * (len(mass) - len(self.tokenization.kinds))
-        for kind, m in zip(kinds, mass.tolist()):
-            out[kind] += m / total
-        out["to text"] = total
+        shares = kind_shares(mass, self.tokenization.kinds)
+        out = {k: float(shares[k]) if k in shares else 0.0 for k in JOINT_SLOT_KINDS}
+        out["to text"] = float(mass.sum())  # 1 for cross-attention; the text part of a joint softmax
         return out
 
 

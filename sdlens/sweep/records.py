@@ -16,23 +16,10 @@ image, as ``benchmarks/quality.py`` measures).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-from ..world.analyze import mask_iou
-
-SLOT_KINDS = ("start", "word", "end", "pad")
-JOINT_SLOT_KINDS = (*SLOT_KINDS, "t5")  # SD 3: keys after the CLIP tokenizer's slots are T5's
-
-
-def localisation(heat: torch.Tensor, mask: np.ndarray) -> dict:
-    """IoU of the map's upper half (min-max normalised, ≥ 0.5) with ``mask``, and whether its peak is on it."""
-    m = heat.float().cpu().numpy()
-    lo, hi = float(m.min()), float(m.max())
-    region = (m - lo) / max(hi - lo, 1e-12) >= 0.5
-    return {"iou": mask_iou(region, mask), "peak": bool(mask.flat[int(np.argmax(m))])}
+from ..analysis import SLOT_KINDS, kind_shares, localisation, map_entropy, peak_position
 
 
 def slot_mass(tr, prompt: int) -> dict:
@@ -47,13 +34,8 @@ def slot_mass(tr, prompt: int) -> dict:
     per_size["all"] = [p for v in list(per_size.values()) for p in v]
     out = {}
     for size, maps in per_size.items():
-        mean = torch.stack(maps).mean(0).numpy()  # (steps, keys)
-        names = SLOT_KINDS
-        if mean.shape[1] > len(kinds):  # a joint layer: T5's keys follow, and the row's text part is < 1
-            names = JOINT_SLOT_KINDS
-            mean = mean / mean.sum(1, keepdims=True)
-        key_kinds = np.array(kinds + ["t5"] * (mean.shape[1] - len(kinds)))
-        out[size] = {k: [round(float(x), 5) for x in mean[:, key_kinds == k].sum(1)] for k in names}
+        shares = kind_shares(torch.stack(maps).mean(0), kinds)  # {kind: (steps,)}
+        out[size] = {k: [round(float(x), 5) for x in v] for k, v in shares.items()}
     return out
 
 
@@ -92,11 +74,8 @@ def item_record(tr, prompt_index: int, image: np.ndarray, given: dict[str, np.nd
     words, maps = [], {}
     for i, word in enumerate(tr.words(prompt_index)):
         full = tr.word_map(i, prompt=prompt_index, size=(h, w)).float()
-        p = full.flatten() / full.sum().clamp_min(1e-12)
-        entropy = float(-(p * p.clamp_min(1e-12).log()).sum() / math.log(p.numel()))
-        top = int(full.argmax())
-        entry = {"word": word, "entropy": round(entropy, 4),
-                 "peak": [round((top // w + 0.5) / h, 4), round((top % w + 0.5) / w, 4)]}
+        entry = {"word": word, "entropy": round(map_entropy(full), 4),
+                 "peak": [round(x, 4) for x in peak_position(full)]}
         if i in truth:
             kind, mask = truth[i]
             entry["kind"] = kind

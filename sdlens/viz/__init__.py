@@ -19,6 +19,7 @@ The pixels come from ``sdlens.viz.frames``, shared with the ``sdlens.widgets`` e
 conventions (colour map, numbers on cells, mask outlines) from ``sdlens.viz.style``.
 """
 
+from ..analysis import kmeans, pca_rgb, segment, self_attention_rows  # the measures these figures draw
 from .animation import animate, animation_frames
 from .architecture import architecture, plan
 from .frames import (
@@ -35,14 +36,7 @@ from .frames import (
     target_map,
 )
 from .heatmaps import concept_grid, head_grid, layer_grid, overlay, word_grid
-from .self_attention import (
-    kmeans,
-    pca_rgb,
-    segment,
-    self_attention_map,
-    self_attention_rows,
-    self_attention_segments,
-)
+from .self_attention import self_attention_map, self_attention_segments
 from .steps import denoising, step_strip, word_over_steps
 from .style import HEAT_CMAP, annotate_cells, framed_mask, outline, overlap, text_color
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .. import maps as _maps
+from ..analysis.shares import slot_shares
 from ..errors import CaptureError
 from .style import HEAT_CMAP, underlay
 
@@ -136,22 +137,14 @@ def target_map(trace, target, *, prompt: int = 0, steps=None, layers=None, heads
     return m * len(t.slots) if t.reduce == "sum" else m
 
 
-def slot_mass(trace, slots, *, prompt: int = 0, steps=None, layers=None, heads=None) -> float:
-    """Mean over the pixels of the summed attention of key ``slots`` (taken at the latent grid's size)."""
-    kw = dict(prompt=prompt, steps=steps, layers=layers, heads=heads, size=trace.latent_size or trace.image_size)
-    return float(trace.slot_map(list(slots), **kw).mean()) * len(slots)
-
-
 def attention_shares(trace, targets, *, prompt: int = 0, steps=None, layers=None, heads=None) -> list[float]:
     """Share (0..1) of the cross-attention mass that goes to each target's slots.
 
     Each query pixel spreads its attention over the key slots; a target's share is its slots' sum
-    over all slots' sum, averaged over the pixels (``slot_mass``).
+    over all slots' sum, averaged over the pixels (``sdlens.analysis.slot_shares`` of its slots).
     """
-    sel = dict(prompt=prompt, steps=steps, layers=layers, heads=heads)
-    total = slot_mass(trace, range(len(trace.tokens(prompt))), **sel)
-    parts = [slot_mass(trace, resolve_target(trace, t, prompt).slots, **sel) for t in targets]
-    return [p / total if total > 0 else 0.0 for p in parts]
+    slots = [resolve_target(trace, t, prompt).slots for t in targets]
+    return slot_shares(trace, slots, prompt=prompt, steps=steps, layers=layers, heads=heads)
 
 
 def format_share(share: float) -> str:
