@@ -28,6 +28,8 @@ from ..errors import EditError
 from ..hooks.attention import attention_probs
 from ..hooks.processor import Call, Controller
 from ..hooks.run import Run
+from ..select import word_occurrences
+from ..maps import normalize
 from ..tokens import Tokenization
 from .controllers import branch_rows
 from .steps import in_window, window
@@ -79,7 +81,7 @@ class Blend:
         for word in self.words:
             found = False
             for k, t in enumerate(prompts):
-                for i in t.word_indices(word):
+                for i in word_occurrences(t, word):  # every occurrence, or the one a label names
                     slots[k] += t.word_tokens[i]
                     found = True
             if not found:
@@ -149,9 +151,7 @@ class BlendMask(Controller):
         r = self.blend.pool
         m = F.max_pool2d(self.total[:, None], 2 * r + 1, stride=1, padding=r) if r else self.total[:, None]
         m = F.interpolate(m, size=latents.shape[-2:], mode="bilinear", align_corners=False)
-        lo = m.flatten(1).amin(1)[:, None, None, None]
-        hi = m.flatten(1).amax(1)[:, None, None, None]
-        m = (m - lo) / (hi - lo).clamp_min(1e-12)  # min-max: a word read everywhere a little still has a region
+        m = torch.stack([normalize(x) for x in m])  # per branch: a word read a little everywhere still has a region
         m = (m >= self.blend.threshold).float()
         self.masks = torch.maximum(m[:1], m[1:])  # each edit: its own region or the base's
         mask = self.masks.to(latents.device, latents.dtype)
