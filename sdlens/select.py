@@ -1,16 +1,29 @@
-"""Layer and step selectors: the one meaning of ``layers=`` and ``steps=`` everywhere.
+"""Resolving what a user names: layers, steps, step counts, words and choices, here and only here.
 
-Used by the capture spec (what to record) and by the trace (what to read back), so that a
-selector means the same before and after a run. Steps are indices in sampling order from 0;
-negative indices count from the end of the steps the run *made* (not of those captured).
+``layers=`` and ``steps=`` mean the same in the capture spec (what to record) and in the trace (what
+to read back). Steps are indices in sampling order from 0; negative indices count from the end of
+the steps the run *made* (not of those captured). A step count (``num_inference_steps``), a word of
+a prompt (``select_word``) and a choice among names (``check_choice``) are checked here too, for the
+trace, the edits, the viz, the explorers and the commands alike.
+
+Every bad choice raises one ``SdlensError`` subclass with a one-line message that lists the valid
+ones: ``CaptureError`` by default, or the class of the part of the kit that asked (``error=``:
+``EditError`` for an edit, a ``CommandError`` for a command's argument), so that each part raises
+its own class with the same message.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable, Sequence
+from numbers import Integral
+from typing import TYPE_CHECKING
 
-from .errors import CaptureError
+from .errors import CaptureError, SdlensError
+
+if TYPE_CHECKING:
+    from .tokens import Tokenization
 
 LayerSelector = None | str | int | Sequence[str | int] | Callable[[str], bool]
 StepSelector = None | int | Sequence[int]
@@ -102,4 +115,114 @@ def select_steps(selector: StepSelector, n_steps: int, *, what: str = "steps") -
     return sorted(set(out))
 
 
-__all__ = ["LayerSelector", "StepSelector", "by_size", "check_steps", "select_layers", "select_steps"]
+def check_step(value, *, what: str = "step", error: type[SdlensError] = CaptureError) -> int:
+    """One step index (an int; not yet range-checked)."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise error(f"{what} must be one step index (an int from 0, or negative from the end); got {value!r}")
+    return int(value)
+
+
+def check_step_count(value, *, what: str = "num_inference_steps", error: type[SdlensError] = CaptureError) -> int:
+    """A step count: an int of at least 1.
+
+    >>> check_step_count(25)
+    25
+    """
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise error(f"{what}={value!r}: a step count must be an int of at least 1")
+    return int(value)
+
+
+def check_choice(value, choices: Sequence, *, what: str, error: type[SdlensError] = CaptureError):
+    """``value`` if it is one of ``choices``; else ``error`` listing them.
+
+    >>> check_choice("ddim", ("ddim", "null-text"), what="inversion")
+    'ddim'
+    """
+    try:
+        if value in choices:
+            return value
+    except TypeError:  # an unhashable or incomparable value: not a choice
+        pass
+    raise error(f"{what}={value!r} is not valid; choose one of: {', '.join(map(repr, choices))}")
+
+
+_LABEL = re.compile(r"(.+) \((\d+)\)")  # "red (2)": the 2nd "red" of a prompt
+
+
+def select_word(tok: Tokenization, word, *, occurrence: int | None = None, what: str = "",
+                error: type[SdlensError] = CaptureError, missing: str = "") -> int:
+    """Index into ``tok.words`` of ``word``: a word of the prompt, its label (``"red (2)"`` for the second
+    "red", see ``Tokenization.word_labels``) or a word index. Matching ignores case, then end punctuation
+    ("circle" finds "circle,"). A word the prompt holds twice needs a label, an index or ``occurrence``.
+
+    ``what`` prefixes the message (``"weights"``); ``missing`` is added where the word is not in the prompt.
+
+    >>> from sdlens.tokens import tokenize
+    >>> t = tokenize("a red circle and a red square")
+    >>> select_word(t, "circle"), select_word(t, "red (2)"), select_word(t, "red", occurrence=0), select_word(t, 2)
+    (2, 5, 1, 2)
+    """
+    prefix = f"{what}: " if what else ""
+    if isinstance(word, bool) or not isinstance(word, (str, Integral)):
+        raise error(f"{prefix}a word is a word of the prompt, its label or its index; got {word!r}")
+    if isinstance(word, Integral):
+        if not 0 <= word < len(tok.words):
+            raise error(f"{prefix}word index {word} is out of range: the prompt's words are {tok.words} "
+                        f"(0..{len(tok.words) - 1})")
+        return int(word)
+    matches = tok.word_indices(word)
+    if not matches:
+        if occurrence is None and (labelled := word_occurrences(tok, word)):
+            return labelled[0]
+        if tok.truncated and _in_text(word, tok.prompt):
+            raise error(f"{prefix}{word!r} was cut off: the prompt is longer than the {len(tok.ids)} slots of the text "
+                        f"encoder, which saw only its first {len(tok.words)} words (up to {tok.words[-1]!r})")
+        raise error(f"{prefix}{word!r} is not a word of this prompt; its words are {tok.word_labels}{missing}")
+    if occurrence is None:
+        if len(matches) > 1:
+            labels = tok.word_labels
+            choices = ", ".join(f"{labels[i]!r} (word {i}, slots {tok.word_tokens[i]})" for i in matches[:5])
+            choices += ", ..." if len(matches) > 5 else ""
+            raise error(f"{prefix}{word!r} occurs {len(matches)} times in the prompt; name one: {choices}, or give "
+                        f"its word index, or pass occurrence=0..{len(matches) - 1}")
+        return matches[0]
+    if isinstance(occurrence, bool) or not isinstance(occurrence, Integral) or not 0 <= occurrence < len(matches):
+        raise error(f"{prefix}occurrence={occurrence!r} is out of range: {word!r} occurs {len(matches)} time(s), "
+                    f"so occurrence must be in 0..{len(matches) - 1}")
+    return matches[occurrence]
+
+
+def word_occurrences(tok: Tokenization, word) -> list[int]:
+    """Indices into ``tok.words`` of every word ``word`` names: each occurrence of a word, the one a label
+    (``"red (2)"``) or an index names; ``[]`` when it names none (``select_word`` says why).
+
+    >>> from sdlens.tokens import tokenize
+    >>> t = tokenize("a red circle and a red square")
+    >>> word_occurrences(t, "red"), word_occurrences(t, "red (2)"), word_occurrences(t, "blue")
+    ([1, 5], [5], [])
+    """
+    if isinstance(word, Integral) and not isinstance(word, bool):
+        return [int(word)] if 0 <= word < len(tok.words) else []
+    if not isinstance(word, str):
+        return []
+    matches = tok.word_indices(word)
+    if matches:
+        return matches
+    labelled = _LABEL.fullmatch(word.strip())
+    if labelled:
+        same = tok.word_indices(labelled[1])
+        k = int(labelled[2])
+        if len(same) > 1 and 1 <= k <= len(same):
+            return [same[k - 1]]
+    return []
+
+
+def _in_text(word: str, prompt: str) -> bool:
+    """``word`` is one of the whitespace-separated words of ``prompt`` (case and end punctuation ignored)."""
+    strip = ",.;:!?\"'()"
+    return word.lower().strip(strip) in {w.lower().strip(strip) for w in prompt.split()}
+
+
+__all__ = ["LayerSelector", "StepSelector", "by_size", "check_choice", "check_step", "check_step_count", "check_steps",
+           "select_layers", "select_steps", "select_word", "word_occurrences"]

@@ -38,9 +38,6 @@ _END_OF_WORD = "</w>"  # CLIP BPE's mark of a word's end
 _WORD_START = "\u2581"  # T5 SentencePiece's mark of a word's start ("▁")
 
 
-_LABEL = re.compile(r"(.+) \((\d+)\)")  # "red (2)": the 2nd "red" of a prompt
-
-
 @functools.lru_cache(maxsize=1)
 def load_clip_tokenizer() -> PreTrainedTokenizerBase:
     """CLIP ViT-L/14's tokenizer, loaded offline from the files shipped in `CLIP_TOKENIZER_DIR`.
@@ -102,33 +99,12 @@ class Tokenization:
 
         Matching ignores case, and falls back to ignoring punctuation at the ends of words, so
         "circle" finds "circle,". When the word occurs more than once, `occurrence` (0, 1, ...)
-        or a label (``"red (2)"``) picks one; leaving both out is then an error.
+        or a label (``"red (2)"``) picks one; leaving both out is then an error (``TokenError``).
+        Resolved by ``sdlens.select.select_word``, as everywhere.
         """
-        matches = self.word_indices(word)
-        if not matches:
-            labelled = _LABEL.fullmatch(word.strip())
-            if labelled and occurrence is None:
-                base = self.word_indices(labelled[1])
-                k = int(labelled[2])
-                if len(base) > 1 and 1 <= k <= len(base):
-                    return base[k - 1]
-            raise TokenError(f"{word!r} is not a word of this prompt; its words are {self.word_labels}")
-        if occurrence is None:
-            if len(matches) > 1:
-                labels = self.word_labels
-                choices = ", ".join(f"{labels[i]!r} (word {i}, slots {self.word_tokens[i]})" for i in matches[:5])
-                choices += ", ..." if len(matches) > 5 else ""
-                raise TokenError(
-                    f"{word!r} occurs {len(matches)} times in the prompt; name one: {choices}, "
-                    "or give its word index"
-                )
-            return matches[0]
-        if not 0 <= occurrence < len(matches):
-            raise TokenError(
-                f"occurrence={occurrence} is out of range: {word!r} occurs {len(matches)} time(s), "
-                f"so occurrence must be in 0..{len(matches) - 1}"
-            )
-        return matches[occurrence]
+        from .select import select_word
+
+        return select_word(self, word, occurrence=occurrence, error=TokenError)
 
     def word_indices(self, word: str) -> list[int]:
         """Indices into `words` of every occurrence of `word` (case and end punctuation ignored)."""

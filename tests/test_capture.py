@@ -368,7 +368,7 @@ def test_no_cfg_batch_and_images_per_prompt_and_non_square(sd1_pipe):
     assert [(r.prompt, r.image, r.half) for r in tr.rows] == [(0, 0, "cond"), (0, 1, "cond"), (1, 0, "cond"), (1, 1, "cond")]
     assert tr.image_size == (64, 96)
     assert tr.map_size(tr.layers[0]) == (32, 48)
-    assert tr.word_map("square", prompt=1, image=1).shape == (64, 96)
+    assert tr.word_map("square", prompt_index=1, image_index=1).shape == (64, 96)
     with pytest.raises(CaptureError, match="cfg='cond'"):
         with sdlens.trace(pipe, cfg="uncond"):
             pipe("x", guidance_scale=1.0, num_inference_steps=1, output_type="latent")
@@ -549,7 +549,7 @@ def test_save_load_round_trip(tmp_path, sd1_pipe):
     assert back.tokenizations == tr.tokenizations and back.image_size == tr.image_size
     for kind, layer in tr.keys():
         assert torch.equal(back.maps(layer, kind), tr.maps(layer, kind))
-    torch.testing.assert_close(back.word_map("square", prompt=1), tr.word_map("square", prompt=1))
+    torch.testing.assert_close(back.word_map("square", prompt_index=1), tr.word_map("square", prompt_index=1))
     assert back.nbytes == tr.nbytes
     (tmp_path / "bad.safetensors").write_bytes(b"not a trace")
     with pytest.raises(CaptureError, match="not a safetensors file"):

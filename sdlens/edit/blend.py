@@ -28,8 +28,8 @@ from ..errors import EditError
 from ..hooks.attention import attention_probs
 from ..hooks.processor import Call, Controller
 from ..hooks.run import Run
-from ..select import word_occurrences
 from ..maps import normalize
+from ..select import word_occurrences
 from ..tokens import Tokenization
 from .controllers import branch_rows
 from .steps import in_window, window

@@ -28,6 +28,7 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 from ..errors import EditError
+from ..hooks.layers import vae_factor
 
 
 @dataclass
@@ -130,7 +131,7 @@ def invert(pipe, image, prompt: str, latent_size: tuple[int, int], *, num_infere
                             f"guidance_scale > 1; got {guidance_scale!r} (use inversion='ddim' without guidance)")
         if not isinstance(tune_iterations, int) or isinstance(tune_iterations, bool) or tune_iterations < 1:
             raise EditError(f"tune_iterations must be a positive int; got {tune_iterations!r}")
-    f = pipe.vae_scale_factor
+    f = vae_factor(pipe)
     arr = as_image_array(image, (latent_size[0] * f, latent_size[1] * f))
     sampler, inverse = ddim_pair(pipe.scheduler)
     with torch.no_grad():

@@ -20,7 +20,7 @@ from ..capture.controller import Capture
 from ..capture.spec import CaptureSpec
 from ..errors import EditError
 from ..hooks.attach import attach
-from ..hooks.layers import attention_layers, denoiser_of, is_flux
+from ..hooks.layers import attention_layers, denoiser_of, is_flux, latent_size_of
 from ..hooks.processor import Controller
 from ..result.attention_trace import AttentionTrace
 from ..tokens import Tokenization, tokenize
@@ -110,9 +110,7 @@ def _denoiser(pipe):
 
 
 def _latent_size(pipe, kwargs) -> tuple[int, int]:
-    f = pipe.vae_scale_factor
-    default = _denoiser(pipe).config.sample_size * f
-    return int(kwargs.get("height") or default) // f, int(kwargs.get("width") or default) // f
+    return latent_size_of(pipe, kwargs.get("height"), kwargs.get("width"))
 
 
 def _noise(pipe, seed: int, latent: tuple[int, int]) -> torch.Tensor:

@@ -17,10 +17,11 @@ saying what they belong to. The kinds (``KINDS``):
 
 ``maps()`` returns a layer's tensor with the pixel queries as ``h, w``.
 
-Words, tokens, labels, steps, layers and heads are resolved here and only here (``word_index``,
-``step_positions``, ``layer_names``, ``head_positions``); every bad choice raises ``CaptureError``
-naming the valid ones. Steps are indices in sampling order; negative ones count from the end of the
-steps the run made.
+A trace's words, steps, layers and heads are resolved by ``word_index``, ``step_positions``,
+``layer_names`` and ``head_positions``, which call ``sdlens.select`` (where the edits, the viz and
+the commands resolve theirs too); every bad choice raises ``CaptureError`` naming the valid ones.
+Steps are indices in sampling order; negative ones count from the end of the steps the run made.
+A batch row is named by ``prompt_index``, ``image_index`` and ``half`` (``row``).
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ from einops import rearrange
 from .. import maps as _maps
 from ..errors import CaptureError
 from ..hooks.rows import Row
-from ..select import LayerSelector, StepSelector, select_layers, select_steps
+from ..select import LayerSelector, StepSelector, select_layers, select_steps, select_word
 from ..tokens import Tokenization
+from ..vocabulary import renamed
 from . import io
 
 
@@ -178,8 +180,9 @@ class AttentionTrace:
         return n
 
     # ------------------------------------------------------------------ words and tokens
-    def tokenization(self, prompt: int = 0, *, half: str = "cond", encoder: int = 1) -> Tokenization:
-        """The ``Tokenization`` of prompt ``prompt`` (of the negative prompt with ``half='uncond'``).
+    @renamed(prompt="prompt_index")
+    def tokenization(self, prompt_index: int = 0, *, half: str = "cond", encoder: int = 1) -> Tokenization:
+        """The ``Tokenization`` of prompt ``prompt_index`` (of the negative prompt with ``half='uncond'``).
 
         ``encoder=2``: as SDXL's second text encoder read it (``prompt_2``; by default the same text),
         into the same slots as the first.
@@ -193,7 +196,7 @@ class AttentionTrace:
             if not toks:
                 raise CaptureError("this trace has no second text encoder's tokens (only SDXL-style pipelines, "
                                    "with tokenizer_2, have them); use encoder=1")
-            return self._pick_prompt(toks, prompt)
+            return self._pick_prompt(toks, prompt_index)
         toks = self.tokenizations.get(half)
         if not toks:
             if half == "uncond" and self.tokenizations.get("cond"):
@@ -203,65 +206,57 @@ class AttentionTrace:
                 "prompt (it got prompt_embeds, or the denoiser was called directly or by another pipeline "
                 "sharing it). Pass the prompts with sdlens.trace(..., prompt=[...]), or use token_map(slot)"
             )
-        return self._pick_prompt(toks, prompt)
+        return self._pick_prompt(toks, prompt_index)
 
     @staticmethod
-    def _pick_prompt(toks: list[Tokenization | None], prompt: int) -> Tokenization:
-        if isinstance(prompt, bool) or not isinstance(prompt, int) or not 0 <= prompt < len(toks):
-            raise CaptureError(f"prompt={prompt!r} is out of range: this trace has prompts 0..{len(toks) - 1}")
-        tok = toks[prompt]
+    def _pick_prompt(toks: list[Tokenization | None], prompt_index: int) -> Tokenization:
+        if isinstance(prompt_index, bool) or not isinstance(prompt_index, int) or not 0 <= prompt_index < len(toks):
+            raise CaptureError(f"prompt_index={prompt_index!r} is out of range: this trace has prompts "
+                               f"0..{len(toks) - 1}")
+        tok = toks[prompt_index]
         if tok is None:
-            raise CaptureError(f"prompt {prompt} has no known tokens (it was given as embeddings)")
+            raise CaptureError(f"prompt {prompt_index} has no known tokens (it was given as embeddings)")
         return tok
 
-    def tokens(self, prompt: int = 0, *, half: str = "cond", encoder: int = 1) -> list[str]:
-        """Display strings of the key slots of ``prompt`` (``'<start>'``, words' BPE pieces, ``'<end>'``, ``'<pad>'``)."""
-        labels = list(self.tokenization(prompt, half=half, encoder=encoder).tokens)
+    @renamed(prompt="prompt_index")
+    def tokens(self, prompt_index: int = 0, *, half: str = "cond", encoder: int = 1) -> list[str]:
+        """Display strings of the key slots of prompt ``prompt_index`` (``'<start>'``, words' BPE pieces,
+        ``'<end>'``, ``'<pad>'``)."""
+        labels = list(self.tokenization(prompt_index, half=half, encoder=encoder).tokens)
         if self.key_labels:
             labels += self.key_labels
         return labels
 
-    def words(self, prompt: int = 0, *, half: str = "cond", encoder: int = 1) -> list[str]:
-        """The whitespace-separated words of ``prompt`` as the tokenizer sees them."""
-        return list(self.tokenization(prompt, half=half, encoder=encoder).words)
+    @renamed(prompt="prompt_index")
+    def words(self, prompt_index: int = 0, *, half: str = "cond", encoder: int = 1) -> list[str]:
+        """The whitespace-separated words of prompt ``prompt_index`` as the tokenizer sees them."""
+        return list(self.tokenization(prompt_index, half=half, encoder=encoder).words)
 
-    def word_index(self, word: str | int, prompt: int = 0, *, occurrence: int | None = None, half: str = "cond",
-                   encoder: int = 1) -> int:
-        """Index into ``words(prompt)`` of ``word``: a word, its label (``"red (2)"`` for the second "red",
-        see ``Tokenization.word_labels``) or an index; a word the prompt holds twice needs a label, an
-        index or ``occurrence=``. ``encoder=2``: a word of SDXL's second prompt (``prompt_2``)."""
-        tok = self.tokenization(prompt, half=half, encoder=encoder)
-        if isinstance(word, bool) or not isinstance(word, (str, int, np.integer)):
-            raise CaptureError(f"a word is a word of the prompt or its index; got {word!r}")
-        if isinstance(word, (int, np.integer)):
-            if not 0 <= word < len(tok.words):
-                raise CaptureError(f"word index {word} is out of range: prompt {prompt} has words {tok.words}")
-            return int(word)
-        try:
-            return tok.word_index(word, occurrence)
-        except ValueError as e:
-            if tok.truncated and not tok.word_indices(word) and _in_text(word, tok.prompt):
-                raise CaptureError(
-                    f"{word!r} was cut off: the prompt is longer than the {len(tok.ids)} slots of the text "
-                    f"encoder, which saw only its first {len(tok.words)} words (up to {tok.words[-1]!r})"
-                ) from None
-            n = len(tok.word_indices(word))
-            hint = f", or pass occurrence=0..{n - 1}" if n > 1 and occurrence is None else ""
-            if encoder == 1 and not n and self.tokenizations.get(f"{half}_2"):
-                other = self.tokenization(prompt, half=half, encoder=2)
-                if other.word_indices(word):
-                    hint = "; it is a word of the second prompt (prompt_2): pass encoder=2"
-            raise CaptureError(f"{e}{hint}") from None
+    @renamed(prompt="prompt_index")
+    def word_index(self, word: str | int, prompt_index: int = 0, *, occurrence: int | None = None,
+                   half: str = "cond", encoder: int = 1) -> int:
+        """Index into ``words(prompt_index)`` of ``word``: a word, its label (``"red (2)"`` for the second
+        "red", see ``Tokenization.word_labels``) or an index; a word the prompt holds twice needs a label,
+        an index or ``occurrence=``. ``encoder=2``: a word of SDXL's second prompt (``prompt_2``).
+        Resolved by ``sdlens.select.select_word``."""
+        tok = self.tokenization(prompt_index, half=half, encoder=encoder)
+        missing = ""
+        if encoder == 1 and isinstance(word, str) and self.tokenizations.get(f"{half}_2"):
+            if self.tokenization(prompt_index, half=half, encoder=2).word_indices(word):
+                missing = "; it is a word of the second prompt (prompt_2): pass encoder=2"
+        return select_word(tok, word, occurrence=occurrence, missing=missing)
 
     # ------------------------------------------------------------------ selections
-    def row(self, prompt: int = 0, image: int = 0, half: str = "cond") -> int:
-        """Index into the rows dimension of the row for this prompt, image and CFG half."""
+    @renamed(prompt="prompt_index", image="image_index")
+    def row(self, prompt_index: int = 0, image_index: int = 0, half: str = "cond") -> int:
+        """Index into the rows dimension (a batch row) of prompt ``prompt_index``'s picture ``image_index``
+        in CFG half ``half``."""
         for i, r in enumerate(self.rows):
-            if (r.prompt, r.image, r.half) == (prompt, image, half):
+            if (r.prompt, r.image, r.half) == (prompt_index, image_index, half):
                 return i
         raise CaptureError(
-            f"no row for prompt={prompt}, image={image}, half={half!r}; this trace keeps rows "
-            + ", ".join(f"(prompt={r.prompt}, image={r.image}, half={r.half!r})" for r in self.rows)
+            f"no row for prompt_index={prompt_index}, image_index={image_index}, half={half!r}; this trace keeps "
+            "rows " + ", ".join(f"(prompt_index={r.prompt}, image_index={r.image}, half={r.half!r})" for r in self.rows)
         )
 
     def step_positions(self, steps: StepSelector) -> list[int]:
@@ -323,13 +318,14 @@ class AttentionTrace:
         return self.maps(layer, kind)
 
     # ------------------------------------------------------------------ aggregated maps
+    @renamed(prompt="prompt_index", image="image_index")
     def slot_map(
         self,
         slots: Sequence[int],
         *,
         kind: str = "cross",
-        prompt: int = 0,
-        image: int = 0,
+        prompt_index: int = 0,
+        image_index: int = 0,
         half: str = "cond",
         steps: StepSelector = None,
         layers: LayerSelector = None,
@@ -341,7 +337,7 @@ class AttentionTrace:
         Each layer's map is averaged over the chosen steps and heads at its own resolution, then
         upsampled (bilinear) to ``size`` (default: the image's), then layers are averaged.
         """
-        r = self.row(prompt, image, half)
+        r = self.row(prompt_index, image_index, half)
         sidx = self.step_positions(steps)
         names = self.layer_names(layers, kind)
         out = self._out_size(size)
@@ -361,27 +357,30 @@ class AttentionTrace:
             per_layer.append(rearrange(x, "(h w) -> h w", h=h, w=w))
         return _maps.average_upsampled(per_layer, out)
 
-    def token_map(self, index: int, **kw) -> torch.Tensor:
-        """Cross-attention map of token slot ``index`` (0 is the start slot): ``(H, W)``.
+    @renamed(index="slot", prompt="prompt_index", image="image_index")
+    def token_map(self, slot: int, **kw) -> torch.Tensor:
+        """Cross-attention map of token slot ``slot`` (0 is the start slot): ``(H, W)``.
 
-        Keyword arguments as ``slot_map``: ``prompt, image, half, steps, layers, heads, size``.
+        Keyword arguments as ``slot_map``: ``prompt_index, image_index, half, steps, layers, heads, size``.
         """
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise CaptureError(f"token index must be an int slot (0..{len(self.tokens()) - 1}); got {index!r}")
-        return self.slot_map([index], kind="cross", **kw)
+        if isinstance(slot, bool) or not isinstance(slot, int):
+            raise CaptureError(f"a slot is an int (0..{len(self.tokens()) - 1}); got {slot!r}")
+        return self.slot_map([slot], kind="cross", **kw)
 
-    def word_map(self, word: str | int, *, prompt: int = 0, occurrence: int | None = None, half: str = "cond",
+    @renamed(prompt="prompt_index", image="image_index")
+    def word_map(self, word: str | int, *, prompt_index: int = 0, occurrence: int | None = None, half: str = "cond",
                  encoder: int = 1, **kw):
         """Cross-attention map of a prompt word (mean of its BPE tokens' maps): ``(H, W)``.
 
         ``word`` as ``word_index`` takes it (``encoder=2``: a word of SDXL's ``prompt_2``). Other
         keywords as ``slot_map``.
         """
-        wi = self.word_index(word, prompt, occurrence=occurrence, half=half, encoder=encoder)
-        slots = self.tokenization(prompt, half=half, encoder=encoder).word_tokens[wi]
-        return self.slot_map(slots, kind="cross", prompt=prompt, half=half, **kw)
+        wi = self.word_index(word, prompt_index, occurrence=occurrence, half=half, encoder=encoder)
+        slots = self.tokenization(prompt_index, half=half, encoder=encoder).word_tokens[wi]
+        return self.slot_map(slots, kind="cross", prompt_index=prompt_index, half=half, **kw)
 
-    def concept_map(self, concept: str | int, *, prompt: int = 0, image: int = 0, half: str = "cond",
+    @renamed(prompt="prompt_index", image="image_index")
+    def concept_map(self, concept: str | int, *, prompt_index: int = 0, image_index: int = 0, half: str = "cond",
                     steps: StepSelector = None, layers: LayerSelector = None, softmax: bool = True,
                     size=None) -> torch.Tensor:
         """ConceptAttention map of one concept (``trace(pipe, concepts=[...])``): ``(H, W)`` float32.
@@ -402,7 +401,7 @@ class AttentionTrace:
             c = concept % len(concepts)
         else:
             raise CaptureError(f"concept must be one of {concepts} or an index 0..{len(concepts) - 1}; got {concept!r}")
-        r = self.row(prompt, image, half)
+        r = self.row(prompt_index, image_index, half)
         sidx = self.step_positions(steps)
         names = self.layer_names(layers, "concept")
         per_layer = []
@@ -413,7 +412,8 @@ class AttentionTrace:
             per_layer.append(rearrange(x[..., c].mean(dim=0), "(h w) -> h w", h=h, w=w))
         return _maps.average_upsampled(per_layer, self._out_size(size))
 
-    def text_map(self, word: str | int, *, prompt: int = 0, occurrence: int | None = None, image: int = 0,
+    @renamed(prompt="prompt_index", image="image_index")
+    def text_map(self, word: str | int, *, prompt_index: int = 0, occurrence: int | None = None, image_index: int = 0,
                  half: str = "cond", steps: StepSelector = None, layers: LayerSelector = None, heads=None,
                  size=None) -> torch.Tensor:
         """Where a prompt word's text token looks in the image, by joint attention (text → image):
@@ -421,9 +421,9 @@ class AttentionTrace:
         heads; layers upsampled and averaged. Each text query's row also covers the text keys, so
         this map sums to the share of the word's attention that goes to the image, not to 1.
         """
-        wi = self.word_index(word, prompt, occurrence=occurrence, half=half)
-        slots = self.tokenization(prompt, half=half).word_tokens[wi]
-        r = self.row(prompt, image, half)
+        wi = self.word_index(word, prompt_index, occurrence=occurrence, half=half)
+        slots = self.tokenization(prompt_index, half=half).word_tokens[wi]
+        r = self.row(prompt_index, image_index, half)
         sidx = self.step_positions(steps)
         per_layer = []
         for name in self.layer_names(layers, "text_image"):
@@ -436,11 +436,12 @@ class AttentionTrace:
             per_layer.append(rearrange(x.float().mean(dim=(0, 1, 2)), "(h w) -> h w", h=h, w=w))
         return _maps.average_upsampled(per_layer, self._out_size(size))
 
-    def text_matrix(self, *, prompt: int = 0, image: int = 0, half: str = "cond", steps: StepSelector = None,
+    @renamed(prompt="prompt_index", image="image_index")
+    def text_matrix(self, *, prompt_index: int = 0, image_index: int = 0, half: str = "cond", steps: StepSelector = None,
                     layers: LayerSelector = None, heads=None) -> torch.Tensor:
         """Text → text attention ``(text slots, text slots)`` (queries, keys), mean over steps, heads
         and layers (``trace(pipe, text_attn=True)``, SD 3)."""
-        r = self.row(prompt, image, half)
+        r = self.row(prompt_index, image_index, half)
         sidx = self.step_positions(steps)
         mats = []
         for name in self.layer_names(layers, "text_text"):
@@ -451,12 +452,13 @@ class AttentionTrace:
             mats.append(t.float().mean(dim=(0, 1)))
         return torch.stack(mats).mean(dim=0)
 
+    @renamed(prompt="prompt_index", image="image_index")
     def self_map(
         self,
         pixel: tuple[float, float],
         *,
-        prompt: int = 0,
-        image: int = 0,
+        prompt_index: int = 0,
+        image_index: int = 0,
         half: str = "cond",
         steps: StepSelector = None,
         layers: LayerSelector = None,
@@ -468,7 +470,7 @@ class AttentionTrace:
         In each layer the query is the grid cell containing the pixel; its row of self-attention
         (over the layer's own grid) is averaged over steps/heads, upsampled and averaged over layers.
         """
-        r = self.row(prompt, image, half)
+        r = self.row(prompt_index, image_index, half)
         sidx = self.step_positions(steps)
         names = self.layer_names(layers, "self")
         out = self._out_size(size)
@@ -488,14 +490,15 @@ class AttentionTrace:
             per_layer.append(rearrange(row, "(h w) -> h w", h=h, w=w))
         return _maps.average_upsampled(per_layer, out)
 
+    @renamed(prompt="prompt_index", image="image_index")
     def self_matrix(
-        self, layer: str, *, prompt: int = 0, image: int = 0, half: str = "cond", steps=None, heads=None
+        self, layer: str, *, prompt_index: int = 0, image_index: int = 0, half: str = "cond", steps=None, heads=None
     ) -> torch.Tensor:
         """Self-attention of one layer averaged over steps and heads: ``(n, n)`` float32, n = h·w.
 
         Row i is where query pixel i (row-major on the layer's ``map_size``) attends.
         """
-        r = self.row(prompt, image, half)
+        r = self.row(prompt_index, image_index, half)
         sidx = self.step_positions(steps)
         t = self._tensor("self", layer)[:, r][sidx]  # (steps, heads, n, n)
         hsel = self.head_positions(heads, layer)
@@ -503,15 +506,16 @@ class AttentionTrace:
             t = t[:, hsel]
         return t.float().mean(dim=(0, 1))
 
-    def preview_row(self, prompt: int = 0, image: int = 0) -> int:
+    @renamed(prompt="prompt_index", image="image_index")
+    def preview_row(self, prompt_index: int = 0, image_index: int = 0) -> int:
         """Index into the rows of ``latents``/``x0``/``xt_images``/``x0_images`` (prompt × image order)."""
         n_prompts = max(1, len(self.prompts))
-        if not (0 <= prompt < n_prompts and 0 <= image < self.images_per_prompt):
+        if not (0 <= prompt_index < n_prompts and 0 <= image_index < self.images_per_prompt):
             raise CaptureError(
-                f"no preview for prompt={prompt}, image={image}: prompts 0..{n_prompts - 1}, "
-                f"images 0..{self.images_per_prompt - 1}"
+                f"no preview for prompt_index={prompt_index}, image_index={image_index}: prompt indices "
+                f"0..{n_prompts - 1}, image indices 0..{self.images_per_prompt - 1}"
             )
-        return prompt * self.images_per_prompt + image
+        return prompt_index * self.images_per_prompt + image_index
 
     # ------------------------------------------------------------------ misc
     def _check_kind(self, kind: str) -> None:
@@ -521,23 +525,25 @@ class AttentionTrace:
             hint = {"self": "self_attn=True", "cross": "cross=True", "concept": "concepts=[...]"}.get(kind, "text_attn=True")
             raise CaptureError(f"this trace has no {kind}-attention (captured: {list(self.kinds)}); trace with {hint}")
 
-    def of_prompt(self, prompt: int) -> AttentionTrace:
-        """The trace of prompt ``prompt`` alone: its rows (every image, every CFG half kept), its
+    @renamed(prompt="prompt_index")
+    def of_prompt(self, prompt_index: int) -> AttentionTrace:
+        """The trace of prompt ``prompt_index`` alone: its rows (every image, every CFG half kept), its
         tokens and its recorded denoising, as prompt 0 of a new trace. The maps are views, not copies."""
         n_prompts = len(self.prompts)
-        if isinstance(prompt, bool) or not isinstance(prompt, int) or not 0 <= prompt < n_prompts:
-            raise CaptureError(f"prompt={prompt!r} is out of range: this trace has prompts 0..{n_prompts - 1}")
-        keep = [i for i, r in enumerate(self.rows) if r.prompt == prompt]
-        rows = [Row(r.half, 0, r.image) for r in self.rows if r.prompt == prompt]
+        if isinstance(prompt_index, bool) or not isinstance(prompt_index, int) or not 0 <= prompt_index < n_prompts:
+            raise CaptureError(f"prompt_index={prompt_index!r} is out of range: this trace has prompts "
+                               f"0..{n_prompts - 1}")
+        keep = [i for i, r in enumerate(self.rows) if r.prompt == prompt_index]
+        rows = [Row(r.half, 0, r.image) for r in self.rows if r.prompt == prompt_index]
         maps = {key: t[:, keep] for key, t in self._maps.items()}
-        first, n_img = prompt * self.images_per_prompt, self.images_per_prompt
+        first, n_img = prompt_index * self.images_per_prompt, self.images_per_prompt
         picked = {f: getattr(self._info, f)[:, first:first + n_img] if getattr(self._info, f) is not None else None
                   for f in _DENOISING}
-        tokenizations = {half: toks[prompt:prompt + 1] if len(toks) == n_prompts else list(toks)
+        tokenizations = {half: toks[prompt_index:prompt_index + 1] if len(toks) == n_prompts else list(toks)
                          for half, toks in self._info.tokenizations.items()}
-        negative = None if self.negative_prompts is None else [self.negative_prompts[prompt]]
+        negative = None if self.negative_prompts is None else [self.negative_prompts[prompt_index]]
         return AttentionTrace(maps, dataclasses.replace(
-            self._info, prompts=[self.prompts[prompt]], negative_prompts=negative, rows=rows,
+            self._info, prompts=[self.prompts[prompt_index]], negative_prompts=negative, rows=rows,
             tokenizations=tokenizations, **picked))
 
     def to(self, device: str | torch.device) -> AttentionTrace:
@@ -564,12 +570,6 @@ class AttentionTrace:
                 tensors[f"extra/{name}"] = torch.from_numpy(np.ascontiguousarray(extra)) if isinstance(
                     extra, np.ndarray) else extra
         return io.write(path, tensors, _metadata(self._info))
-
-
-def _in_text(word: str, prompt: str) -> bool:
-    """``word`` is one of the whitespace-separated words of ``prompt`` (case and end punctuation ignored)."""
-    strip = ",.;:!?\"'()"
-    return word.lower().strip(strip) in {w.lower().strip(strip) for w in prompt.split()}
 
 
 _INFO_FIELDS = frozenset(f.name for f in dataclasses.fields(TraceInfo)) - {"sizes"}
