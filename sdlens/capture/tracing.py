@@ -78,10 +78,11 @@ def trace(
         steps: ``None`` (all) or step indices in sampling order (negative from the end).
         heads: ``"mean"`` (average heads), ``"all"``, or a list of head indices to keep.
         cfg: which classifier-free-guidance half to keep: ``"cond"``, ``"uncond"`` or ``"both"``.
-        dtype, device: how and where the maps are stored. Each layer's storage for all kept steps is
+        dtype: how the maps are stored. Each layer's storage for all kept steps is
             allocated at its first step and filled step by step (from a GPU into a CPU store:
             asynchronous copies into page-locked memory), so the maps are not held twice when the
             pipeline says how many steps it runs (tracing a bare denoiser, storage doubles as it fills).
+        device: where the maps are stored.
         max_bytes: memory budget; an over-budget capture raises ``BudgetError`` (a ``ValueError``) with
             the estimate before the denoiser's first forward.
         record_latents: also keep, per captured step, x_t, the predicted clean latent x0, the noise
