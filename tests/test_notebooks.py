@@ -8,6 +8,10 @@ fails the run if any cell tried, even where a library caught the error and carri
 
 The wall time of each notebook is printed at the end of the run (see ``conftest.py``);
 ``python benchmarks/notebook_times.py`` prints the same table without pytest.
+
+With ``SDLENS_EXECUTED_NOTEBOOKS=DIR`` set (a path relative to the repository root, or absolute), each
+notebook that runs is also written to ``DIR`` with its outputs (``DIR/01_start_here.ipynb``,
+``DIR/solutions/...``; without the guard cells), for the documentation site (``scripts/build_docs.py``).
 """
 
 from __future__ import annotations
@@ -90,10 +94,17 @@ def kernel_manager():
     return KernelManager(kernel_name="python3", kernel_spec_manager=ThisPython())
 
 
-def run_notebook(nb, cwd: Path = NOTEBOOK_DIR, timeout: int = TIMEOUT_PER_CELL) -> float:
+def executed_dir() -> Path | None:
+    """Where executed notebooks are kept (``$SDLENS_EXECUTED_NOTEBOOKS``, relative to the repository root), or None."""
+    folder = os.environ.get("SDLENS_EXECUTED_NOTEBOOKS")
+    return ROOT / folder if folder else None
+
+
+def run_notebook(nb, cwd: Path = NOTEBOOK_DIR, timeout: int = TIMEOUT_PER_CELL, save_to: Path | None = None) -> float:
     """Execute the notebook node ``nb`` (guarded) in a fresh kernel; returns its wall time in seconds.
 
-    Raises nbclient's ``CellExecutionError`` on the first failing cell.
+    Raises nbclient's ``CellExecutionError`` on the first failing cell. With ``save_to``, the executed
+    notebook (outputs, without the guard cells) is written there once it has run through.
     """
     import nbformat
     from nbclient import NotebookClient
@@ -124,7 +135,13 @@ def run_notebook(nb, cwd: Path = NOTEBOOK_DIR, timeout: int = TIMEOUT_PER_CELL) 
         # nbclient leaves a kernel manager it was given running: stop the kernel ourselves
         if km.has_kernel:
             km.shutdown_kernel(now=True)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if save_to is not None:
+        executed = client.nb
+        executed.cells = executed.cells[1:-1]  # the guard and the check were added above
+        save_to.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(executed, save_to)
+    return seconds
 
 
 def read_notebook(path: Path):
@@ -139,8 +156,11 @@ def read_notebook(path: Path):
 def test_notebook_runs_offline(path: Path, notebook_times) -> None:
     """The notebook runs top to bottom in a fresh kernel with no error and no network."""
     pytest.importorskip("nbclient")
+    keep = executed_dir()
     try:
-        notebook_times[path.name] = run_notebook(read_notebook(path))
+        notebook_times[path.name] = run_notebook(
+            read_notebook(path), save_to=keep / path.relative_to(NOTEBOOK_DIR) if keep else None
+        )
     except Exception:
         notebook_times[path.name] = float("nan")
         raise
