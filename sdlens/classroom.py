@@ -135,6 +135,185 @@ def check_joint_tokens(pipe, tiny_answer: int | None, sd3_answer: int | None, ma
     return _verdict(tuple(int(a) for a in given), truth, why)
 
 
+# --- notebook 2: the latent space -----------------------------------------------------------------
+
+
+def _image_side(pipe) -> int:
+    from .hooks.layers import denoiser_of
+
+    return denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor
+
+
+@torch.no_grad()
+def _encode_mean(pipe, images) -> torch.Tensor:
+    """uint8 images (N, H, W, 3) → the mean of the VAE encoder's distribution, unscaled (N, C, h, w)."""
+    import numpy as np
+
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return torch.cat([pipe.vae.encode(chunk.to(pipe.device, pipe.vae.dtype)).latent_dist.mean.float()
+                      for chunk in x.split(16)])
+
+
+@torch.no_grad()
+def _decode_float(pipe, latents: torch.Tensor):
+    """Unscaled latents (N, C, h, w) → float images (N, H, W, 3) in 0..255 (numpy)."""
+    x = pipe.vae.decode(latents.to(pipe.device, pipe.vae.dtype)).sample.float().clamp(-1, 1)
+    return ((x + 1) * 127.5).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def latent_shift(pipe, caption: str = "a red circle on the left", seed: int = 0) -> int:
+    """How many image pixels a picture moves when its latent is rolled one latent pixel to the right.
+
+    Encodes a rendered scene, rolls the latent (``torch.roll``) by one along the width, decodes, and
+    returns the roll of the unshifted decoding (0 … 2·``vae_scale_factor`` pixels) that matches it best.
+    """
+    import numpy as np
+
+    from .world import parse_caption, render
+
+    image = render(parse_caption(caption), size=_image_side(pipe), seed=seed).image
+    z = _encode_mean(pipe, [image])
+    base, moved = _decode_float(pipe, torch.cat([z, torch.roll(z, 1, dims=-1)]))
+    errors = [np.abs(moved - np.roll(base, k, axis=1)).mean() for k in range(2 * pipe.vae_scale_factor + 1)]
+    return int(np.argmin(errors))
+
+
+def check_latent_shift(pipe, answer: int | None) -> Verdict:
+    """Exercise 02.2: image pixels the picture moves when its latent moves one latent pixel
+    (measured with ``latent_shift``, not read from the config)."""
+    if answer is None:
+        return _verdict(None, None, "")
+    shift, f = latent_shift(pipe), pipe.vae_scale_factor
+    same = "the same as" if shift == f else "not"
+    return _verdict(answer, shift, f"the decoded picture moves {shift} image pixels per latent pixel, {same} "
+                                   f"vae_scale_factor = {f}: each latent pixel describes the {f}×{f} patch of "
+                                   "the image above it, and the decoder, being convolutional, moves the "
+                                   "picture with its latent")
+
+
+def scaling_factor_of(pipe, n: int = 100, seed: int = 0) -> float:
+    """1 / std of the raw (unscaled) latents of ``n`` random shapes-world scenes, drawn as notebook 2's
+    section 1 draws its twelve (``sample_scene`` with ``numpy.random.default_rng(seed)``, scene ``i``
+    rendered with seed ``i``)."""
+    import numpy as np
+
+    from .world import render, sample_scene
+
+    rng = np.random.default_rng(seed)
+    side = _image_side(pipe)
+    images = [render(sample_scene(rng), size=side, seed=i).image for i in range(n)]
+    return 1 / float(_encode_mean(pipe, images).std())
+
+
+def check_scaling_factor(pipe, answer: float | None, n: int = 100, rtol: float = 0.03) -> Verdict:
+    """Exercise 02.3: the scaling factor measured on ``n`` scenes (within ``rtol``, 3%: a different
+    draw of scenes moves it by about that much)."""
+    if answer is None:
+        return _verdict(None, None, "")
+    measured, twelve = scaling_factor_of(pipe, n), scaling_factor_of(pipe, 12)
+    config = pipe.vae.config.scaling_factor
+    return _verdict(float(answer), measured,
+                    f"1 / std over {n} scenes is {measured:.4f} (over section 1's 12: {twelve:.4f}; the pipeline's "
+                    f"scaling_factor: {config:.4f}, {abs(measured / config - 1):.1%} away)",
+                    close=lambda a, t: abs(a - t) <= rtol * abs(t))
+
+
+def sd15_image_tflop(steps: int = 50) -> tuple[float, float]:
+    """TFLOP of one SD 1.5 picture at 512 px with classifier-free guidance (a batch of 2 per step) over
+    ``steps`` steps: ``(latent space, pixel space)``, from the FLOP count of one UNet call on the
+    64×64 latent and on the 512×512 pixel grid (`sdlens.anatomy` on the meta device)."""
+    import types
+
+    from .anatomy import anatomy
+    from .models.families import sd15_layout_unet
+
+    with torch.device("meta"):
+        unet = sd15_layout_unet(width=320)
+    per_call = [anatomy(types.SimpleNamespace(unet=unet, vae_scale_factor=1), height=side, width=side).flops_total
+                for side in (64, 512)]
+    return tuple(2 * steps * flops / 1e12 for flops in per_call)
+
+
+def check_sd15_tflop(latent_answer: float | None, pixel_answer: float | None, steps: int = 50,
+                     rtol: float = 0.02) -> Verdict:
+    """Exercise 02.5: TFLOP of one 512 px SD 1.5 picture in latent space and in pixel space (50 steps,
+    guidance doubling the batch), within ``rtol`` (2%, for rounding)."""
+    if latent_answer is None or pixel_answer is None:
+        return _verdict(None, None, "")
+    latent, pixel = sd15_image_tflop(steps)
+    why = (f"one UNet call costs {latent * 1e3 / (2 * steps):,.0f} GFLOP on the 64×64 latent and "
+           f"{pixel * 1e3 / (2 * steps):,.0f} GFLOP on 512×512 pixels; × 2 for the guidance batch × {steps} steps "
+           f"= {latent:,.1f} TFLOP in latent space, {pixel:,.0f} TFLOP in pixel space ({pixel / latent:,.0f}×)")
+    return _verdict((float(latent_answer), float(pixel_answer)), (latent, pixel), why,
+                    close=lambda a, t: all(abs(x - y) <= rtol * abs(y) for x, y in zip(a, t)))
+
+
+# --- notebook 3: diffusion ------------------------------------------------------------------------
+
+
+def settling_steps(pipe, prompt: str, seed: int = 0, steps: int = 20, guidance: float = 7.5) -> dict[str, int]:
+    """From which step on the predicted clean picture x̂0 keeps its final colours, positions and shapes.
+
+    Runs ``pipe`` with ``record_latents=True``, reads each step's decoded x̂0 with
+    `sdlens.world.score` (the detection matched to each caption object) and returns, per property,
+    the first step (0 = the first step) after which it no longer changes.
+    """
+    from .capture.tracing import trace
+    from .world import score
+
+    with trace(pipe, cross=False, record_latents=True) as tr:
+        pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
+             generator=torch.Generator("cpu").manual_seed(seed), output_type="latent")
+    found = [[o["detected"] for o in score(image, prompt)["objects"]] for image in tr.x0_images[:, 0]]
+    settled = {}
+    for prop in ("color", "position", "shape"):
+        seen = [tuple(getattr(d, prop, None) for d in objects) for objects in found]
+        settled[prop] = next(i for i in range(len(seen)) if all(s == seen[-1] for s in seen[i:]))
+    return settled
+
+
+def check_settling(pipe, colour_step: int | None, position_step: int | None, prompt: str, seed: int = 0,
+                   steps: int = 20) -> Verdict:
+    """Exercise 03.3: the first step from which x̂0's colours, then its positions, stay as they end
+    (``settling_steps``; steps counted from 0, as notebook 3's section 4 does)."""
+    if colour_step is None or position_step is None:
+        return _verdict(None, None, "")
+    s = settling_steps(pipe, prompt, seed, steps)
+    why = (f"x̂0's colours stay as they end from step {s['color']}, its positions from step {s['position']}, its "
+           f"shapes from step {s['shape']} (of {steps}, counted from 0; seed {seed})")
+    return _verdict((int(colour_step), int(position_step)), (s["color"], s["position"]), why)
+
+
+def _lesson_noise(pipe, seed: int) -> torch.Tensor:
+    """Notebook 3's ``noise(seed)``: the starting noise (1, C, s, s), drawn on the CPU."""
+    from .hooks.layers import denoiser_of
+
+    config = denoiser_of(pipe).config
+    shape = (1, config.in_channels, config.sample_size, config.sample_size)
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=denoiser_of(pipe).dtype)
+
+
+def mix_norms(pipe, alphas=(0.0, 0.1, 0.25, 0.5, 1.0), seeds: tuple[int, int] = (0, 100)) -> list[float]:
+    """Norms of the straight-line mixes ``(1 - a) · noise(seeds[0]) + a · noise(seeds[1])`` of notebook 3."""
+    base, var = (_lesson_noise(pipe, s) for s in seeds)
+    return [float(((1 - a) * base + a * var).float().norm()) for a in alphas]
+
+
+def check_mix_norms(pipe, answer, alphas=(0.0, 0.1, 0.25, 0.5, 1.0), seeds: tuple[int, int] = (0, 100),
+                    rtol: float = 0.02) -> Verdict:
+    """Exercise 03.4: the norm of each straight-line mix of the variation strip, one per ``alphas``
+    (within ``rtol``, 2%)."""
+    if answer is None:
+        return _verdict(None, None, "")
+    truth = mix_norms(pipe, alphas, seeds)
+    d = _lesson_noise(pipe, seeds[0]).numel()
+    why = (f"the straight mixes at a = {', '.join(f'{a:g}' for a in alphas)} have norms "
+           f"{', '.join(f'{n:.1f}' for n in truth)}: the two ends sit near √d = {d ** 0.5:.1f}, the midpoint near "
+           f"√(d/2) = {(d / 2) ** 0.5:.1f}, a noise with too little variance (slerp keeps the norm)")
+    return _verdict([float(a) for a in answer], truth, why,
+                    close=lambda a, t: len(a) == len(t) and all(abs(x - y) <= rtol * y for x, y in zip(a, t)))
+
+
 HINTS = {
     "01.1": "Compare the circle's position in the picture with the bright region of the map, seed by seed.",
     "01.2": "Run sdlens.world.score on each picture: it says which part of the caption (colour, shape, "
@@ -201,5 +380,25 @@ def hint(exercise: str) -> str:
     return HINTS[exercise]
 
 
-__all__ = ["HINTS", "Verdict", "check_guidance_batch", "cross_attention_qk", "check_joint_tokens", "check_scale", "check_slots", "hint",
-           "joint_tokens", "softmax_entropy"]
+__all__ = [
+    "HINTS",
+    "Verdict",
+    "check_guidance_batch",
+    "check_joint_tokens",
+    "check_latent_shift",
+    "check_mix_norms",
+    "check_scale",
+    "check_scaling_factor",
+    "check_sd15_tflop",
+    "check_settling",
+    "check_slots",
+    "cross_attention_qk",
+    "hint",
+    "joint_tokens",
+    "latent_shift",
+    "mix_norms",
+    "scaling_factor_of",
+    "sd15_image_tflop",
+    "settling_steps",
+    "softmax_entropy",
+]
