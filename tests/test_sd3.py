@@ -84,6 +84,32 @@ def test_prompt_cache_is_the_pipelines_encoding(pipe):
     assert slots.shape == (2, 77, pipe.transformer.config.joint_attention_dim)
 
 
+def test_word_slots_outweigh_the_context_embedders_bias():
+    """The slots SD 3 reads from one-layer CLIPs are their token + position embeddings; drawn at
+    ``text_embedding_std`` they differ from slot to slot after the context embedder (whose bias, the
+    same for every slot, is all an empty T5 slot becomes), as they did not at CLIP's own 0.02."""
+    def slot_similarity(std):
+        cfg = mmdit.Sd3Config(text_embedding_std=std)
+        encoders = mmdit.build_text_encoders(cfg)
+        ids = mmdit.build_tokenizer(cfg)(["a red circle on the left"], padding="max_length",
+                                          max_length=cfg.text_slots, return_tensors="pt").input_ids
+        with torch.no_grad():
+            slots = torch.cat([e(ids, output_hidden_states=True).hidden_states[-2] for e in encoders], -1)
+            torch.manual_seed(0)
+            context = mmdit.build_transformer(cfg).context_embedder(slots[0, 1:7])  # the six words
+        normed = torch.nn.functional.layer_norm(context, context.shape[-1:])
+        cos = torch.nn.functional.cosine_similarity(normed[:, None], normed[None], dim=-1)
+        return slots[0, 1:7].std().item(), cos[~torch.eye(6, dtype=bool)].mean().item()
+
+    std, similarity = slot_similarity(1.0)
+    assert 1.0 < std < 2.0  # token + position, each of std 1: about sqrt(2)
+    assert similarity < 0.3
+    old_std, old_similarity = slot_similarity(0.02)
+    assert old_similarity > 0.8  # what the first runs' transformers saw: six nearly equal words
+    with pytest.raises(sdlens.errors.ModelError, match="text_embedding_std"):
+        mmdit.Sd3Config(text_embedding_std=0)
+
+
 def train(tmp_path, name, cfg=None, **kw):
     from sdlens.models.train import Budget
 
@@ -289,8 +315,8 @@ def test_edits_a_flow_model_cannot_take_are_refused(pipe):
     image = np.zeros((64, 64, 3), np.uint8)
     with pytest.raises(EditError, match="inversion"):
         sdlens.edit.replace(pipe, "a red circle", "a blue circle", image=image, **KW)
-    with pytest.raises(EditError, match="self_steps"):
-        sdlens.edit.replace(pipe, "a red circle", "a blue circle", self_steps=0.5, **KW)
+    with pytest.raises(EditError, match="self_window"):
+        sdlens.edit.replace(pipe, "a red circle", "a blue circle", self_window=0.5, **KW)
     assert all(type(p).__name__ == "JointAttnProcessor2_0" for p in pipe.transformer.attn_processors.values())
 
 
@@ -322,14 +348,14 @@ def test_attend_on_tiny_sd3_with_concepts(tmp_path, capsys):
     from sdlens.cli import main
 
     out = tmp_path / "attend"
-    rc = main(["attend", "a red circle on the left", "--model", "tiny-sd3", "--steps", "3", "--no-progress",
+    rc = main(["attend", "a red circle on the left", "--model", "tiny-sd3", "--num-inference-steps", "3", "--no-progress",
                "--out", str(out), "--concepts", "red,circle", "background"])
     assert rc == 0
     assert {"image.png", "words.png", "concepts.png", "trace.safetensors"} <= {p.name for p in out.iterdir()}
     assert sdlens.load_trace(out / "trace.safetensors").concepts == ["red", "circle", "background"]
     # on the UNet model concepts are refused, in one line, with nothing written
     bad = tmp_path / "bad"
-    rc = main(["attend", "a red circle", "--model", "tiny", "--steps", "2", "--out", str(bad), "--concepts", "red"])
+    rc = main(["attend", "a red circle", "--model", "tiny", "--num-inference-steps", "2", "--out", str(bad), "--concepts", "red"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "joint attention" in err[-1] and not bad.exists()
 
@@ -340,7 +366,7 @@ def test_sweep_on_tiny_sd3_counts_the_empty_t5_slots(tmp_path):
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle on the left\na blue square\n")
-    assert main(["sweep", str(prompts), "--model", "tiny-sd3", "--steps", "3", "--out", str(tmp_path / "sw"),
+    assert main(["sweep", str(prompts), "--model", "tiny-sd3", "--num-inference-steps", "3", "--out", str(tmp_path / "sw"),
                  "--no-progress"]) == 0
     records = load(tmp_path / "sw")
     records = records if isinstance(records, list) else records.to_dict("records")
@@ -388,13 +414,13 @@ def test_edit_command_on_tiny_sd3(tmp_path, capsys):
     from sdlens.cli import main
 
     out = tmp_path / "edit"
-    assert main(["edit", "a red circle", "a blue circle", "--model", "tiny-sd3", "--steps", "3", "--blend", "circle",
+    assert main(["edit", "a red circle", "a blue circle", "--model", "tiny-sd3", "--num-inference-steps", "3", "--blend", "circle",
                  "--out", str(out), "--no-progress"]) == 0
     assert (out / "side.png").exists() and json.loads((out / "settings.json").read_text())["blend"] is not None
     bad = tmp_path / "bad"
     rc = main(["edit", "a red circle", "a blue circle", "--model", "tiny-sd3", "--method", "inject_self",
-               "--steps", "3", "--out", str(bad)])
-    assert rc == 2 and "self_steps" in capsys.readouterr().err and not bad.exists()
+               "--num-inference-steps", "3", "--out", str(bad)])
+    assert rc == 2 and "self_window" in capsys.readouterr().err and not bad.exists()
 
 
 def test_self_attention_denoising_and_edit_explorers_on_tiny_sd3(tiny3):
@@ -412,5 +438,5 @@ def test_self_attention_denoising_and_edit_explorers_on_tiny_sd3(tiny3):
     assert x0.shape == (64, 64, 3) and np.array_equal(den.render()[:, -64:], x0)
     # the last step's predicted clean picture is the image the pipeline returned (flow matching's x0)
     assert np.abs(x0.astype(int) - np.asarray(image).astype(int)).mean() < 8
-    edit_ex = EditExplorer(tiny3, "a red circle", "a blue circle", seed=3, steps=3)
+    edit_ex = EditExplorer(tiny3, "a red circle", "a blue circle", seed=3, num_inference_steps=3)
     assert edit_ex.render().shape[-1] == 3

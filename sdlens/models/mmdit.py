@@ -85,6 +85,10 @@ class Sd3Config(ImageConfig):
     text_width_2: int = 32
     text_layers: int = 1
     text_heads: int = 2
+    # std of the frozen token and position embeddings (CLIP initialises them at 0.02): the slots SD 3
+    # reads are these embeddings (one layer, penultimate state), and at 0.02 the context embedder's
+    # bias outweighs them, so every word slot looked like every other and like the empty T5 slots
+    text_embedding_std: float = 1.0
     t5_slots: int = 256  # the zero slots the pipeline appends without T5 (its max_sequence_length default)
 
     # --- flow matching ---
@@ -112,6 +116,8 @@ class Sd3Config(ImageConfig):
         for name in ("layers", "heads", "head_dim", "text_slots", "text_width", "text_width_2", "t5_slots"):
             if getattr(self, name) < 1:
                 raise ModelError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.text_embedding_std > 0:
+            raise ModelError(f"text_embedding_std must be positive, got {self.text_embedding_std}")
         if self.text_slots > 77:
             raise ModelError(f"text_slots must be at most CLIP's 77, got {self.text_slots}")
         if self.latent_size % self.patch_size:
@@ -175,9 +181,15 @@ def build_text_encoders(cfg: Sd3Config, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    first = CLIPTextModelWithProjection(CLIPTextConfig(**clip_config(cfg, cfg.text_width)))
-    second = CLIPTextModelWithProjection(CLIPTextConfig(**clip_config(cfg, cfg.text_width_2)))
-    return first.eval().requires_grad_(False), second.eval().requires_grad_(False)
+    encoders = []
+    for width in (cfg.text_width, cfg.text_width_2):
+        encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip_config(cfg, width)))
+        embeddings = encoder.text_model.embeddings
+        with torch.no_grad():
+            for table in (embeddings.token_embedding.weight, embeddings.position_embedding.weight):
+                table.normal_(0.0, cfg.text_embedding_std)
+        encoders.append(encoder.eval().requires_grad_(False))
+    return tuple(encoders)
 
 
 def build_sampler(cfg: Sd3Config):
