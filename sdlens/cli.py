@@ -131,9 +131,10 @@ def add_train_tiny(subparsers) -> None:
     m.add_argument("--pooled-dropout", type=float, default=s.pooled_dropout,
                    help="--arch sd3: each caption's chance that its pooled vector is the empty prompt's (the words "
                    "must then reach the picture through the joint attention)")
-    m.add_argument("--no-pooled-input", action="store_true",
-                   help="--arch sd3: the pooled vector reaches nothing (its projection's input weights zeroed and "
-                   "frozen): the prompt is read through the joint attention only")
+    m.add_argument("--pooled-input", action=argparse.BooleanOptionalAction, default=s.pooled_input,
+                   help="--arch sd3: with --no-pooled-input (the default, the shipped model's) the pooled vector "
+                   "reaches nothing (its projection's input weights zeroed and frozen), so the prompt is read "
+                   "through the joint attention only; --pooled-input gives it SD 3's adaLN path too")
     m.add_argument("--tail-dropout", type=float, default=d.tail_dropout,
                    help="each training caption's chance that its slots after a random word are zeroed")
     p.set_defaults(func=run_train_tiny)
@@ -232,7 +233,7 @@ def run_train_tiny_sd3(args: argparse.Namespace) -> int:
             layers=args.sd3_layers,
             heads=args.sd3_heads,
             pooled_dropout=args.pooled_dropout,
-            pooled_input=not args.no_pooled_input,
+            pooled_input=args.pooled_input,
         )
         b = _sd3_budget()
         if args.transformer_steps is not None or args.transformer_minutes is not None:

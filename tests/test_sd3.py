@@ -168,7 +168,7 @@ def test_pooled_dropout_withholds_the_pooled_vector(tmp_path, monkeypatch):
         return original(transformer, latents, slots, pooled, cfg, generator)
 
     monkeypatch.setattr(mmdit, "flow_matching_loss", spy)
-    out = train(tmp_path, "pd", small_config(pooled_dropout=1.0))
+    out = train(tmp_path, "pd", small_config(pooled_dropout=1.0, pooled_input=True))
     assert len(seen) == 4 and json.loads((out / "training.json").read_text())["config"]["pooled_dropout"] == 1.0
     empty = seen[0][:1]
     for pooled in seen:
@@ -179,7 +179,13 @@ def test_pooled_dropout_withholds_the_pooled_vector(tmp_path, monkeypatch):
 
 def test_without_pooled_input_the_pooled_vector_changes_nothing(tmp_path):
     """--no-pooled-input: the trained and exported transformer gives the same output whatever the pooled vector."""
-    out = train(tmp_path, "np", small_config(pooled_input=False))
+    assert mmdit.Sd3Config().pooled_input is False  # the shipped model's default
+    from sdlens.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["train-tiny", "--arch", "sd3", "--out", "x"]).pooled_input is False
+    assert parse(["train-tiny", "--arch", "sd3", "--out", "x", "--pooled-input"]).pooled_input is True
+    out = train(tmp_path, "np", small_config())
     assert json.loads((out / "training.json").read_text())["config"]["pooled_input"] is False
     assert float(transformer_weights(out)["time_text_embed.text_embedder.linear_1.weight"].abs().max()) == 0.0
     pipe = sdlens.load_pipeline(str(out))

@@ -105,8 +105,9 @@ class Sd3Config(ImageConfig):
     pooled_dropout: float = 0.0
     # False: the pooled vector reaches nothing (its projection's input weights are zero and frozen, in
     # training and in the exported weights), so the prompt can only be read through the joint
-    # attention; the classes and the pipeline are SD 3's unchanged
-    pooled_input: bool = True
+    # attention; the classes and the pipeline are SD 3's unchanged. With it (SD 3's design) the model
+    # took the pooled summary and left the words unread (notes/tiny_model.md, run 1)
+    pooled_input: bool = False
     two_object_prob: float = 0.7
     free_position_prob: float = 0.35
     size_word_prob: float = 0.35
