@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .hooks.layers import attention_layers, denoiser_of, token_packing
+from .hooks.layers import attention_layers, denoiser_of, latent_size_of, token_packing, vae_factor
 
 
 @dataclass(frozen=True)
@@ -140,9 +140,7 @@ def anatomy(pipe, height: int | None = None, width: int | None = None, *, flops:
     share of the compute the attention layers take.
     """
     denoiser = denoiser_of(pipe)
-    vsf = getattr(pipe, "vae_scale_factor", 1) if pipe is not denoiser else 1
-    side = getattr(denoiser.config, "sample_size", None) or getattr(pipe, "default_sample_size", 64)
-    latent_hw = ((height or side * vsf) // vsf, (width or side * vsf) // vsf)
+    latent_hw = latent_size_of(pipe, height, width)
     modules = dict(denoiser.named_modules())
     rows = []
     for info in attention_layers(denoiser):
@@ -154,7 +152,7 @@ def anatomy(pipe, height: int | None = None, width: int | None = None, *, flops:
     a = Anatomy(
         denoiser=type(denoiser).__name__,
         latent_size=latent_hw,
-        image_size=(latent_hw[0] * vsf, latent_hw[1] * vsf),
+        image_size=(latent_hw[0] * vae_factor(pipe), latent_hw[1] * vae_factor(pipe)),
         layers=rows,
         params_total=_n(denoiser),
         params_attention=sum(r.params for r in rows),

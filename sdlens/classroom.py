@@ -113,11 +113,11 @@ def check_scale(pipe, answer: str | None) -> Verdict:
 def joint_tokens(pipe, height: int | None = None, width: int | None = None, t5_slots: int = 256) -> int:
     """Tokens one joint-attention block of an SD 3 pipeline attends over at an image size: image
     patches plus the CLIP slots plus T5's."""
-    t = pipe.transformer
-    vsf = pipe.vae_scale_factor
-    h = (height or t.config.sample_size * vsf) // vsf // t.config.patch_size
-    w = (width or t.config.sample_size * vsf) // vsf // t.config.patch_size
-    return h * w + pipe.tokenizer.model_max_length + t5_slots
+    from .hooks.layers import latent_size_of
+
+    patch = pipe.transformer.config.patch_size
+    h, w = latent_size_of(pipe, height, width)
+    return (h // patch) * (w // patch) + pipe.tokenizer.model_max_length + t5_slots
 
 
 def check_joint_tokens(pipe, tiny_answer: int | None, sd3_answer: int | None, matrix_answer: int | None) -> Verdict:

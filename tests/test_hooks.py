@@ -261,6 +261,20 @@ def test_attach_refuses_what_is_not_a_controller_and_a_second_attachment(sd1_pip
                 pass
 
 
+def test_one_vae_factor_and_latent_size_for_pipelines_and_bare_denoisers(sd1_pipe):
+    from types import SimpleNamespace
+
+    from sdlens.hooks.layers import latent_size_of, vae_factor
+
+    side = sd1_pipe.unet.config.sample_size
+    assert vae_factor(sd1_pipe) == sd1_pipe.vae_scale_factor
+    assert vae_factor(sd1_pipe.unet) == vae_factor(None) == 1  # no VAE: the image is the latent
+    assert vae_factor(SimpleNamespace(unet=sd1_pipe.unet)) == 8  # a pipeline that does not say: diffusers' 8
+    f = sd1_pipe.vae_scale_factor
+    assert latent_size_of(sd1_pipe) == (side, side) == latent_size_of(sd1_pipe.unet)
+    assert latent_size_of(sd1_pipe, 4 * f, 6 * f) == (4, 6) and latent_size_of(sd1_pipe.unet, 4, 6) == (4, 6)
+
+
 def test_row_layout_of_a_cfg_batch():
     layout = row_layout(8, {"prompt": ["a", "b"], "num_images_per_prompt": 2, "negative_prompt": "x"}, True)
     assert layout.cfg and layout.per_half == 4 and layout.negative_prompts == ("x", "x")

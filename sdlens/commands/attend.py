@@ -80,18 +80,19 @@ def check_model_name(model: str) -> None:
 
 def size_multiple(pipe) -> int:
     """The number that image sides must be a multiple of for ``pipe`` (8, the VAE factor, the patch size)."""
-    vae = int(getattr(pipe, "vae_scale_factor", 8) or 8)
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    patch = int(getattr(getattr(denoiser, "config", None), "patch_size", None) or 1)
-    return math.lcm(8, vae * patch)
+    from ..hooks.layers import denoiser_of, vae_factor
+
+    patch = int(getattr(denoiser_of(pipe).config, "patch_size", None) or 1)
+    return math.lcm(8, vae_factor(pipe) * patch)
 
 
 def default_size(pipe) -> tuple[int, int]:
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    s = getattr(denoiser.config, "sample_size", 64)
-    s = s if isinstance(s, int) else s[0]
-    side = s * int(getattr(pipe, "vae_scale_factor", 8) or 8)
-    return (side, side)
+    """The image size ``pipe`` makes by default: its denoiser's sample size times the VAE's factor."""
+    from ..hooks.layers import latent_size_of, vae_factor
+
+    f = vae_factor(pipe)
+    h, w = latent_size_of(pipe)
+    return (h * f, w * f)
 
 
 def check_size(pipe, size: tuple[int, int] | None) -> tuple[int, int]:

@@ -113,6 +113,27 @@ def denoiser_of(obj) -> torch.nn.Module:
     )
 
 
+def vae_factor(pipe) -> int:
+    """Image pixels per latent pixel, per side: the pipeline's ``vae_scale_factor`` (8 where a pipeline
+    does not say, as diffusers' pipelines without a VAE assume); 1 for a bare denoiser or None (no VAE:
+    its image is its latent)."""
+    if pipe is None or hasattr(pipe, "attn_processors"):
+        return 1
+    return int(getattr(pipe, "vae_scale_factor", None) or 8)
+
+
+def latent_size_of(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+    """``(h, w)`` of the latent for an image of ``height`` × ``width`` pixels (each by default the
+    denoiser's own sample size): each side over ``vae_factor(pipe)``, as diffusers' pipelines divide it.
+
+    ``pipe``: a pipeline, or a bare denoiser (whose sizes are the latent's).
+    """
+    f = vae_factor(pipe)
+    side = getattr(denoiser_of(pipe).config, "sample_size", None) or getattr(pipe, "default_sample_size", None) or 64
+    sh, sw = (side, side) if isinstance(side, int) else side
+    return int(height or sh * f) // f, int(width or sw * f) // f
+
+
 def _role(module: torch.nn.Module, parent: torch.nn.Module | None) -> str:
     if getattr(module, "add_k_proj", None) is not None and getattr(module, "added_kv_proj_dim", None):
         return "joint"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import CaptureError
-from .layers import LayerInfo, attention_layers, token_packing
+from .layers import LayerInfo, attention_layers, token_packing, vae_factor
 from .rows import RowLayout, row_layout
 
 
@@ -55,8 +55,8 @@ class Run:
 
     def _start(self, sample: torch.Tensor, context: torch.Tensor | None, img_ids=None) -> None:
         self.latent_size = _latent_size(sample, img_ids, token_packing(self.denoiser))
-        vsf = getattr(self.pipe, "vae_scale_factor", None) if self.pipe is not None else None
-        self.image_size = (self.latent_size[0] * vsf, self.latent_size[1] * vsf) if vsf else self.latent_size
+        f = vae_factor(self.pipe)
+        self.image_size = (self.latent_size[0] * f, self.latent_size[1] * f)
         self.context_len = context.shape[1] if context is not None else 0
         self.expected_steps = self._expected_steps()
         if self.encoded and self.call.get("separate_negative"):

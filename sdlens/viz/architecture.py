@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import CaptureError
-from ..hooks.layers import denoiser_of
+from ..hooks.layers import denoiser_of, latent_size_of
 
 
 @dataclass
@@ -114,9 +114,7 @@ def plan(pipe, height: int | None = None, width: int | None = None) -> Plan:
     """The denoiser of ``pipe`` (UNet or SD 3-style transformer) as a ``Plan``, at an image size
     (default: the model's own)."""
     denoiser = denoiser_of(pipe)
-    vsf = getattr(pipe, "vae_scale_factor", 8) if pipe is not denoiser else 8
-    side = getattr(denoiser.config, "sample_size", 64)
-    latent_hw = ((height or side * vsf) // vsf, (width or side * vsf) // vsf)
+    latent_hw = latent_size_of(pipe, height, width)
     tokenizer = getattr(pipe, "tokenizer", None)
     slots = getattr(tokenizer, "model_max_length", 77) if tokenizer is not None else 77
     if hasattr(denoiser, "down_blocks"):

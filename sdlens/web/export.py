@@ -33,6 +33,7 @@ import torch
 from ..errors import WebError
 from ..files import staged_folder
 from ..hooks.attention import sdpa_inputs, sdpa_output
+from ..hooks.layers import vae_factor
 
 HERE = Path(__file__).resolve().parent
 PAGE = HERE / "page"
@@ -173,7 +174,7 @@ def model_files(pipe, tmp: Path, *, seeds: int = 1000, max_steps: int = MAX_STEP
     (tmp / "noise.bin").write_bytes(noise.tobytes())
 
     tok = pipe.tokenizer
-    scale = pipe.vae_scale_factor
+    scale = vae_factor(pipe)
     meta = {
         "format": 1,
         "model": "tiny",

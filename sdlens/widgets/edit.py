@@ -48,11 +48,12 @@ class EditExplorer(Explorer):
         if image is not None:
             from ..edit import invert
             from ..edit.inversion import as_image_array
+            from ..hooks.layers import latent_size_of
 
             arr = as_image_array(image)
-            f = pipe.vae_scale_factor
             self.call.update(height=arr.shape[0], width=arr.shape[1])
-            self.inversion = invert(pipe, arr, base, (arr.shape[0] // f, arr.shape[1] // f), num_inference_steps=steps,
+            latent = latent_size_of(pipe, arr.shape[0], arr.shape[1])
+            self.inversion = invert(pipe, arr, base, latent, num_inference_steps=steps,
                                     guidance_scale=guidance, method=inversion)
         self.edits = 0
         target_tok = tokenize(target, pipe.tokenizer)
