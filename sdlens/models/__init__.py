@@ -2,7 +2,8 @@
 and "tiny-sd3" (a pure transformer, SD 3's design).
 
 - `configs`: the UNet model's architecture and its variants (`TinyConfig`);
-- `train`: the training stages and `train_tiny` (the `sdlens train-tiny` command);
+- `training`: the training stages, one module a job, and `train_tiny` (the `sdlens train-tiny` command);
+  `train` is its old address, re-exporting its names;
 - `mmdit`: tiny-sd3's architecture and its flow-matching training (`train-tiny --arch sd3`);
 - `load`: `load_pipeline`, for the built-in model, a trained folder or any diffusers pipeline.
 """
@@ -14,7 +15,7 @@ __all__ = ["BUILTIN", "TINY_DIR", "TINY_SD3_DIR", "TinyConfig", "load_pipeline",
 
 
 def train_tiny(*args, **kwargs):
-    """Train the tiny model; see `sdlens.models.train.train_tiny`."""
-    from sdlens.models.train import train_tiny as _train_tiny
+    """Train the tiny model; see `sdlens.models.training.train_tiny`."""
+    from sdlens.models.training import train_tiny as _train_tiny
 
     return _train_tiny(*args, **kwargs)
