@@ -5,7 +5,8 @@ from the sources they describe, so that none of them can go stale.
 - the classroom notebooks: every ``notebooks/*.ipynb``, ``notebooks/solutions/*.ipynb`` and ``notebooks/GLOSSARY.md``
   is a page under ``notebooks/``, listed in the nav's ``Notebooks`` section; a copy under ``docs/notebooks/``
   (the executed notebooks that ``scripts/build_docs.py`` puts there) is used instead of the committed, stripped
-  file; the notebooks' links to each other and to the glossary are pointed at their pages;
+  file, and is a warning (an error under ``--strict``) if its cells are not the committed notebook's; the
+  notebooks' links to each other and to the glossary are pointed at their pages;
 - ``<!-- readme: opening -->`` and ``<!-- readme: HEADING -->`` in a page are replaced by the README's text
   before its first ``## `` heading and up to ``## Where``, or by the section under that heading.
 """
@@ -13,6 +14,7 @@ from the sources they describe, so that none of them can go stale.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import posixpath
 import re
@@ -93,12 +95,21 @@ def on_config(config):
     return config
 
 
+def _cells(path: Path) -> list[tuple[str, str]]:
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    return [(c["cell_type"], "".join(c["source"]) if isinstance(c["source"], list) else c["source"]) for c in cells]
+
+
 @event_priority(100)  # before mkdocs-jupyter's on_files, which turns .ipynb files into pages
 def on_files(files: Files, config) -> Files:
     files.append(File.generated(config, "cli.md", content=cli_reference()))
     for path in notebook_sources():
         uri = "notebooks/" + path.relative_to(NOTEBOOKS).as_posix()
-        if files.get_file_from_path(uri) is None:  # no executed copy in docs/notebooks/: the committed file
+        copy = files.get_file_from_path(uri)
+        if copy is not None and path.suffix == ".ipynb" and _cells(Path(copy.abs_src_path)) != _cells(path):
+            log.warning(f"docs/{uri} is not an executed copy of {path.relative_to(ROOT)} as it is now (other cells): "
+                        "run python scripts/build_docs.py, or delete docs/notebooks/")
+        if copy is None:  # no executed copy in docs/notebooks/: the committed file
             # a File read from the repository root (mkdocs-jupyter's pages need a src_dir, which File.generated lacks)
             files.append(File(uri, src_dir=str(ROOT), dest_dir=config.site_dir,
                               use_directory_urls=config.use_directory_urls))
