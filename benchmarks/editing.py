@@ -23,8 +23,8 @@ steps and guidance 7.5. Edit types:
 
 Methods (for the swaps; refine-add and the size edits use their own call, with and without blend):
 
-- ``regenerate``: the target prompt from the same noise, no attention edit (cross_steps=0,
-  self_steps=0): the baseline every attention method must beat on structure;
+- ``regenerate``: the target prompt from the same noise, no attention edit (cross_window=0,
+  self_window=0): the baseline every attention method must beat on structure;
 - ``replace``: Prompt-to-Prompt's word swap (``sdlens.edit.replace`` with its defaults);
 - ``inject_self``: Free-Prompt-Editing (``sdlens.edit.inject_self`` with its defaults);
 - each ``+blend``: with a local blend on the edited object's words.
@@ -122,7 +122,7 @@ def run_case(pipe, kind: str, method: str, case: dict, steps: int, guidance: flo
     if kind.startswith("size"):
         return edit.reweight(pipe, base, {"big": case["factor"]}, blend=blend, **kw)
     if name == "regenerate":
-        return edit.replace(pipe, base, target, cross_steps=0, self_steps=0, blend=blend, **kw)
+        return edit.replace(pipe, base, target, cross_window=0, self_window=0, blend=blend, **kw)
     if name == "replace":
         return edit.replace(pipe, base, target, blend=blend, **kw)
     return edit.inject_self(pipe, base, target, blend=blend, **kw)
@@ -137,7 +137,7 @@ def invert_case(pipe, kind: str, case: dict, steps: int, guidance: float):
     h, w = scene.image.shape[:2]
     f = pipe.vae_scale_factor
     inversion = edit.invert(pipe, scene.image, caption(case["base"]), (h // f, w // f), num_inference_steps=steps,
-                            guidance_scale=guidance, method="null-text" if kind.endswith("-null") else "ddim")
+                            guidance_scale=guidance, inversion="null-text" if kind.endswith("-null") else "ddim")
     return inversion, list(scene.masks)
 
 

@@ -105,7 +105,7 @@ def caption_kind(scene) -> str:
 class PromptMaps:
     """One prompt's cross-attention, averaged over steps and heads per layer, for fast word maps and slot shares.
 
-    `word_map(i)` is what `trace.word_map(i, prompt=p, size=size)` computes (the mean of the word's
+    `word_map(i)` is what `trace.word_map(i, prompt_index=p, size=size)` computes (the mean of the word's
     slots, per layer at its own resolution, upsampled bilinearly, averaged over layers; checked
     against it once per batch), but it reduces each layer's (steps, heads) once per prompt
     instead of once per word.
@@ -164,13 +164,13 @@ def evaluate(pipe, captions, *, steps: int, guidance: float, batch: int, device,
         size = images.shape[1:3]
         for i, (prompt, seed) in enumerate(chunk):
             scene = parse_caption(prompt)
-            words = tr.words(prompt=i)
+            words = tr.words(prompt_index=i)
             if words != prompt.split():
                 raise RuntimeError(f"the trace's words {words} are not the caption's {prompt.split()}")
             maps = PromptMaps(tr, i, size)
             indices = object_words(prompt)
             if i == 0:  # the shortcut computes what the trace computes
-                reference = tr.word_map(indices[0]["shape"], prompt=i, size=size)
+                reference = tr.word_map(indices[0]["shape"], prompt_index=i, size=size)
                 torch.testing.assert_close(maps.word_map(indices[0]["shape"]), reference, rtol=1e-3, atol=1e-6)
             result = score(images[i], scene)
             record = {
@@ -195,7 +195,7 @@ def evaluate(pipe, captions, *, steps: int, guidance: float, batch: int, device,
                         entry[kind] = localisation(maps.word_map(index), det.mask)
                     if concepts:
                         for kind, word in (("color concept", obj.color), ("shape concept", obj.shape)):
-                            entry[kind] = localisation(tr.concept_map(word, prompt=i, size=size), det.mask)
+                            entry[kind] = localisation(tr.concept_map(word, prompt_index=i, size=size), det.mask)
                 record["objects"].append(entry)
             records.append(record)
         print(f"  {min(start + batch, len(captions))}/{len(captions)} captions", file=sys.stderr)

@@ -16,6 +16,29 @@ def _int_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
 
 
+class OldOption(argparse.Action):
+    """An option's old spelling, kept for one release and left out of ``--help``: it sets the new
+    option's value and says on stderr that the new spelling replaces it."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from sdlens.vocabulary import REMOVED_IN
+
+        print(f"sdlens: {option_string} is now {self.new} ({option_string} stops working in sdlens {REMOVED_IN})",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_old_option(p, old: str, new: str, **kwargs) -> None:
+    """Accept ``old`` (hidden) for the option ``new`` (same ``type``/``nargs`` in ``kwargs``)."""
+    dest = new.lstrip("-").replace("-", "_")
+    p.add_argument(old, action=OldOption, new=new, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                   **kwargs)
+
+
 def refused(command: str, error: Exception) -> int:
     """Say why ``sdlens COMMAND`` refused its arguments, on one line of stderr; the exit status (2)."""
     print(f"sdlens {command}: error: {str(error).splitlines()[0]}", file=sys.stderr)
@@ -23,13 +46,17 @@ def refused(command: str, error: Exception) -> int:
 
 
 def add_generation_options(p, *, seed: bool = True, size: bool = True, device: bool = True) -> None:
-    """The options of every command that generates: model, seed, steps, guidance, size, device, progress bar."""
+    """The options of every command that generates: model, seed, step count, guidance scale, size, device,
+    progress bar (named as the Python keywords: ``--num-inference-steps`` is ``num_inference_steps``)."""
     p.add_argument("--model", default="tiny", help="'tiny' (the built-in UNet model, default), 'tiny-sd3' (the built-in "
                    "SD 3-style transformer), a pipeline folder or a hub id")
     if seed:
         p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--num-inference-steps", type=int, default=25, metavar="N", help="denoising steps (default 25)")
+    add_old_option(p, "--steps", "--num-inference-steps", type=int)
+    p.add_argument("--guidance-scale", type=float, default=7.5, metavar="W",
+                   help="classifier-free guidance scale (default 7.5; 1 turns guidance off)")
+    add_old_option(p, "--guidance", "--guidance-scale", type=float)
     if size:
         p.add_argument("--size", default=None, help="image size: 64 or HEIGHTxWIDTH (default: the model's own)")
     if device:
@@ -270,7 +297,8 @@ def add_attend(subparsers) -> None:
         "prompt", help='the prompt, e.g. "a red circle on the left and a blue square on the right"'
     )
     add_generation_options(p)
-    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT", help="negative prompt")
+    add_old_option(p, "--negative", "--negative-prompt")
     p.add_argument(
         "--words",
         nargs="+",
@@ -294,10 +322,10 @@ def run_attend(args: argparse.Namespace) -> int:
         attend(
             args.prompt,
             model=args.model,
-            steps=args.steps,
+            num_inference_steps=args.num_inference_steps,
             seed=args.seed,
-            guidance=args.guidance,
-            negative=args.negative,
+            guidance_scale=args.guidance_scale,
+            negative_prompt=args.negative_prompt,
             size=args.size,
             words=words,
             out=args.out,
@@ -315,7 +343,8 @@ def run_attend(args: argparse.Namespace) -> int:
 
 
 def add_edit(subparsers) -> None:
-    from sdlens.commands.edit import METHODS
+    from sdlens.edit.inversion import INVERSIONS
+    from sdlens.edit.run import METHODS
 
     p = subparsers.add_parser(
         "edit",
@@ -334,17 +363,22 @@ def add_edit(subparsers) -> None:
                    "mutual: the edit reads the base's keys and values")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: ./edit-BASE-to-TARGET)")
     add_generation_options(p)
-    p.add_argument("--cross-steps", default=None, metavar="F|A,B",
-                   help="when the base's cross-attention maps are copied: a fraction of the steps or start,end")
-    p.add_argument("--word-steps", nargs="+", default=None, metavar="WORD=F|A,B", help="per-word --cross-steps")
-    p.add_argument("--self-steps", default=None, metavar="F|A,B", help="when the base's self-attention is kept")
+    p.add_argument("--cross-window", default=None, metavar="F|A,B",
+                   help="when the base's cross-attention maps are copied: a step fraction (0.8: the first 80%% of "
+                   "the steps) or start,end fractions")
+    add_old_option(p, "--cross-steps", "--cross-window")
+    p.add_argument("--word-windows", nargs="+", default=None, metavar="WORD=F|A,B", help="per-word --cross-window")
+    add_old_option(p, "--word-steps", "--word-windows", nargs="+")
+    p.add_argument("--self-window", default=None, metavar="F|A,B",
+                   help="when the base's self-attention is kept: a step fraction or start,end fractions")
+    add_old_option(p, "--self-steps", "--self-window")
     p.add_argument("--blend", nargs="+", default=None, metavar="WORD",
                    help="local blend: change only where these words are")
     p.add_argument("--threshold", type=float, default=None, help="the blend mask's threshold, 0..1 (default 0.6)")
     p.add_argument("--weights", nargs="+", default=None, metavar="WORD=FACTOR",
                    help="scale words' attention in the edit, e.g. big=3 (negative: less of it)")
     p.add_argument("--image", default=None, metavar="FILE", help="edit this image (inverted with BASE)")
-    p.add_argument("--inversion", default="ddim", choices=("ddim", "null-text"),
+    p.add_argument("--inversion", default="ddim", choices=INVERSIONS,
                    help="how --image is inverted: ddim, or null-text (closer at high guidance; slower)")
     p.add_argument("--trace", action="store_true", help="also write each branch's word maps and the trace")
     p.set_defaults(func=run_edit)
@@ -356,8 +390,9 @@ def run_edit(args: argparse.Namespace) -> int:
 
     try:
         edit(args.base, args.target, method=args.method, model=args.model, out=args.out, seed=args.seed,
-             steps=args.steps, guidance=args.guidance, size=args.size, cross_steps=args.cross_steps,
-             word_steps=args.word_steps, self_steps=args.self_steps, blend=args.blend, threshold=args.threshold,
+             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, size=args.size,
+             cross_window=args.cross_window, word_windows=args.word_windows, self_window=args.self_window,
+             blend=args.blend, threshold=args.threshold,
              weights=args.weights, image=args.image, inversion=args.inversion, trace=args.trace, device=args.device,
              progress=not args.no_progress)
     except SdlensError as e:  # EditError, the command's own, and attend's checks
@@ -382,7 +417,8 @@ def add_sweep(subparsers) -> None:
     p.add_argument("--seeds", type=int, default=1, help="seeds per prompt (0, 1, ...) where a line gives none")
     p.add_argument("--layers", default=None, help="layers to trace (sdlens.trace's selector: a map side or a glob)")
     p.add_argument("--map-size", type=int, default=16, help="side of the stored word maps (default 16)")
-    p.add_argument("--batch", type=int, default=4, help="images per pipeline call (and per shard)")
+    p.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per pipeline call (and per shard)")
+    add_old_option(p, "--batch", "--batch-size", type=int)
     p.set_defaults(func=run_sweep_command)
 
 
@@ -392,8 +428,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
     layers = int(args.layers) if args.layers and args.layers.isdigit() else args.layers
     try:
-        sweep(args.prompts, out=args.out, model=args.model, seeds=args.seeds, steps=args.steps,
-              guidance=args.guidance, layers=layers, map_size=args.map_size, batch=args.batch,
+        sweep(args.prompts, out=args.out, model=args.model, seeds=args.seeds, num_inference_steps=args.num_inference_steps,
+              guidance_scale=args.guidance_scale, layers=layers, map_size=args.map_size, batch_size=args.batch_size,
               progress=not args.no_progress)
     except SdlensError as e:
         return refused("sweep", e)
@@ -405,7 +441,7 @@ def add_report(subparsers) -> None:
                               description="Merge a sweep's shards into DIR/report: summary.md (attention mass "
                               "per slot kind and layer group, localisation per word kind and layer group, best "
                               "and worst prompts), mass.png and localisation.png.")
-    p.add_argument("dir", help="the sweep's --out folder")
+    p.add_argument("root", metavar="DIR", help="the sweep's --out folder")
     p.set_defaults(func=run_report_command)
 
 
@@ -414,7 +450,7 @@ def run_report_command(args: argparse.Namespace) -> int:
     from sdlens.errors import SdlensError
 
     try:
-        report(args.dir)
+        report(args.root)
     except SdlensError as e:
         return refused("report", e)
     return 0

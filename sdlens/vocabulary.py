@@ -40,6 +40,7 @@ CONCEPTS: dict[str, str] = {
     "cross_window": "when an edit copies the base's cross-attention: a step fraction in [0, 1] (0.8: the first "
                     "80% of the steps), a (start, end) pair of them, or {word: window}",
     "self_window": "when an edit keeps the base's self-attention: a step fraction or a (start, end) pair of them",
+    "word_windows": "per-word cross_window: WORD=F or WORD=A,B (the edit command's --word-windows)",
     "guidance_scale": "the classifier-free guidance scale (diffusers' own name); 1 turns guidance off",
     "num_processes": "a process count: how many processes share a sweep (Accelerate's --num_processes)",
     "rank": "this process's index among num_processes, from 0",

@@ -39,7 +39,7 @@ def test_user_mistakes_across_the_kit_raise_the_one_error_family(tmp_path):
     pipe = sd1()
     mistakes = {
         CaptureError: lambda: sdlens.trace(pipe, heads="some"),
-        sdlens.EditError: lambda: sdlens.edit.replace(pipe, "a red circle", "a red circle", cross_steps=2.0),
+        sdlens.EditError: lambda: sdlens.edit.replace(pipe, "a red circle", "a red circle", cross_window=2.0),
         SweepError: lambda: load(tmp_path),
         WorldError: lambda: parse_caption("a purple dog"),
         ModelError: lambda: sdlens.models.TinyConfig(image_size=63),

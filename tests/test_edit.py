@@ -84,7 +84,7 @@ def test_the_base_branch_is_a_plain_generation_of_the_base_prompt(pipe, make):
 
 
 def test_empty_windows_give_a_plain_generation_of_the_target(pipe):
-    result = edit.replace(pipe, "a red circle on the left", "a blue square on the left", cross_steps=0, self_steps=0, **KW)
+    result = edit.replace(pipe, "a red circle on the left", "a blue square on the left", cross_window=0, self_window=0, **KW)
     assert np.abs(result.images[1] - plain(pipe, "a blue square on the left")).max() <= 1e-4
     # and an edit that acts changes the picture
     acted = edit.replace(pipe, "a red circle on the left", "a blue square on the left", **KW)
@@ -102,18 +102,18 @@ def test_weights_of_one_change_nothing(pipe):
 
 
 def test_replace_copies_the_base_maps_into_the_edited_branch(pipe):
-    """Read back through a capture: with cross_steps=1, every cross-attention map of the edited
+    """Read back through a capture: with cross_window=1, every cross-attention map of the edited
     prompt equals the base prompt's (one token per word, so the mapping is the identity), and with
-    cross_steps=0 they differ; the capture does not change the images."""
-    r = edit.replace(pipe, "a red circle", "a blue square", cross_steps=1.0, self_steps=0, trace=True, **KW)
+    cross_window=0 they differ; the capture does not change the images."""
+    r = edit.replace(pipe, "a red circle", "a blue square", cross_window=1.0, self_window=0, trace=True, **KW)
     tr = r.trace
     assert tr.prompts == ["a red circle", "a blue square"]
     for layer in tr.layers_of("cross"):
         maps = tr.maps(layer, "cross").float()  # (steps, rows, heads, h, w, slots)
         torch.testing.assert_close(maps[:, 1], maps[:, 0], atol=2e-3, rtol=0)  # stored in float16
-    alone = edit.replace(pipe, "a red circle", "a blue square", cross_steps=1.0, self_steps=0, **KW)
+    alone = edit.replace(pipe, "a red circle", "a blue square", cross_window=1.0, self_window=0, **KW)
     assert np.abs(alone.images[1] - r.images[1]).max() <= 1e-5
-    off = edit.replace(pipe, "a red circle", "a blue square", cross_steps=0, self_steps=0, trace=True, **KW).trace
+    off = edit.replace(pipe, "a red circle", "a blue square", cross_window=0, self_window=0, trace=True, **KW).trace
     layer = off.layers_of("cross")[0]
     assert (off.maps(layer, "cross")[:, 1].float() - off.maps(layer, "cross")[:, 0].float()).abs().max() > 1e-2
 
@@ -128,7 +128,7 @@ def test_traces_give_each_branch_as_its_own_trace(pipe, tmp_path):
     for k, one in enumerate(r.traces):
         assert [(row.half, row.prompt) for row in one.rows] == [("uncond", 0), ("cond", 0)][-len(one.rows):]
         for word in one.words():
-            torch.testing.assert_close(one.word_map(word), tr.word_map(word, prompt=k))
+            torch.testing.assert_close(one.word_map(word), tr.word_map(word, prompt_index=k))
         torch.testing.assert_close(one.latents[:, 0], tr.latents[:, k])
     torch.testing.assert_close(edited.word_map("red"), base.word_map("red"), atol=2e-3, rtol=0)  # copied by refine
     assert "big" not in base.words() and not torch.equal(base.latents, edited.latents)
@@ -140,10 +140,10 @@ def test_traces_give_each_branch_as_its_own_trace(pipe, tmp_path):
 
 
 def test_per_word_windows_and_pairs(pipe):
-    r = edit.replace(pipe, "a red circle", "a blue circle", cross_steps={"blue": (0.0, 0.5), "default": 1.0},
-                     self_steps=(0.1, 0.3), **KW)
-    assert r.settings["self_steps"] == (0.1, 0.3)
-    assert r.settings["cross_steps"] == {"blue": (0.0, 0.5), "default": 1.0}
+    r = edit.replace(pipe, "a red circle", "a blue circle", cross_window={"blue": (0.0, 0.5), "default": 1.0},
+                     self_window=(0.1, 0.3), **KW)
+    assert r.settings["self_window"] == (0.1, 0.3)
+    assert r.settings["cross_window"] == {"blue": (0.0, 0.5), "default": 1.0}
 
 
 def test_blend_keeps_the_base_latent_outside_the_mask_at_every_blended_step(pipe):
@@ -262,7 +262,7 @@ def test_null_text_inversion_reconstructs_better_at_high_guidance_and_leaves_no_
     before = untouched(pipe)
     ddim = edit.replace(pipe, "a green square on the right", "a red square on the right", image=scene.image, **kw)
     inv = edit.invert(pipe, scene.image, "a green square on the right", (16, 16), num_inference_steps=10,
-                      guidance_scale=7.5, method="null-text")
+                      guidance_scale=7.5, inversion="null-text")
     assert inv.null_embeddings.shape[:2] == (10, 1)
     null = edit.replace(pipe, "a green square on the right", "a red square on the right", image=inv, **kw)
     assert null.settings["image"]["inversion"] == "null-text"
@@ -292,10 +292,10 @@ def test_an_inversion_that_does_not_fit_the_edit_is_refused(pipe):
 
 
 @pytest.mark.parametrize(("call", "message"), [
-    (lambda p: edit.replace(p, "a red circle", "a blue circle", cross_steps=1.5), r"fractions must lie in \[0, 1\]"),
-    (lambda p: edit.replace(p, "a red circle", "a blue circle", self_steps=(0.5, 0.2)), "start ≤ end"),
-    (lambda p: edit.replace(p, "a red circle", "a blue circle", cross_steps="all"), "fraction of the steps"),
-    (lambda p: edit.replace(p, "a red circle", "a blue circle", cross_steps={"green": 0.5}), "'green' is not a word"),
+    (lambda p: edit.replace(p, "a red circle", "a blue circle", cross_window=1.5), r"fractions must lie in \[0, 1\]"),
+    (lambda p: edit.replace(p, "a red circle", "a blue circle", self_window=(0.5, 0.2)), "start ≤ end"),
+    (lambda p: edit.replace(p, "a red circle", "a blue circle", cross_window="all"), "a step fraction"),
+    (lambda p: edit.replace(p, "a red circle", "a blue circle", cross_window={"green": 0.5}), "'green' is not a word"),
     (lambda p: edit.reweight(p, "a red circle", {"big": 2.0}), "'big' is not a word"),
     (lambda p: edit.reweight(p, "a red circle", {"red": float("nan")}), "finite number"),
     (lambda p: edit.replace(p, "a red circle", "a blue circle", blend="square"), "in none of the prompts"),
@@ -304,11 +304,11 @@ def test_an_inversion_that_does_not_fit_the_edit_is_refused(pipe):
     (lambda p: edit.replace(p, "a red circle", "a big blue circle"), "unmatched words"),
     (lambda p: edit.replace(p, "a red circle", "A red  circle"), "nothing to swap"),
     (lambda p: edit.replace(p, "a red circle", "a blue circle", latents=None), "cannot be passed"),
-    (lambda p: edit.replace(p, "a red circle", "a blue circle", self_steps=0.5, self_max_size=4), "self_max_size=4"),
+    (lambda p: edit.replace(p, "a red circle", "a blue circle", self_window=0.5, self_max_size=4), "self_max_size=4"),
     (lambda p: edit.replace(p, "a red circle", "a blue circle", image=np.zeros((32, 32, 3), np.uint8)), "32×32"),
     (lambda p: edit.replace(p, "a red circle", "a blue circle", image=np.zeros((64, 64), np.uint8)), r"\(H, W, 3\)"),
     (lambda p: edit.replace(p, "", "a blue circle"), "non-empty"),
-    (lambda p: edit.replace(p, "a red circle", "a blue circle", inversion="exact"), "valid: ddim, null-text"),
+    (lambda p: edit.replace(p, "a red circle", "a blue circle", inversion="exact"), "choose one of: 'ddim', 'null-text'"),
     (lambda p: edit.replace(p, "a red circle", "a blue circle", image=np.zeros((64, 64, 3), np.uint8),
                             inversion="null-text", guidance_scale=1.0), "guidance_scale > 1"),
     (lambda p: edit.replace(p, "a red circle", "a blue circle", image=np.zeros((64, 64, 3), np.uint8),
@@ -367,7 +367,7 @@ def test_sdlens_edit_writes_the_pictures(tmp_path, capsys):
 
     out = tmp_path / "e"
     rc = main(["edit", "a red circle and a blue square", "a green circle and a blue square", "--out", str(out),
-               "--steps", "4", "--blend", "circle", "--weights", "green=2", "--trace", "--no-progress"])
+               "--num-inference-steps", "4", "--blend", "circle", "--weights", "green=2", "--trace", "--no-progress"])
     assert rc == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["base.png", "edit.png", "mask.png", "settings.json", "side.png", "trace.safetensors",
@@ -390,7 +390,7 @@ def test_sdlens_edit_on_an_image_file(tmp_path):
     Image.fromarray(render(parse_caption("a red circle on the left"), size=64, seed=1).image).convert("RGBA").save(path)
     out = tmp_path / "real"
     assert main(["edit", "a red circle on the left", "a blue circle on the left", "--image", str(path),
-                 "--out", str(out), "--steps", "10", "--guidance", "1", "--no-progress"]) == 0
+                 "--out", str(out), "--num-inference-steps", "10", "--guidance-scale", "1", "--no-progress"]) == 0
     import json
 
     assert json.loads((out / "settings.json").read_text())["reconstruction_error"] < 0.05
@@ -398,8 +398,8 @@ def test_sdlens_edit_on_an_image_file(tmp_path):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["a red circle", "a blue circle", "--method", "swap"], "invalid choice"),
-    (["a red circle", "a blue circle", "--cross-steps", "lots"], "--cross-steps 'lots'"),
-    (["a red circle", "a blue circle", "--cross-steps", "1.5"], r"\[0, 1\]"),
+    (["a red circle", "a blue circle", "--cross-window", "lots"], "--cross-window 'lots'"),
+    (["a red circle", "a blue circle", "--cross-window", "1.5"], r"\[0, 1\]"),
     (["a red circle", "a blue circle", "--weights", "big"], "WORD=VALUE"),
     (["a red circle", "a blue circle", "--weights", "big=2"], "'big' is not a word"),
     (["a red circle", "a blue circle", "--threshold", "0.5"], "--blend"),
@@ -435,7 +435,7 @@ def _nothing():
 def test_edit_explorer_reruns_on_release_and_caches(pipe):
     from sdlens.widgets import EditExplorer
 
-    ex = EditExplorer(pipe, "a red circle", "a blue circle", seed=3, steps=4)
+    ex = EditExplorer(pipe, "a red circle", "a blue circle", seed=3, num_inference_steps=4)
     assert ex.edits == 1 and ex.render().shape == (64, 64 * 2 + 4, 3)
     direct = edit.replace(pipe, "a red circle", "a blue circle", seed=3, num_inference_steps=4, output_type="np")
     assert np.abs(ex.result.images[1] - direct.images[1]).max() <= 1e-5
@@ -454,7 +454,7 @@ def test_edit_explorer_on_an_image_inverts_once(pipe):
     from sdlens.world import parse_caption, render
 
     image = render(parse_caption("a red circle on the left"), size=64, seed=1).image
-    ex = EditExplorer(pipe, "a red circle on the left", "a blue circle on the left", image=image, steps=4)
+    ex = EditExplorer(pipe, "a red circle on the left", "a blue circle on the left", image=image, num_inference_steps=4)
     inversion = ex.inversion
     direct = edit.replace(pipe, "a red circle on the left", "a blue circle on the left", image=image,
                           num_inference_steps=4, guidance_scale=7.5, output_type="np")
@@ -476,7 +476,7 @@ def test_other_unet_families_keep_the_base_and_restore(family):
 
     pipe = FAMILIES[family]()
     before = dict(pipe.unet.attn_processors)
-    r = edit.replace(pipe, "a red circle", "a blue circle", blend="circle", self_steps=0.5, num_inference_steps=3,
+    r = edit.replace(pipe, "a red circle", "a blue circle", blend="circle", self_window=0.5, num_inference_steps=3,
                      output_type="np")
     p = pipe("a red circle", num_inference_steps=3, output_type="np", generator=torch.Generator("cpu").manual_seed(0))
     assert np.abs(r.images[0] - p.images[0]).max() <= 1e-4

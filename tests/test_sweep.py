@@ -18,7 +18,7 @@ import sdlens
 from sdlens.sweep import SweepError, assign, load, read_items, run_sweep
 
 PROMPTS = ["a red circle on the left", "a blue square", "a green triangle at the top and a yellow circle at the bottom"]
-SETTINGS = {"steps": 3, "guidance": 7.5, "map_size": 8, "layers": None, "model": "tiny"}
+SETTINGS = {"num_inference_steps": 3, "guidance_scale": 7.5, "map_size": 8, "layers": None, "model": "tiny"}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_items_from_text_and_jsonl(tmp_path, prompt_file):
     items = read_items(prompt_file, seeds=2)
     assert [i.id for i in items] == ["000000-s0", "000000-s1", "000001-s0", "000001-s1", "000002-s0", "000002-s1"]
     assert [[i.id for i in b] for b in assign(items, 1, 2)] == [["000000-s1"], ["000001-s1"], ["000002-s1"]]
-    assert [[i.id for i in b] for b in assign(items, 1, 2, batch=2)] == [["000001-s0", "000001-s1"]]
+    assert [[i.id for i in b] for b in assign(items, 1, 2, batch_size=2)] == [["000001-s0", "000001-s1"]]
     mask = tmp_path / "m.png"
     from PIL import Image
 
@@ -73,16 +73,16 @@ def test_bad_prompt_files_are_named(tmp_path, text, message):
 def test_a_sweep_resumes_and_redoes_a_corrupted_shard(pipe, prompt_file, tmp_path):
     out = tmp_path / "sweep"
     items = read_items(prompt_file)
-    assert run_sweep(pipe, items, out, SETTINGS, batch=2) == [i.id for i in items]
+    assert run_sweep(pipe, items, out, SETTINGS, batch_size=2) == [i.id for i in items]
     first = load(out)
     assert type(first) is list  # one type, whether pandas is installed or not
     assert [r["id"] for r in first] == [i.id for i in items] and len(list((out / "images").iterdir())) == 3
-    assert run_sweep(pipe, items, out, SETTINGS, batch=2) == []  # nothing left to do
+    assert run_sweep(pipe, items, out, SETTINGS, batch_size=2) == []  # nothing left to do
     shard = sorted((out / "shards").iterdir())[0]
     shard.write_bytes(shard.read_bytes()[:200])  # a shard cut short
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        redone = run_sweep(pipe, items, out, SETTINGS, batch=2)
+        redone = run_sweep(pipe, items, out, SETTINGS, batch_size=2)
     assert any(shard.name in str(w.message) for w in caught)
     assert redone == ["000000-s0", "000001-s0"] and (out / "bad" / shard.name).exists()
     again = load(out)
@@ -108,14 +108,14 @@ def test_settings_that_differ_are_refused(pipe, prompt_file, tmp_path):
     out = tmp_path / "s"
     run_sweep(pipe, read_items(prompt_file)[:1], out, SETTINGS)
     with pytest.raises(SweepError, match=r"steps: 3 there, 4 now"):
-        run_sweep(pipe, read_items(prompt_file)[:1], out, {**SETTINGS, "steps": 4})
+        run_sweep(pipe, read_items(prompt_file)[:1], out, {**SETTINGS, "num_inference_steps": 4})
 
 
 def test_report_writes_tables_and_figures(pipe, prompt_file, tmp_path):
     from sdlens.commands.sweep import report
 
     out = tmp_path / "s"
-    run_sweep(pipe, read_items(prompt_file), out, SETTINGS, batch=3)
+    run_sweep(pipe, read_items(prompt_file), out, SETTINGS, batch_size=3)
     paths = report(str(out), log=lambda s: None)
     assert [p.name for p in paths] == ["summary.md", "mass.png", "localisation.png"]
     text = paths[0].read_text()
@@ -123,7 +123,7 @@ def test_report_writes_tables_and_figures(pipe, prompt_file, tmp_path):
 
 
 def _sweep_command(prompts, out, *extra):
-    return [sys.executable, "-m", "sdlens", "sweep", str(prompts), "--out", str(out), "--steps", "3",
+    return [sys.executable, "-m", "sdlens", "sweep", str(prompts), "--out", str(out), "--num-inference-steps", "3",
             "--map-size", "8", "--no-progress", *extra]
 
 
@@ -132,7 +132,7 @@ def test_a_run_killed_mid_way_resumes_with_every_item_once(tmp_path):
     prompts = tmp_path / "many.txt"
     prompts.write_text("\n".join(PROMPTS * 4) + "\n")  # 12 items, batches of 2
     out = tmp_path / "s"
-    proc = subprocess.Popen(_sweep_command(prompts, out, "--batch", "2"), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_sweep_command(prompts, out, "--batch-size", "2"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / "shards").glob("*.safetensors"))) < 2:
@@ -141,7 +141,7 @@ def test_a_run_killed_mid_way_resumes_with_every_item_once(tmp_path):
     proc.wait()
     shards_before = len(list((out / "shards").glob("*.safetensors")))
     assert 2 <= shards_before < 6, shards_before
-    subprocess.run(_sweep_command(prompts, out, "--batch", "2"), check=True, capture_output=True)
+    subprocess.run(_sweep_command(prompts, out, "--batch-size", "2"), check=True, capture_output=True)
     ids = [r["id"] for r in load(out)]
     assert sorted(ids) == [f"{i:06d}-s0" for i in range(12)]  # each exactly once
     assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".sdlens")]  # no half-written shard left

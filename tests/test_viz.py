@@ -382,7 +382,7 @@ def model_dir(pipe, tmp_path_factory):
 
 def test_attend_end_to_end(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = cli_main(["attend", PROMPT, "--model", str(model_dir), "--steps", "3", "--size", "64",
+    rc = cli_main(["attend", PROMPT, "--model", str(model_dir), "--num-inference-steps", "3", "--size", "64",
                    "--out", str(out), "--no-progress", "--seed", "1"])
     assert rc == 0
     words = ["a", "red", "circle", "on", "the", "left"]
@@ -396,8 +396,8 @@ def test_attend_end_to_end(model_dir, tmp_path, capsys):
     assert tr.words() == words and len(tr.steps) == 3 and tr.image_size == (64, 64)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sdlens")]  # no temp folder left
     # --words: only those words; again into the same folder (files replaced, others kept)
-    rc = cli_main(["attend", PROMPT, "--model", str(model_dir), "--steps", "2", "--size", "32x64",
-                   "--words", "circle,left", "--out", str(out), "--no-progress", "--guidance", "1"])
+    rc = cli_main(["attend", PROMPT, "--model", str(model_dir), "--num-inference-steps", "2", "--size", "32x64",
+                   "--words", "circle,left", "--out", str(out), "--no-progress", "--guidance-scale", "1"])
     assert rc == 0
     assert Image.open(out / "image.png").size == (64, 32)  # PIL: (width, height)
     assert Image.open(out / "steps.gif").n_frames == 2
@@ -406,10 +406,11 @@ def test_attend_end_to_end(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--words", "square"], "'square' is not a word of the prompt; its words are: a red circle on the left"),
+        (["--words", "square"], "--words: 'square' is not a word of this prompt; its words are ['a', 'red', 'circle', "
+                                "'on', 'the', 'left']"),
         (["--size", "60"], "--size 60x60 does not fit this model: height and width must be positive multiples of 8"),
         (["--size", "big"], "--size 'big' is not a size"),
-        (["--steps", "0"], "--steps 0: need at least 1 step"),
+        (["--num-inference-steps", "0"], "--num-inference-steps=0: a step count must be an int of at least 1"),
         (["--model", "./no/such/model"], "no model folder './no/such/model'"),
         (["--model", "{tmp}"], "is not a diffusers pipeline folder"),
     ],

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from ..errors import CaptureError, CommandError
 from ..files import staged_folder
+from ..select import check_step_count, select_word, word_occurrences
+from ..vocabulary import renamed
 
 STOP_WORDS = frozenset("a an the on in at of and or to with is are under over above below".split())
 
@@ -118,13 +120,8 @@ def check_words(pipe, prompt: str, words: Sequence[str] | None) -> list[int]:
     if words is None:
         return list(range(len(tok.words)))
     out = []
-    for w in words:
-        found = tok.word_indices(w)  # every occurrence of the word
-        if not found:
-            try:
-                found = [tok.word_index(w)]  # a label such as "red (2)"
-            except ValueError:
-                raise AttendError(f"{w!r} is not a word of the prompt; its words are: {' '.join(tok.words)}") from None
+    for w in words:  # every occurrence of a word, or the one a label ("red (2)") names
+        found = word_occurrences(tok, w) or [select_word(tok, w, what="--words", error=AttendError)]
         out += [i for i in found if i not in out]
     return out
 
@@ -142,14 +139,15 @@ def load(model: str, device: str | None, progress: bool):
     return pipe
 
 
+@renamed(steps="num_inference_steps", guidance="guidance_scale", negative="negative_prompt")
 def attend(
     prompt: str,
     *,
     model: str = "tiny",
-    steps: int = 25,
+    num_inference_steps: int = 25,
     seed: int = 0,
-    guidance: float = 7.5,
-    negative: str | None = None,
+    guidance_scale: float = 7.5,
+    negative_prompt: str | None = None,
     size=None,
     words: Sequence[str] | None = None,
     out: str | os.PathLike | None = None,
@@ -176,10 +174,9 @@ def attend(
     prompt = (prompt or "").strip()
     if not prompt:
         raise AttendError("the prompt is empty")
-    if steps < 1:
-        raise AttendError(f"--steps {steps}: need at least 1 step")
-    if guidance < 0:
-        raise AttendError(f"--guidance {guidance}: must be >= 0 (1 turns classifier-free guidance off)")
+    check_step_count(num_inference_steps, what="--num-inference-steps", error=AttendError)
+    if guidance_scale < 0:
+        raise AttendError(f"--guidance-scale {guidance_scale}: must be >= 0 (1 turns classifier-free guidance off)")
     size = parse_size(size)
     out = Path(out) if out is not None else Path(f"attend-{slug(prompt)}")
     if out.exists() and not out.is_dir():
@@ -190,8 +187,9 @@ def attend(
     chosen = check_words(pipe, prompt, words)
     concepts = check_concepts(pipe, concepts)
 
-    trace, image = generate(pipe, prompt, steps=steps, seed=seed, guidance=guidance, negative=negative,
-                            size=(height, width), self_attn=self_attn, concepts=concepts)
+    trace, image = generate(pipe, prompt, num_inference_steps=num_inference_steps, seed=seed,
+                            guidance_scale=guidance_scale, negative_prompt=negative_prompt, size=(height, width),
+                            self_attn=self_attn, concepts=concepts)
     return write_outputs(trace, image, out, chosen, gif_words=_gif_words(trace, chosen, words), log=log)
 
 
@@ -211,21 +209,23 @@ def check_concepts(pipe, concepts: Sequence[str] | None) -> list[str] | None:
         raise AttendError(f"--concepts: {e}") from None
 
 
-def generate(pipe, prompt, *, steps, seed, guidance, negative, size, self_attn=False, concepts=None):
+@renamed(steps="num_inference_steps", guidance="guidance_scale", negative="negative_prompt")
+def generate(pipe, prompt, *, num_inference_steps, seed, guidance_scale, negative_prompt, size, self_attn=False,
+             concepts=None):
     """One traced generation: ``(trace, PIL image)``."""
     import torch
 
-    from ..capture import trace as sdtrace
+    from .. import capture
 
     kw = dict(self_attn=self_attn, record_latents=True, concepts=concepts)
     device = getattr(pipe, "device", torch.device("cpu"))
     generator = torch.Generator(device=device).manual_seed(seed)
-    with sdtrace(pipe, **kw) as tr:
+    with capture.trace(pipe, **kw) as tr:
         result = pipe(
             prompt,
-            negative_prompt=negative,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
+            negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
             height=size[0],
             width=size[1],
             generator=generator,

@@ -12,11 +12,13 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..edit.inversion import INVERSIONS
+from ..edit.run import METHODS
 from ..errors import CommandError
 from ..files import staged_folder
+from ..select import check_choice, check_step_count
+from ..vocabulary import renamed
 from .attend import check_model_name, check_size, load, parse_size, slug
-
-METHODS = ("replace", "refine", "reweight", "inject_self", "mutual")
 
 
 class EditCommandError(CommandError):
@@ -68,6 +70,8 @@ def load_image(path: str | None):
         raise EditCommandError(f"--image {path!r} is not an image PIL can read ({e})") from None
 
 
+@renamed(steps="num_inference_steps", guidance="guidance_scale", cross_steps="cross_window",
+         word_steps="word_windows", self_steps="self_window")
 def run_edit(
     base: str,
     target: str | None,
@@ -76,12 +80,12 @@ def run_edit(
     model: str = "tiny",
     out: str | os.PathLike | None = None,
     seed: int = 0,
-    steps: int = 25,
-    guidance: float = 7.5,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
     size=None,
-    cross_steps: str | None = None,
-    word_steps: Sequence[str] | None = None,
-    self_steps: str | None = None,
+    cross_window: str | None = None,
+    word_windows: Sequence[str] | None = None,
+    self_window: str | None = None,
     blend: Sequence[str] | None = None,
     threshold: float | None = None,
     weights: Sequence[str] | None = None,
@@ -98,27 +102,25 @@ def run_edit(
     ``words-base.png``, ``words-edit.png`` (each branch's word maps) and ``trace.safetensors``."""
     from .. import edit as sdedit
 
-    if method not in METHODS:
-        raise EditCommandError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    check_choice(method, METHODS, what="--method", error=EditCommandError)
     base = (base or "").strip()
     target = (target or "").strip() or (base if method == "reweight" else "")
     if not base or not target:
         raise EditCommandError("give a base prompt and a target prompt (reweight may leave the target out)")
     if method == "reweight" and target != base:
         raise EditCommandError("--method reweight edits one prompt: leave TARGET out or repeat BASE")
-    if steps < 1:
-        raise EditCommandError(f"--steps {steps}: need at least 1 step")
+    check_step_count(num_inference_steps, what="--num-inference-steps", error=EditCommandError)
     out = Path(out) if out is not None else Path(f"edit-{slug(base, 20)}-to-{slug(target, 20)}")
     if out.exists() and not out.is_dir():
         raise EditCommandError(f"--out {str(out)!r} is a file, not a folder")
     kwargs: dict = {}
-    if cross_steps is not None or word_steps:
-        cs = parse_window(cross_steps, "--cross-steps") if cross_steps is not None else 1.0
-        if word_steps:
-            cs = {"default": cs, **parse_pairs(word_steps, "--word-steps", parse_window)}
-        kwargs["cross_steps"] = cs
-    if self_steps is not None:
-        kwargs["self_steps"] = parse_window(self_steps, "--self-steps")
+    if cross_window is not None or word_windows:
+        cw = parse_window(cross_window, "--cross-window") if cross_window is not None else 1.0
+        if word_windows:
+            cw = {"default": cw, **parse_pairs(word_windows, "--word-windows", parse_window)}
+        kwargs["cross_window"] = cw
+    if self_window is not None:
+        kwargs["self_window"] = parse_window(self_window, "--self-window")
     if blend:
         kwargs["blend"] = {"words": list(blend)} | ({} if threshold is None else {"threshold": threshold})
     elif threshold is not None:
@@ -128,8 +130,7 @@ def run_edit(
         raise EditCommandError("--method reweight needs --weights WORD=FACTOR")
     if w:
         kwargs["weights"] = w
-    if inversion not in ("ddim", "null-text"):
-        raise EditCommandError(f"--inversion {inversion!r}: choose ddim or null-text")
+    check_choice(inversion, INVERSIONS, what="--inversion", error=EditCommandError)
     if inversion != "ddim" and image is None:
         raise EditCommandError("--inversion sets how --image is inverted: give --image FILE too")
     picture = load_image(image)
@@ -137,14 +138,14 @@ def run_edit(
         check_model_name(model)
         pipe = load(model, device, progress)
     height, width = check_size(pipe, parse_size(size)) if picture is None or size else (picture.height, picture.width)
-    call = dict(seed=seed, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+    call = dict(seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
                 image=picture, trace=trace, **kwargs)
     if picture is not None:
         call["inversion"] = inversion
     if method == "reweight":
         result = sdedit.reweight(pipe, base, call.pop("weights"), **call)
     elif method in ("inject_self", "mutual"):
-        call.pop("cross_steps", None)
+        call.pop("cross_window", None)
         result = sdedit.inject_self(pipe, base, target, mutual=method == "mutual", **call)
     else:
         result = getattr(sdedit, method)(pipe, base, target, **call)
@@ -189,7 +190,7 @@ def write_outputs(result, out: Path, method: str, *, log=print) -> list[Path]:
             names.append("mask.png")
         if result.trace is not None:
             for k, (name, im) in enumerate((("words-base.png", base), ("words-edit.png", edited))):
-                fig = word_grid(result.trace, im, prompt=k)
+                fig = word_grid(result.trace, im, prompt_index=k)
                 fig.savefig(tmp / name, dpi=120)
                 plt.close(fig)
                 names.append(name)

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..select import check_step_count
 from ..sweep import SweepError, load, read_items, run_sweep
+from ..vocabulary import renamed
 from .attend import check_model_name
 from .attend import load as load_model
 
 
 def process_state() -> tuple[int, int, str | None]:
-    """``(rank, world size, device)`` of this process: Accelerate's when it launched us, else (0, 1, None)."""
+    """``(rank, num_processes, device)`` of this process: Accelerate's when it launched us, else (0, 1, None)."""
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ
     if not launched:
         return 0, 1, None
@@ -35,32 +37,33 @@ def process_state() -> tuple[int, int, str | None]:
     return state.process_index, state.num_processes, str(state.device)
 
 
-def sweep(prompts: str, *, out: str, model: str = "tiny", seeds: int = 1, steps: int = 25, guidance: float = 7.5,
-          layers=None, map_size: int = 16, batch: int = 4, progress: bool = True,
+@renamed(steps="num_inference_steps", guidance="guidance_scale", batch="batch_size")
+def sweep(prompts: str, *, out: str, model: str = "tiny", seeds: int = 1, num_inference_steps: int = 25,
+          guidance_scale: float = 7.5, layers=None, map_size: int = 16, batch_size: int = 4, progress: bool = True,
           log: Callable[[str], None] = print) -> list[str]:
     """Run (or resume) a sweep; returns the ids this process made."""
-    if steps < 1:
-        raise SweepError(f"--steps {steps}: need at least 1 step")
-    if map_size < 1 or batch < 1:
-        raise SweepError(f"--map-size and --batch must be positive; got {map_size} and {batch}")
+    check_step_count(num_inference_steps, what="--num-inference-steps", error=SweepError)
+    if map_size < 1 or batch_size < 1:
+        raise SweepError(f"--map-size and --batch-size must be positive; got {map_size} and {batch_size}")
     items = read_items(prompts, seeds)
-    rank, world, device = process_state()
+    rank, num_processes, device = process_state()
     check_model_name(model)
     pipe = load_model(model, device, progress=False)
-    settings = {"prompts": str(Path(prompts).resolve()), "model": model, "seeds": seeds, "steps": steps,
-                "guidance": guidance, "layers": layers, "map_size": map_size, "batch": batch}
+    settings = {"prompts": str(Path(prompts).resolve()), "model": model, "seeds": seeds,
+                "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "layers": layers,
+                "map_size": map_size, "batch_size": batch_size}
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(items), desc="sweep", unit="image")
     try:
-        made = run_sweep(pipe, items, out, settings, rank=rank, world=world, batch=batch,
-                         progress=None if bar is None else (lambda n: bar.update(n * world)))
+        made = run_sweep(pipe, items, out, settings, rank=rank, num_processes=num_processes, batch_size=batch_size,
+                         progress=None if bar is None else (lambda n: bar.update(n * num_processes)))
     finally:
         if bar is not None:
             bar.close()
-    log(f"rank {rank} of {world}: made {len(made)} item(s) into {out}")
+    log(f"rank {rank} of {num_processes}: made {len(made)} item(s) into {out}")
     return made
 
 

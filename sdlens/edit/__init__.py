@@ -11,15 +11,19 @@
     r.images    # the base first, then the edited image(s)
 
 ``blend=`` (local blend), ``weights=`` (reweighting, chainable with any edit), ``image=`` (a real
-image, DDIM-inverted) and ``trace=`` work with each of them.
+picture, inverted as ``inversion=`` says) and ``trace=`` work with each of them; ``cross_window=`` and
+``self_window=`` say when (as step fractions) the base's attention is kept. ``edit(method=...)``
+runs any of them by name (``METHODS``).
 """
 
 from .align import Alignment, align, refine_alignment, replace_alignment
 from .blend import Blend
-from .inversion import Inversion, invert
-from .run import EditResult, edit, inject_self, refine, replace, reweight
+from .inversion import INVERSIONS, Inversion, invert
+from .run import METHODS, EditResult, edit, inject_self, refine, replace, reweight
 
 __all__ = [
+    "INVERSIONS",
+    "METHODS",
     "Alignment",
     "Blend",
     "EditResult",

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import EditError
+from ..select import check_choice
 from ..tokens import Tokenization
+from ..vocabulary import renamed
 
 
 @dataclass(frozen=True)
@@ -129,13 +131,11 @@ def refine_alignment(base: Tokenization, target: Tokenization) -> Alignment:
     return _build(base, target, "refine", pairs)
 
 
-def align(base: Tokenization, target: Tokenization, kind: str) -> Alignment:
-    """``replace_alignment`` or ``refine_alignment`` by name."""
-    if kind == "replace":
-        return replace_alignment(base, target)
-    if kind == "refine":
-        return refine_alignment(base, target)
-    raise EditError(f"unknown alignment {kind!r}; valid: 'replace', 'refine'")
+@renamed(kind="method")
+def align(base: Tokenization, target: Tokenization, method: str) -> Alignment:
+    """``replace_alignment`` or ``refine_alignment`` by the edit method's name (``"replace"``, ``"refine"``)."""
+    check_choice(method, ("replace", "refine"), what="method", error=EditError)
+    return replace_alignment(base, target) if method == "replace" else refine_alignment(base, target)
 
 
 __all__ = ["Alignment", "align", "refine_alignment", "replace_alignment"]

@@ -29,6 +29,8 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 from ..errors import EditError
 from ..hooks.layers import vae_factor
+from ..select import check_choice, check_step_count
+from ..vocabulary import renamed
 
 
 @dataclass
@@ -106,25 +108,35 @@ def ddim_pair(scheduler) -> tuple[DDIMScheduler, DDIMInverseScheduler]:
     return DDIMScheduler.from_config(own(DDIMScheduler)), DDIMInverseScheduler.from_config(own(DDIMInverseScheduler))
 
 
-METHODS = ("ddim", "null-text")
+INVERSIONS = ("ddim", "null-text")
+"""How a real picture is inverted (``invert(inversion=...)``, an edit's ``inversion=``, ``--inversion``)."""
 
 
+def __getattr__(name: str):
+    if name == "METHODS":  # its old name, kept for one release
+        from ..errors import warn
+
+        warn("sdlens.edit.inversion.METHODS is now INVERSIONS (sdlens.edit.METHODS are the edit methods)",
+             DeprecationWarning)
+        return INVERSIONS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@renamed(method="inversion")
 def invert(pipe, image, prompt: str, latent_size: tuple[int, int], *, num_inference_steps: int = 50,
-           guidance_scale: float | None = None, method: str = "ddim", tune_iterations: int = 10,
+           guidance_scale: float | None = None, inversion: str = "ddim", tune_iterations: int = 10,
            learning_rate: float = 1e-2) -> Inversion:
     """Invert ``image`` (its ``(H, W)`` must be ``latent_size`` times the VAE's factor) with ``prompt``
     over ``num_inference_steps`` DDIM steps.
 
-    ``method="ddim"``: plain DDIM inversion at guidance 1. ``"null-text"``: then tune the empty
+    ``inversion="ddim"``: plain DDIM inversion at guidance 1. ``"null-text"``: then tune the empty
     prompt's embedding per step for ``guidance_scale`` (``tune_iterations`` Adam steps at most per
     sampling step, from ``learning_rate``).
     """
-    if method not in METHODS:
-        raise EditError(f"inversion={method!r} is not a method; valid: {', '.join(METHODS)}")
+    method = check_choice(inversion, INVERSIONS, what="inversion", error=EditError)
     if getattr(pipe, "text_encoder_2", None) is not None:
         raise EditError("image= (real-image editing) supports SD 1.x/2.x pipelines; SDXL's is not supported yet")
-    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
-        raise EditError(f"num_inference_steps must be a positive int; got {num_inference_steps!r}")
+    check_step_count(num_inference_steps, error=EditError)
     if method == "null-text":
         if guidance_scale is None or not float(guidance_scale) > 1.0:
             raise EditError(f"null-text inversion tunes the embedding that guidance subtracts: it needs "
@@ -230,4 +242,4 @@ def null_text(unet, inversion: Inversion, n_uncond: int):
         handle.remove()
 
 
-__all__ = ["METHODS", "Inversion", "as_image_array", "ddim_pair", "invert", "null_text"]
+__all__ = ["INVERSIONS", "Inversion", "as_image_array", "ddim_pair", "invert", "null_text"]

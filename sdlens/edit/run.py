@@ -23,13 +23,18 @@ from ..hooks.attach import attach
 from ..hooks.layers import attention_layers, denoiser_of, is_flux, latent_size_of
 from ..hooks.processor import Controller
 from ..result.attention_trace import AttentionTrace
+from ..select import check_choice, select_word
 from ..tokens import Tokenization, tokenize
+from ..vocabulary import renamed
 from .align import Alignment, align
 from .blend import Blend, BlendMask
 from .controllers import CrossEdit, MutualSelfAttention, SelfInject
-from .inversion import METHODS as INVERSIONS
-from .inversion import Inversion, invert, null_text
+from .inversion import INVERSIONS, Inversion, invert, null_text
 from .steps import window, word_windows
+
+METHODS = ("replace", "refine", "reweight", "inject_self", "mutual")
+"""The edit methods (``edit(method=...)``, ``sdlens edit --method``): word swap, words added or removed,
+words' attention scaled, the base's self-attention kept, the base's keys and values read (MasaCtrl)."""
 
 # arguments the edit sets itself; passing them would silently change what the edit compares
 _RESERVED = ("prompt", "latents", "num_images_per_prompt", "prompt_embeds", "negative_prompt_embeds", "generator")
@@ -44,7 +49,7 @@ class EditResult:
             per edited prompt; in the pipeline's ``output_type`` (PIL images by default).
         settings: what was applied, defaults filled in.
         trace: the ``AttentionTrace`` of the run when ``trace`` was asked: one trace whose prompts are
-            the branches (``prompt=0`` the base, ``1`` the first edit, ...).
+            the branches (``prompt_index=0`` the base, ``1`` the first edit, ...).
         traces: the same, one trace per branch (base first), each with its branch as prompt 0.
         masks: the local blend's last masks ``(edits, 1, h, w)`` at the latent's size (None without blend).
         reconstruction_error: with ``image=``: the mean absolute difference, in 0..1 pixel values,
@@ -88,10 +93,7 @@ def _weights(weights, targets: list[Tokenization]) -> list[torch.Tensor | None]:
         for word, factor in weights.items():
             if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not np.isfinite(factor):
                 raise EditError(f"weights[{word!r}] must be a finite number; got {factor!r}")
-            try:
-                index = t.word_index(word)
-            except ValueError as e:
-                raise EditError(f"weights: {e}") from None
+            index = select_word(t, word, what="weights", error=EditError)
             vec[t.word_tokens[index]] = float(factor)
         out.append(vec)
     return out
@@ -124,14 +126,23 @@ def _noise(pipe, seed: int, latent: tuple[int, int]) -> torch.Tensor:
                         dtype=dtype)
 
 
-def edit(pipe, base: str, targets, *, kind: str | None, seed: int = 0, cross_steps=1.0, self_steps=0.0,
+@renamed(kind="method", cross_steps="cross_window", self_steps="self_window")
+def edit(pipe, base: str, targets, *, method: str | None, seed: int = 0, cross_window=1.0, self_window=0.0,
          self_max_size: int = 32, mutual: bool = False, blend=None, weights=None, image=None, inversion: str = "ddim",
          trace=False, **pipe_kwargs) -> EditResult:
     """The one function behind ``replace``, ``refine``, ``reweight`` and ``inject_self``.
 
-    ``kind``: ``"replace"`` or ``"refine"`` (how the edited prompt's cross-attention slots align
-    with the base's), or None (cross-attention untouched: only ``weights`` may act on it).
+    ``method`` (one of ``METHODS``): ``"replace"`` or ``"refine"`` (how the edited prompt's
+    cross-attention slots align with the base's); ``"reweight"`` (as ``"replace"``, with ``weights``
+    required); ``"inject_self"`` or ``"mutual"`` (cross-attention untouched: only ``weights`` may act
+    on it; ``"mutual"`` is ``mutual=True``). None is ``"inject_self"``.
     """
+    method = "inject_self" if method is None else check_choice(method, METHODS, what="method", error=EditError)
+    check_choice(inversion, INVERSIONS, what="inversion", error=EditError)
+    if method == "reweight" and not weights:
+        raise EditError("method='reweight' scales words' attention: give weights={word: factor}")
+    mutual = mutual or method == "mutual"
+    kind = {"replace": "replace", "reweight": "replace", "refine": "refine"}.get(method)  # the slots' alignment
     base, targets = _prompts(base, targets)
     reserved = sorted(set(pipe_kwargs) & set(_RESERVED))
     if reserved:
@@ -150,9 +161,9 @@ def edit(pipe, base: str, targets, *, kind: str | None, seed: int = 0, cross_ste
     if joint and image is not None:
         raise EditError("image= (editing a real image) needs DDIM inversion, which runs on UNet pipelines; "
                         "on a flow-matching SD 3 model edit generated images (seed=)")
-    if joint and (window(self_steps, "self_steps")[1] > window(self_steps, "self_steps")[0] or mutual):
-        raise EditError("self-attention injection (self_steps, mutual) runs on UNet pipelines' self-attention "
-                        "layers; on a joint-attention (SD 3) model use self_steps=0")
+    if joint and (window(self_window, "self_window")[1] > window(self_window, "self_window")[0] or mutual):
+        raise EditError("self-attention injection (self_window, mutual) runs on UNet pipelines' self-attention "
+                        "layers; on a joint-attention (SD 3) model use self_window=0")
     latent = _latent_size(pipe, pipe_kwargs)
     cross_layers = [i for i in layers if i.role in ("cross", "joint")]
     cross_sizes = sorted({max(i.map_size(latent)) for i in cross_layers})
@@ -161,25 +172,25 @@ def edit(pipe, base: str, targets, *, kind: str | None, seed: int = 0, cross_ste
     target_toks = [tokenize(t, pipe.tokenizer) for t in targets]
     weight_vecs = _weights(weights, target_toks)
     controllers: list[Controller] = []
-    settings: dict = {"kind": kind or "self", "base": base, "targets": targets, "seed": seed}
+    settings: dict = {"method": method, "base": base, "targets": targets, "seed": seed}
 
     if kind is not None or weights is not None:
         alignments: list[Alignment] = [align(base_tok, t, kind or "refine") for t in target_toks]
-        windows = [word_windows(cross_steps if kind is not None else 0.0, t) for t in target_toks]
+        windows = [word_windows(cross_window if kind is not None else 0.0, t) for t in target_toks]
         controllers.append(CrossEdit(alignments, windows, weight_vecs))
-        settings["cross_steps"] = cross_steps if kind is not None else 0.0
+        settings["cross_window"] = cross_window if kind is not None else 0.0
         settings["swapped"] = [a.swapped for a in alignments]
         settings["added"] = [a.added for a in alignments]
         _check_processors(denoiser, [i.name for i in cross_layers])
     else:
-        settings["cross_steps"] = 0.0
+        settings["cross_window"] = 0.0
     settings["weights"] = dict(weights) if weights else None
 
-    steps = window(self_steps, "self_steps")
+    steps = window(self_window, "self_window")
     if not isinstance(self_max_size, int) or isinstance(self_max_size, bool) or self_max_size < 1:
         raise EditError(f"self_max_size must be a positive int (a map side); got {self_max_size!r}")
     self_layers = [i.name for i in layers if i.role == "self" and max(i.map_size(latent)) <= self_max_size]
-    settings.update(self_steps=steps, self_max_size=self_max_size, mutual=bool(mutual))
+    settings.update(self_window=steps, self_max_size=self_max_size, mutual=bool(mutual))
     if steps[1] > steps[0]:
         if not self_layers:
             sizes = sorted({max(i.map_size(latent)) for i in layers if i.role == "self"})
@@ -212,8 +223,6 @@ def edit(pipe, base: str, targets, *, kind: str | None, seed: int = 0, cross_ste
         controllers.append(capture)
 
     call = dict(pipe_kwargs)
-    if inversion not in INVERSIONS:
-        raise EditError(f"inversion={inversion!r} is not a method; valid: {', '.join(INVERSIONS)}")
     inverted = None
     if image is not None:
         inverted = _inversion(pipe, image, inversion, base, latent, call)
@@ -282,7 +291,7 @@ def _inversion(pipe, image, method: str, base: str, latent: tuple[int, int], cal
         call.setdefault("num_inference_steps", _default(pipe, "num_inference_steps", 50))
         call.setdefault("guidance_scale", _default(pipe, "guidance_scale", 7.5))
         inv = invert(pipe, image, base, latent, num_inference_steps=call["num_inference_steps"],
-                     guidance_scale=call["guidance_scale"], method=method)
+                     guidance_scale=call["guidance_scale"], inversion=method)
     return inv
 
 
@@ -292,9 +301,10 @@ def _default(pipe, name: str, fallback):
     return fallback if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
-def replace(pipe, base: str, target, *, seed: int = 0, cross_steps=1.0, self_steps=0.0, self_max_size: int = 32,
+@renamed(cross_steps="cross_window", self_steps="self_window")
+def replace(pipe, base: str, target, *, seed: int = 0, cross_window=1.0, self_window=0.0, self_max_size: int = 32,
             blend=None, weights=None, image=None, inversion: str = "ddim", trace=False,
-           **pipe_kwargs) -> EditResult:
+            **pipe_kwargs) -> EditResult:
     """Word swap (Prompt-to-Prompt): the edited prompt's cross-attention maps are the base's.
 
     Args:
@@ -303,9 +313,10 @@ def replace(pipe, base: str, target, *, seed: int = 0, cross_steps=1.0, self_ste
         target: the edited prompt (or a list of them), with as many words as ``base``: word ``i`` of
             the target takes the map of word ``i`` of the base (word by word, whatever their token counts).
         seed: the starting noise, as ``pipe(base, generator=torch.Generator("cpu").manual_seed(seed))`` draws it.
-        cross_steps: when the maps are copied: a fraction of the steps from the start (0.8: the first
-            80%), a ``(start, end)`` pair, or a dict ``{target word: fraction or pair, "default": ...}``.
-        self_steps: when the base's self-attention maps are copied too (sides ≤ ``self_max_size``).
+        cross_window: when the maps are copied: a step fraction from the start (0.8: the first 80% of
+            the steps), a ``(start, end)`` pair of them, or a dict ``{target word: fraction or pair,
+            "default": ...}``.
+        self_window: when the base's self-attention maps are copied too (sides ≤ ``self_max_size``).
             The defaults (1.0 and 0) did best in ``benchmarks/editing.py`` on the built-in model, whose
             self-attention follows the layout but does not set it (notebook 6); Prompt-to-Prompt's
             published settings for SD 1.x are 0.8 and 0.4.
@@ -333,12 +344,13 @@ def replace(pipe, base: str, target, *, seed: int = 0, cross_steps=1.0, self_ste
     if same and not weights:
         raise EditError(f"the target {same[0]!r} is the base prompt word for word: replace has nothing to swap and "
                         "would give the base image back; change a word, or use reweight(pipe, prompt, {word: factor})")
-    return edit(pipe, base, target, kind="replace", seed=seed, cross_steps=cross_steps, self_steps=self_steps,
+    return edit(pipe, base, target, method="replace", seed=seed, cross_window=cross_window, self_window=self_window,
                 self_max_size=self_max_size, blend=blend, weights=weights, image=image, inversion=inversion,
                 trace=trace, **pipe_kwargs)
 
 
-def refine(pipe, base: str, target, *, seed: int = 0, cross_steps=1.0, self_steps=0.0, self_max_size: int = 32,
+@renamed(cross_steps="cross_window", self_steps="self_window")
+def refine(pipe, base: str, target, *, seed: int = 0, cross_window=1.0, self_window=0.0, self_max_size: int = 32,
            blend=None, weights=None, image=None, inversion: str = "ddim", trace=False,
            **pipe_kwargs) -> EditResult:
     """Refinement (Prompt-to-Prompt): words added to or removed from the base prompt.
@@ -346,32 +358,34 @@ def refine(pipe, base: str, target, *, seed: int = 0, cross_steps=1.0, self_step
     The words both prompts share keep the base's maps; added words keep their own. Arguments as
     ``replace``.
     """
-    return edit(pipe, base, target, kind="refine", seed=seed, cross_steps=cross_steps, self_steps=self_steps,
+    return edit(pipe, base, target, method="refine", seed=seed, cross_window=cross_window, self_window=self_window,
                 self_max_size=self_max_size, blend=blend, weights=weights, image=image, inversion=inversion,
                 trace=trace, **pipe_kwargs)
 
 
-def reweight(pipe, prompt: str, weights: dict, *, seed: int = 0, cross_steps=1.0, self_steps=0.0,
+@renamed(cross_steps="cross_window", self_steps="self_window")
+def reweight(pipe, prompt: str, weights: dict, *, seed: int = 0, cross_window=1.0, self_window=0.0,
              self_max_size: int = 32, blend=None, image=None, inversion: str = "ddim", trace=False,
              **pipe_kwargs) -> EditResult:
     """Attention reweighting (Prompt-to-Prompt's equalizer): ``prompt`` again, with the attention of
     the words in ``weights`` (``{"big": 2.0}``) scaled in the edited branch; the base's maps are
-    kept for ``cross_steps`` and its self-attention for ``self_steps``, so the scene stays."""
-    return edit(pipe, prompt, prompt, kind="replace", seed=seed, cross_steps=cross_steps, self_steps=self_steps,
+    kept for ``cross_window`` and its self-attention for ``self_window``, so the scene stays."""
+    return edit(pipe, prompt, prompt, method="reweight", seed=seed, cross_window=cross_window, self_window=self_window,
                 self_max_size=self_max_size, blend=blend, weights=weights, image=image, inversion=inversion,
                 trace=trace, **pipe_kwargs)
 
 
-def inject_self(pipe, base: str, target, *, seed: int = 0, self_steps=0.5, self_max_size: int = 32,
+@renamed(self_steps="self_window")
+def inject_self(pipe, base: str, target, *, seed: int = 0, self_window=0.5, self_max_size: int = 32,
                 mutual: bool = False, blend=None, weights=None, image=None, inversion: str = "ddim",
                 trace=False, **pipe_kwargs) -> EditResult:
     """Self-attention injection (Free-Prompt-Editing): the base's self-attention maps (sides ≤
-    ``self_max_size``) are copied into the edited branch for ``self_steps``; cross-attention is
+    ``self_max_size``) are copied into the edited branch for ``self_window``; cross-attention is
     left alone, so any target prompt works. ``mutual=True``: instead, the edited branch's queries
     read the base's keys and values (MasaCtrl's mutual self-attention)."""
-    return edit(pipe, base, target, kind=None, seed=seed, self_steps=self_steps, self_max_size=self_max_size,
-                mutual=mutual, blend=blend, weights=weights, image=image, inversion=inversion,
+    return edit(pipe, base, target, method="mutual" if mutual else "inject_self", seed=seed, self_window=self_window,
+                self_max_size=self_max_size, blend=blend, weights=weights, image=image, inversion=inversion,
                 trace=trace, **pipe_kwargs)
 
 
-__all__ = ["EditResult", "edit", "inject_self", "refine", "replace", "reweight"]
+__all__ = ["METHODS", "EditResult", "edit", "inject_self", "refine", "replace", "reweight"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from numbers import Real
 
 from ..errors import EditError
+from ..select import select_word
 from ..tokens import Tokenization
 
 Window = tuple[float, float]
@@ -23,7 +24,7 @@ def window(value, name: str) -> Window:
             isinstance(v, Real) and not isinstance(v, bool) for v in value):
         pair = (float(value[0]), float(value[1]))
     else:
-        raise EditError(f"{name} must be a fraction of the steps in [0, 1] or a (start, end) pair of them; got {value!r}")
+        raise EditError(f"{name} must be a step fraction in [0, 1] or a (start, end) pair of them; got {value!r}")
     start, end = pair
     if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0) or start > end:
         raise EditError(f"{name}={value!r}: fractions must lie in [0, 1], with start ≤ end")
@@ -35,7 +36,7 @@ def in_window(w: Window, step: int, n_steps: int) -> bool:
     return int(w[0] * n_steps) <= step < int(w[1] * n_steps)
 
 
-def word_windows(value, target: Tokenization, name: str = "cross_steps") -> tuple[Window, dict[int, Window]]:
+def word_windows(value, target: Tokenization, name: str = "cross_window") -> tuple[Window, dict[int, Window]]:
     """A window for every slot: ``(default, {slot: window})``.
 
     ``value`` is a window (every slot), or a dict from words of the target prompt to windows, with
@@ -48,10 +49,7 @@ def word_windows(value, target: Tokenization, name: str = "cross_steps") -> tupl
     for word, w in value.items():
         if word == "default":
             continue
-        try:
-            index = target.word_index(word)
-        except ValueError as e:
-            raise EditError(f"{name}: {e}") from None
+        index = select_word(target, word, what=name, error=EditError)
         for slot in target.word_tokens[index]:
             per_slot[slot] = window(w, f"{name}[{word!r}]")
     return default, per_slot

@@ -39,7 +39,7 @@ from einops import rearrange
 from .. import maps as _maps
 from ..errors import CaptureError
 from ..hooks.rows import Row
-from ..select import LayerSelector, StepSelector, select_layers, select_steps, select_word
+from ..select import LayerSelector, StepSelector, check_choice, select_layers, select_steps, select_word
 from ..tokens import Tokenization
 from ..vocabulary import renamed
 from . import io
@@ -519,8 +519,7 @@ class AttentionTrace:
 
     # ------------------------------------------------------------------ misc
     def _check_kind(self, kind: str) -> None:
-        if kind not in KINDS:
-            raise CaptureError(f"kind={kind!r} is not valid; use one of {', '.join(map(repr, KINDS))}")
+        check_choice(kind, KINDS, what="kind")
         if kind not in self.kinds:
             hint = {"self": "self_attn=True", "cross": "cross=True", "concept": "concepts=[...]"}.get(kind, "text_attn=True")
             raise CaptureError(f"this trace has no {kind}-attention (captured: {list(self.kinds)}); trace with {hint}")

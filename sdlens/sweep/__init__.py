@@ -3,7 +3,7 @@ process or many (Hugging Face Accelerate launches them).
 
     from sdlens.sweep import read_items, run_sweep, load
     items = read_items("prompts.txt", seeds=2)
-    run_sweep(pipe, items, "runs/sweep", {"steps": 25, "guidance": 7.5, "map_size": 16, "layers": None})
+    run_sweep(pipe, items, "runs/sweep", {"num_inference_steps": 25, "guidance_scale": 7.5, "map_size": 16, "layers": None})
     records = load("runs/sweep")          # a list: one dict per image (pandas.DataFrame(records) for a table)
 """
 

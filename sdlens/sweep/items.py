@@ -7,9 +7,9 @@ relative to the file). Every prompt gets ``seeds`` seeds (0, 1, …) unless its 
 
 Item ids are their place in the file and their seed (``000012-s3``): the same file and settings
 give the same ids, whatever the number of processes. The items are cut into batches in order, and
-process ``rank`` of ``world`` makes the batches ``rank, rank + world, …`` (``assign``): every batch
-holds the same items whatever the number of processes, so one process and many compute exactly the
-same numbers.
+process ``rank`` of ``num_processes`` makes the batches ``rank, rank + num_processes, …`` (``assign``):
+every batch holds the same items whatever the number of processes, so one process and many compute
+exactly the same numbers.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SweepError
+from ..vocabulary import renamed
 
 
 @dataclass(frozen=True)
@@ -79,15 +80,16 @@ def read_items(path: str | Path, seeds: int = 1) -> list[Item]:
     return items
 
 
-def assign(items: list[Item], rank: int, world: int, batch: int = 1) -> list[list[Item]]:
-    """The batches process ``rank`` of ``world`` makes: the items cut into batches of ``batch`` in
-    order, every ``world``-th batch from ``rank``."""
-    if not 0 <= rank < world:
-        raise SweepError(f"rank {rank} is not in 0..{world - 1}")
-    if batch < 1:
-        raise SweepError(f"batch must be at least 1; got {batch}")
-    batches = [items[i:i + batch] for i in range(0, len(items), batch)]
-    return batches[rank::world]
+@renamed(world="num_processes", batch="batch_size")
+def assign(items: list[Item], rank: int, num_processes: int, batch_size: int = 1) -> list[list[Item]]:
+    """The batches process ``rank`` of ``num_processes`` makes: the items cut into batches of
+    ``batch_size`` in order, every ``num_processes``-th batch from ``rank``."""
+    if not 0 <= rank < num_processes:
+        raise SweepError(f"rank {rank} is not in 0..{num_processes - 1}")
+    if batch_size < 1:
+        raise SweepError(f"batch_size must be at least 1; got {batch_size}")
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    return batches[rank::num_processes]
 
 
 __all__ = ["Item", "SweepError", "assign", "read_items"]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..analysis import SLOT_KINDS, kind_shares, localisation, map_entropy, peak_position
+from ..vocabulary import renamed
 
 
 def slot_mass(tr, prompt: int) -> dict:
@@ -64,16 +65,17 @@ def truths(prompt: str, image: np.ndarray, given: dict[str, np.ndarray]) -> dict
     return out
 
 
-def item_record(tr, prompt_index: int, image: np.ndarray, given: dict[str, np.ndarray], map_size: int
+@renamed(tr="trace")
+def item_record(trace, prompt_index: int, image: np.ndarray, given: dict[str, np.ndarray], map_size: int
                 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(figures, {word index: (map_size, map_size) float16 map})`` of one prompt of a trace."""
     h, w = image.shape[:2]
-    prompt = tr.prompts[prompt_index]
+    prompt = trace.prompts[prompt_index]
     truth = truths(prompt, image, given)
-    sizes = sorted({tr.map_size(layer)[0] for layer in tr.layers_of("cross")})
+    sizes = sorted({trace.map_size(layer)[0] for layer in trace.layers_of("cross")})
     words, maps = [], {}
-    for i, word in enumerate(tr.words(prompt_index)):
-        full = tr.word_map(i, prompt=prompt_index, size=(h, w)).float()
+    for i, word in enumerate(trace.words(prompt_index)):
+        full = trace.word_map(i, prompt_index=prompt_index, size=(h, w)).float()
         entry = {"word": word, "entropy": round(map_entropy(full), 4),
                  "peak": [round(x, 4) for x in peak_position(full)]}
         if i in truth:
@@ -81,10 +83,10 @@ def item_record(tr, prompt_index: int, image: np.ndarray, given: dict[str, np.nd
             entry["kind"] = kind
             entry["all"] = localisation(full, mask)
             for s in sizes:
-                entry[str(s)] = localisation(tr.word_map(i, prompt=prompt_index, size=(h, w), layers=s), mask)
+                entry[str(s)] = localisation(trace.word_map(i, prompt_index=prompt_index, size=(h, w), layers=s), mask)
         words.append(entry)
         maps[str(i)] = torch.nn.functional.interpolate(full[None, None], size=(map_size, map_size), mode="area")[0, 0].half()
-    return {"prompt": prompt, "mass": slot_mass(tr, prompt_index), "words": words}, maps
+    return {"prompt": prompt, "mass": slot_mass(trace, prompt_index), "words": words}, maps
 
 
 __all__ = ["SLOT_KINDS", "item_record", "localisation", "slot_mass", "truths"]

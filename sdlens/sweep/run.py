@@ -28,6 +28,7 @@ import torch
 from ..errors import CaptureError, warn
 from ..files import atomic_file
 from ..result import io
+from ..vocabulary import renamed
 from .items import Item, SweepError, assign
 from .records import item_record
 
@@ -49,7 +50,7 @@ class SweepFolder:
             raise SweepError(f"--out {str(self.root)!r} is a file, not a folder")
         path = self.root / "settings.json"
         if path.is_file():
-            saved = json.loads(path.read_text()).get("settings", {})
+            saved = current_settings(json.loads(path.read_text()).get("settings", {}))
             differ = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
             if differ:
                 detail = "; ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in differ)
@@ -110,28 +111,51 @@ def _masks(item: Item, size: tuple[int, int]) -> dict[str, np.ndarray]:
     return out
 
 
-def run_sweep(pipe, items: list[Item], out: str | os.PathLike, settings: dict, *, rank: int = 0, world: int = 1,
-              batch: int = 4, progress: Callable[[int], None] | None = None) -> list[str]:
+SETTINGS_RENAMED = {"steps": "num_inference_steps", "guidance": "guidance_scale", "batch": "batch_size"}
+"""The old names of a sweep's settings (in ``settings.json`` of sweeps made before the vocabulary)."""
+
+
+def current_settings(settings: dict, *, warn_old: bool = False) -> dict:
+    """``settings`` with their old names (``SETTINGS_RENAMED``) replaced; ``warn_old``: say so, as a
+    ``DeprecationWarning`` (a caller's dict; a folder's old settings.json is read silently)."""
+    old = [k for k in settings if k in SETTINGS_RENAMED]
+    if not old:
+        return dict(settings)
+    both = [k for k in old if SETTINGS_RENAMED[k] in settings]
+    if both:
+        raise SweepError(f"settings give {both[0]!r} and {SETTINGS_RENAMED[both[0]]!r}: {both[0]!r} is the old name "
+                         f"of {SETTINGS_RENAMED[both[0]]!r}; give {SETTINGS_RENAMED[both[0]]!r} only")
+    if warn_old:
+        from ..errors import warn
+
+        warn("sweep settings " + ", ".join(f"{k!r} are now {SETTINGS_RENAMED[k]!r}" for k in old), DeprecationWarning)
+    return {SETTINGS_RENAMED.get(k, k): v for k, v in settings.items()}
+
+
+@renamed(world="num_processes", batch="batch_size")
+def run_sweep(pipe, items: list[Item], out: str | os.PathLike, settings: dict, *, rank: int = 0,
+              num_processes: int = 1, batch_size: int = 4, progress: Callable[[int], None] | None = None) -> list[str]:
     """Make this process's share of ``items`` that no shard holds yet; returns the ids made.
 
-    ``settings``: ``steps``, ``guidance``, ``map_size`` and ``layers`` (a ``sdlens.trace`` layer
-    selector), plus anything else that defines the sweep (they are recorded and compared).
-    ``progress(n)`` is called after each batch with the number of items it made.
+    ``settings``: ``num_inference_steps``, ``guidance_scale``, ``map_size`` and ``layers`` (a
+    ``sdlens.trace`` layer selector), plus anything else that defines the sweep (they are recorded
+    and compared). ``progress(n)`` is called after each batch with the number of items it made.
     """
     from ..capture import trace
 
+    settings = current_settings(settings, warn_old=True)
     folder = SweepFolder(out)
     folder.prepare(settings)
     done = folder.done()
     made = []
-    for chunk in assign(items, rank, world, batch):
+    for chunk in assign(items, rank, num_processes, batch_size):
         chunk = [i for i in chunk if i.id not in done]  # a whole batch, unless --batch changed
         if not chunk:
             continue
         negatives = [i.negative_prompt or "" for i in chunk]
         with trace(pipe, layers=settings.get("layers")) as tr:
             result = pipe([i.prompt for i in chunk], negative_prompt=negatives if any(negatives) else None,
-                          num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
+                          num_inference_steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
                           generator=[torch.Generator("cpu").manual_seed(i.seed) for i in chunk], output_type="np")
         images = (np.asarray(result.images) * 255).round().clip(0, 255).astype(np.uint8)
         records, maps = [], {}
@@ -178,4 +202,4 @@ def load(root: str | os.PathLike, *, maps: bool = False):
     return records
 
 
-__all__ = ["SweepFolder", "load", "run_sweep"]
+__all__ = ["SETTINGS_RENAMED", "SweepFolder", "current_settings", "load", "run_sweep"]

@@ -12,8 +12,11 @@ import html
 import ipywidgets as W
 import numpy as np
 
+from ..errors import EditError
+from ..select import check_choice
 from ..tokens import tokenize
 from ..viz.frames import as_rgb, side_by_side
+from ..vocabulary import renamed
 from .base import Explorer
 
 FILLER = frozenset("a an the on in at of and or to with".split())
@@ -22,8 +25,8 @@ FILLER = frozenset("a an the on in at of and or to with".split())
 class EditExplorer(Explorer):
     """Base, edited and (with a local blend) the blend mask, side by side.
 
-    Controls: ``method`` (replace or refine), ``cross_steps`` and ``self_steps`` (ranges of fractions
-    of the steps), ``blend`` (on or off) and ``threshold``, and one ``weight:WORD`` slider per content
+    Controls: ``method`` (replace or refine), ``cross_window`` and ``self_window`` (ranges of step
+    fractions), ``blend`` (on or off) and ``threshold``, and one ``weight:WORD`` slider per content
     word of the target prompt. ``edits`` counts the model runs (cached settings do not run it).
 
     Headless use::
@@ -38,12 +41,14 @@ class EditExplorer(Explorer):
 
     GAP = 4
 
-    def __init__(self, pipe, base: str, target: str, *, seed: int = 0, steps: int = 25, guidance: float = 7.5,
-                 method: str = "replace", blend_words=None, image=None, inversion: str = "ddim",
-                 display_size: int = 192, **pipe_kwargs) -> None:
+    @renamed(steps="num_inference_steps", guidance="guidance_scale")
+    def __init__(self, pipe, base: str, target: str, *, seed: int = 0, num_inference_steps: int = 25,
+                 guidance_scale: float = 7.5, method: str = "replace", blend_words=None, image=None,
+                 inversion: str = "ddim", display_size: int = 192, **pipe_kwargs) -> None:
         super().__init__(display_size)
+        check_choice(method, ("replace", "refine"), what="method", error=EditError)
         self.pipe, self.base, self.target, self.seed = pipe, base, target, seed
-        self.call = dict(num_inference_steps=steps, guidance_scale=guidance, **pipe_kwargs)
+        self.call = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, **pipe_kwargs)
         self.inversion = None  # with image=: inverted once here, every setting edits that inversion
         if image is not None:
             from ..edit import invert
@@ -53,8 +58,8 @@ class EditExplorer(Explorer):
             arr = as_image_array(image)
             self.call.update(height=arr.shape[0], width=arr.shape[1])
             latent = latent_size_of(pipe, arr.shape[0], arr.shape[1])
-            self.inversion = invert(pipe, arr, base, latent, num_inference_steps=steps,
-                                    guidance_scale=guidance, method=inversion)
+            self.inversion = invert(pipe, arr, base, latent, num_inference_steps=num_inference_steps,
+                                    guidance_scale=guidance_scale, inversion=inversion)
         self.edits = 0
         target_tok = tokenize(target, pipe.tokenizer)
         self.weight_words = [w for w in dict.fromkeys(target_tok.words) if w.lower() not in FILLER]
@@ -65,8 +70,8 @@ class EditExplorer(Explorer):
         slider = dict(min=0.0, max=1.0, step=0.05, continuous_update=False, readout_format=".2f")
         c = self.controls
         c["method"] = W.Dropdown(options=["replace", "refine"], value=method, description="method")
-        c["cross_steps"] = W.FloatRangeSlider(value=(0.0, 1.0), description="cross steps", **slider)
-        c["self_steps"] = W.FloatRangeSlider(value=(0.0, 0.0), description="self steps", **slider)
+        c["cross_window"] = W.FloatRangeSlider(value=(0.0, 1.0), description="cross window", **slider)
+        c["self_window"] = W.FloatRangeSlider(value=(0.0, 0.0), description="self window", **slider)
         c["blend"] = W.Checkbox(value=False, description=f"local blend on {', '.join(self.blend_words)}")
         c["threshold"] = W.FloatSlider(value=0.6, description="threshold", **slider)
         for w in self.weight_words:
@@ -79,8 +84,8 @@ class EditExplorer(Explorer):
         """The current settings as keyword arguments of ``sdlens.edit.edit``."""
         c = self.controls
         weights = {w: c[f"weight:{w}"].value for w in self.weight_words if c[f"weight:{w}"].value != 1.0}
-        return dict(kind=c["method"].value, cross_steps=tuple(c["cross_steps"].value),
-                    self_steps=tuple(c["self_steps"].value),
+        return dict(method=c["method"].value, cross_window=tuple(c["cross_window"].value),
+                    self_window=tuple(c["self_window"].value),
                     blend={"words": self.blend_words, "threshold": c["threshold"].value} if c["blend"].value else None,
                     weights=weights or None)
 
