@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sdlens.errors import ModelError
 from sdlens.models import configs
 from sdlens.models.configs import TinyConfig
 from sdlens.models.train import Budget
@@ -97,16 +98,16 @@ def test_text_encoder_without_layers_keeps_each_token_in_its_slot():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="text_mode"):
+    with pytest.raises(ModelError, match="text_mode"):
         TinyConfig(text_mode="bert")
-    with pytest.raises(ValueError, match="text_layers"):
+    with pytest.raises(ModelError, match="text_layers"):
         TinyConfig(text_mode="clip", text_layers=0)
-    with pytest.raises(ValueError, match="two_object_prob must be between 0 and 1, got 1.5"):
+    with pytest.raises(ModelError, match="two_object_prob must be between 0 and 1, got 1.5"):
         TinyConfig(two_object_prob=1.5)
     assert TinyConfig.from_dict(TinyConfig().to_dict()) == TinyConfig()
-    with pytest.raises(ValueError, match="batch size must be at least 1, got 0"):
+    with pytest.raises(ModelError, match="batch size must be at least 1, got 0"):
         Budget(steps=1, batch_size=0)
-    with pytest.raises(ValueError, match="learning rate must be 0 or more, got -0.1"):
+    with pytest.raises(ModelError, match="learning rate must be 0 or more, got -0.1"):
         Budget(steps=1, lr=-0.1)
 
 
@@ -241,7 +242,7 @@ def test_missing_builtin_weights_say_how_to_make_them(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="sdlens train-tiny --arch sd3") as info:
         load.load_pipeline("tiny-sd3")
     assert str(tmp_path / "tiny-sd3") in str(info.value)
-    with pytest.raises(ValueError, match="tiny, tiny-sd3"):
+    with pytest.raises(ModelError, match="tiny, tiny-sd3"):
         load.load_pipeline("tiny-sd2")
 
 
@@ -284,7 +285,7 @@ def test_precision_bf16_autocasts_on_the_cpu_and_a_bad_value_is_named(trained, t
     assert matmul_dtype("bf16") == torch.bfloat16
     assert matmul_dtype("fp32") == torch.float32
     assert matmul_dtype("auto") == torch.float32  # auto means bf16 on CUDA only
-    with pytest.raises(ValueError, match="precision 'fp16' is not one of auto, fp32, bf16"):
+    with pytest.raises(ModelError, match="precision 'fp16' is not one of auto, fp32, bf16"):
         Run(tmp_path / "never", TinyConfig(), device="cpu", precision="fp16")
     assert not (tmp_path / "never").exists()
 
@@ -305,7 +306,7 @@ def test_word_dropout_zeroes_only_word_slots_at_its_rate():
     rate = dropped.sum().item() / is_word.sum().item()
     assert abs(rate - 0.25) < 0.03, rate  # 2,800 word slots: the rate's standard error is 0.0085
     assert not word_slot_dropout(ids, tok, 0.0, torch.Generator()).any()
-    with pytest.raises(ValueError, match="word_dropout must be between 0 and 1, got -0.1"):
+    with pytest.raises(ModelError, match="word_dropout must be between 0 and 1, got -0.1"):
         TinyConfig(word_dropout=-0.1)
 
 

@@ -173,7 +173,7 @@ def test_pooled_dropout_withholds_the_pooled_vector(tmp_path, monkeypatch):
     empty = seen[0][:1]
     for pooled in seen:
         torch.testing.assert_close(pooled, empty.expand_as(pooled))
-    with pytest.raises(ValueError, match="pooled_dropout"):
+    with pytest.raises(sdlens.errors.ModelError, match="pooled_dropout"):
         small_config(pooled_dropout=1.5)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from _load import load_module
 
+from sdlens.errors import TokenError
 from sdlens.tokens import CLIP_TOKENIZER_DIR, Tokenization, load_clip_tokenizer, tokenize
 
 REPO = Path(__file__).resolve().parent.parent
@@ -343,20 +344,20 @@ def test_multi_token_word_and_punctuation():
 
 def test_repeated_words_need_an_occurrence_or_a_label():
     t = tokenize("a red circle and a red square")
-    with pytest.raises(ValueError, match="occurs 2 times") as err:
+    with pytest.raises(TokenError, match="occurs 2 times") as err:
         t.word_index("red")
     assert "'red (1)' (word 1, slots [2])" in str(err.value) and "'red (2)' (word 5, slots [6])" in str(err.value)
     assert t.word_labels == ["a (1)", "red (1)", "circle", "and", "a (2)", "red (2)", "square"]
     assert t.word_index("red (1)") == 1 and t.word_index("RED (2)") == 5
-    with pytest.raises(ValueError, match="not a word"):
+    with pytest.raises(TokenError, match="not a word"):
         t.word_index("red (3)")
-    with pytest.raises(ValueError, match="not a word"):
+    with pytest.raises(TokenError, match="not a word"):
         t.word_index("circle (1)")  # "circle" occurs once: its label has no number
     assert t.word_index("red", occurrence=0) == 1
     assert t.word_index("red", occurrence=1) == 5
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(TokenError, match="out of range"):
         t.word_index("red", occurrence=2)
-    with pytest.raises(ValueError, match="not a word") as err:
+    with pytest.raises(TokenError, match="not a word") as err:
         t.word_index("triangle")
     assert "'square'" in str(err.value)
 
@@ -385,7 +386,7 @@ def test_truncation():
     t = tokenize("red " * 100)
     assert t.truncated and t.n_real == 77 and len(t.ids) == 77
     assert len(t.words) == 75 and t.kinds[76] == "end" and "pad" not in t.kinds
-    with pytest.raises(ValueError, match="occurs 75 times"):
+    with pytest.raises(TokenError, match="occurs 75 times"):
         t.word_index("red")
 
     exact = tokenize("red " * 75)

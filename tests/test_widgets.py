@@ -13,6 +13,7 @@ import torch
 
 import sdlens
 import sdlens.viz as viz
+from sdlens.errors import CaptureError
 from sdlens.widgets import AttentionExplorer, DenoisingExplorer, SelfAttentionExplorer
 from sdlens.widgets.base import decode_png
 
@@ -132,11 +133,11 @@ def test_attention_explorer_repeated_words(sd1_pipe):
                           viz.overlay(tr, 5).axes[0].images[0].get_array())
     assert AttentionExplorer(tr, word=1).controls["word"].value == 1
     assert AttentionExplorer(tr, word="<pad>").controls["word"].value == "<pad>"
-    with pytest.raises(ValueError, match="'red \\(1\\)' \\(word 1"):
+    with pytest.raises(CaptureError, match="'red \\(1\\)' \\(word 1"):
         AttentionExplorer(tr, word="red")
-    with pytest.raises(ValueError, match="not a word"):
+    with pytest.raises(CaptureError, match="not a word"):
         AttentionExplorer(tr, word="triangle")
-    with pytest.raises(ValueError, match="not one of the explorer's choices"):
+    with pytest.raises(CaptureError, match="not one of the explorer's choices"):
         AttentionExplorer(tr, word=99)
 
 
@@ -160,7 +161,7 @@ def test_self_attention_explorer_shows_what_self_attention_map_draws(saved):
     assert (c["y"].value, c["x"].value) == (48, 16) and ex.redraws == n + 1
     shows(ex, drawn(viz.self_attention_map(tr, (48, 16), image, steps=[0], layers=32, heads=0)))
     cross_only = tr.replace(kinds=("cross",))
-    with pytest.raises(ValueError, match="self_attn=True"):
+    with pytest.raises(CaptureError, match="self_attn=True"):
         SelfAttentionExplorer(cross_only, image)
 
 
@@ -177,13 +178,22 @@ def test_denoising_explorer_shows_what_denoising_draws(saved):
         assert f"noise {tr.noise_levels[step]:.2f}" in ex.info.value
         assert ex.noise_bar.value == pytest.approx(tr.noise_levels[step])
     bare = tr.replace(xt_images=None, x0_images=None)
-    with pytest.raises(ValueError, match="record_latents=True"):
+    with pytest.raises(CaptureError, match="record_latents=True"):
         DenoisingExplorer(bare)
 
 
 def test_explorers_display_as_widgets(saved):
     tr, image = saved
     for ex in (AttentionExplorer(tr, image), SelfAttentionExplorer(tr, image), DenoisingExplorer(tr)):
-        bundle = ex._repr_mimebundle_()
-        assert "application/vnd.jupyter.widget-view+json" in bundle
-        assert ex.ui is ex.ui  # built once
+        view = ex._repr_mimebundle_()["application/vnd.jupyter.widget-view+json"]
+        assert view["model_id"] == ex.ui.model_id  # what Jupyter shows is the explorer's widget tree
+        again = ex._repr_mimebundle_()["application/vnd.jupyter.widget-view+json"]
+        assert again["model_id"] == view["model_id"]  # built once: shown again, the same tree
+        shown = list(_descendants(ex.ui))
+        assert all(any(c is w for w in shown) for c in ex.controls.values())  # every control is in it
+
+
+def _descendants(widget):
+    yield widget
+    for child in getattr(widget, "children", ()):
+        yield from _descendants(child)
