@@ -96,7 +96,7 @@ def test_nb1_s5_the_noise_places_an_object_the_prompt_does_not(pipe):
     assert len({c.position for c in circles}) >= 3  # at least three of the five regions
     centres = np.array([c.centroid for c in circles])
     assert np.ptp(centres[:, 0]) > 0.3 and np.ptp(centres[:, 1]) > 0.3
-    on_it = [peak_on(tr.word_map("circle", prompt=i), c.mask) for i, c in enumerate(circles)]
+    on_it = [peak_on(tr.word_map("circle", prompt_index=i), c.mask) for i, c in enumerate(circles)]
     assert sum(on_it) >= 5, on_it
 
 
@@ -180,7 +180,7 @@ WORD_OFFSET = {"colour": 1, "shape": 2}  # word index of each kind in "a <colour
 
 
 def mean_iou(tr, objects, kind, **select) -> float:
-    return float(np.mean([iou(tr.word_map(7 * k + WORD_OFFSET[kind], prompt=i, size=m.shape, **select), m)
+    return float(np.mean([iou(tr.word_map(7 * k + WORD_OFFSET[kind], prompt_index=i, size=m.shape, **select), m)
                           for i, k, m in objects]))
 
 
@@ -190,7 +190,7 @@ def test_nb5_s3_shape_words_find_their_objects_colour_words_less(nb5):
     tr, objects = nb5
 
     def peak_rate(kind):
-        return np.mean([peak_on(tr.word_map(7 * k + WORD_OFFSET[kind], prompt=i, size=m.shape), m) for i, k, m in objects])
+        return np.mean([peak_on(tr.word_map(7 * k + WORD_OFFSET[kind], prompt_index=i, size=m.shape), m) for i, k, m in objects])
 
     assert peak_rate("shape") >= 0.9 and peak_rate("colour") < peak_rate("shape") - 0.2
     assert mean_iou(tr, objects, "shape") > mean_iou(tr, objects, "colour") + 0.2
@@ -226,13 +226,13 @@ def test_nb5_s2_the_padding_takes_most_attention_by_number_not_per_slot(nb5):
     from sdlens.viz import attention_share, attention_shares
 
     tr, _ = nb5
-    pad = [attention_share(tr, "<pad>", prompt=i) for i in range(8)]
-    start = [attention_share(tr, "<start>", prompt=i) for i in range(8)]
+    pad = [attention_share(tr, "<pad>", prompt_index=i) for i in range(8)]
+    start = [attention_share(tr, "<start>", prompt_index=i) for i in range(8)]
     assert min(pad) > 0.6 and max(start) < 0.05, (pad, start)
     even = 1 / 77
     for i in range(8):
         kinds = tr.tokenization(i).kinds
-        words = sum(attention_shares(tr, list(range(len(tr.words(i)))), prompt=i))
+        words = sum(attention_shares(tr, list(range(len(tr.words(i)))), prompt_index=i))
         assert pad[i] / kinds.count("pad") < even
         assert 1.5 * even < words / kinds.count("word") < 3 * even
 
@@ -272,7 +272,7 @@ def test_nb6_s4a_8x8_self_attention_follows_the_layout_not_the_object(pipe):
              output_type="latent")
 
     def blocks(size):
-        maps = [self_attention_rows(tr, prompt=i, layers=size, steps=tr.steps)[0].flatten() for i in range(8)]
+        maps = [self_attention_rows(tr, prompt_index=i, layers=size, steps=tr.steps)[0].flatten() for i in range(8)]
         sim = np.corrcoef(torch.stack(maps).float().numpy())  # (8, 8) correlations
         off = ~np.eye(4, dtype=bool)
         return np.r_[sim[:4, :4][off], sim[4:, 4:][off]].mean(), sim[:4, 4:].mean()
@@ -458,13 +458,13 @@ def test_nb7_s3_the_first_half_of_the_copied_steps_keeps_the_object_and_self_inj
         ious = []
         for base, target, c0, c1, seed in cases:
             r = edit.replace(pipe, base, target, seed=seed, **settings, **NB7)
-            assert score(_u8(r.images[1]), target)["all"] or settings.get("self_steps")
+            assert score(_u8(r.images[1]), target)["all"] or settings.get("self_window")
             ious.append(_iou(_mask(r.images[0], c0), _mask(r.images[1], c1)))
         return float(np.mean(ious))
 
-    none, half, full = (mean_iou(cross_steps=f, self_steps=0) for f in (0.0, 0.5, 1.0))
+    none, half, full = (mean_iou(cross_window=f, self_window=0) for f in (0.0, 0.5, 1.0))
     assert none < 0.35 and half > none + 0.25 and abs(full - half) < 0.1 and full < 0.7, (none, half, full)
-    assert mean_iou(cross_steps=1.0, self_steps=0.4) <= full + 0.02
+    assert mean_iou(cross_window=1.0, self_window=0.4) <= full + 0.02
 
 
 def test_nb7_s5_blend_keeps_the_other_object_that_regenerating_moves(pipe):
@@ -474,7 +474,7 @@ def test_nb7_s5_blend_keeps_the_other_object_that_regenerating_moves(pipe):
 
     base, target = "a red circle and a blue square", "a green circle and a blue square"
     for seed in (30, 20):
-        plain = edit.replace(pipe, base, target, seed=seed, cross_steps=0, **NB7)
+        plain = edit.replace(pipe, base, target, seed=seed, cross_window=0, **NB7)
         blended = edit.replace(pipe, base, target, seed=seed, blend=["circle"], **NB7)
         square = _mask(plain.images[0], "blue")
         assert _iou(square, _mask(plain.images[1], "blue")) < 0.5

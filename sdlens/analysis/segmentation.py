@@ -13,10 +13,12 @@ from einops import rearrange
 
 from ..errors import CaptureError
 from ..maps import normalize
+from ..vocabulary import renamed
 
 
+@renamed(prompt="prompt_index", image="image_index")
 def self_attention_rows(
-    trace, *, prompt: int = 0, image: int = 0, steps=None, layers=None, heads=None
+    trace, *, prompt_index: int = 0, image_index: int = 0, steps=None, layers=None, heads=None
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """The self-attention matrix ``(h·w, h·w)`` float32, averaged over steps, heads and the chosen layers.
 
@@ -36,7 +38,7 @@ def self_attention_rows(
         )
     total = None
     for n in chosen:  # each (h·w, h·w), averaged over steps and heads by the trace
-        a = trace.self_matrix(n, prompt=prompt, image=image, steps=steps, heads=heads).cpu()
+        a = trace.self_matrix(n, prompt_index=prompt_index, image_index=image_index, steps=steps, heads=heads).cpu()
         total = a if total is None else total + a
     return total / len(chosen), next(iter(grids))
 
@@ -98,9 +100,10 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 50, seed: int = 0) -> torch.
     return torch.tensor([order[lab] for lab in labels.tolist()])
 
 
-def segment(trace, n_clusters: int = 4, *, prompt: int = 0, steps=None, layers=None, heads=None, seed: int = 0):
+@renamed(prompt="prompt_index")
+def segment(trace, n_clusters: int = 4, *, prompt_index: int = 0, steps=None, layers=None, heads=None, seed: int = 0):
     """``(pca (h, w, 3) in 0..1, labels (h, w) int)`` from the self-attention rows (see ``self_attention_rows``)."""
-    rows, grid = self_attention_rows(trace, prompt=prompt, steps=steps, layers=layers, heads=heads)
+    rows, grid = self_attention_rows(trace, prompt_index=prompt_index, steps=steps, layers=layers, heads=heads)
     pca = pca_rgb(rows, grid, seed=seed)
     labels = rearrange(kmeans(rows, n_clusters, seed=seed), "(h w) -> h w", h=grid[0], w=grid[1])
     return pca, labels

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from ..vocabulary import renamed
+
 SLOT_KINDS = ("start", "word", "end", "pad")
 JOINT_SLOT_KINDS = (*SLOT_KINDS, "t5")  # SD 3: keys after the CLIP tokenizer's slots are T5's
 
@@ -21,14 +23,15 @@ def _mass(trace, slots: Sequence[int], sel: dict) -> float:
     return float(m.mean()) * len(slots)
 
 
-def slot_shares(trace, slot_groups: Iterable[Sequence[int]], *, prompt: int = 0, steps=None, layers=None,
+@renamed(prompt="prompt_index")
+def slot_shares(trace, slot_groups: Iterable[Sequence[int]], *, prompt_index: int = 0, steps=None, layers=None,
                 heads=None) -> list[float]:
     """Share (0..1) of the cross-attention mass of ``prompt`` that goes to each group of key slots.
 
     ``steps``, ``layers``, ``heads`` select as ``AttentionTrace.slot_map``.
     """
-    sel = dict(prompt=prompt, steps=steps, layers=layers, heads=heads)
-    total = _mass(trace, range(len(trace.tokens(prompt))), sel)
+    sel = dict(prompt_index=prompt_index, steps=steps, layers=layers, heads=heads)
+    total = _mass(trace, range(len(trace.tokens(prompt_index))), sel)
     return [_mass(trace, slots, sel) / total if total > 0 else 0.0 for slots in slot_groups]
 
 

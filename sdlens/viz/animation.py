@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import CaptureError
 from ..files import atomic_file
+from ..vocabulary import renamed
 from .frames import (
     as_rgb,
     color_range,
@@ -62,12 +63,13 @@ def compose(panels: list[tuple[np.ndarray, str]], header: str, side: int = 192, 
     return canvas
 
 
+@renamed(prompt="prompt_index")
 def animation_frames(
     trace,
     words,
     image=None,
     *,
-    prompt: int = 0,
+    prompt_index: int = 0,
     layers=None,
     heads=None,
     preview: str | None = "x0",
@@ -78,7 +80,7 @@ def animation_frames(
 ) -> list[Image.Image]:
     """The frames of ``animate``, one per captured step, as PIL images."""
     items = [words] if isinstance(words, (str, int, tuple)) else list(words)
-    targets = [resolve_target(trace, w, prompt) for w in items]
+    targets = [resolve_target(trace, w, prompt_index) for w in items]
     if preview not in (None, "x0", "xt", "both"):
         raise CaptureError(f"preview={preview!r}: use 'x0', 'xt', 'both' or None")
     if not has_previews(trace):
@@ -86,7 +88,7 @@ def animation_frames(
     size = image_size_of(trace, image)
     # maps[word][step], each word on one colour scale over the steps (scale="shared") or its own per step
     heats = [
-        [target_map(trace, t, prompt=prompt, steps=[s], layers=layers, heads=heads, size=size) for s in trace.steps]
+        [target_map(trace, t, prompt_index=prompt_index, steps=[s], layers=layers, heads=heads, size=size) for s in trace.steps]
         for t in targets
     ]
     ranges = [[None] * len(hs) if scale == "each" else color_range(hs, scale) for hs in heats]
@@ -96,7 +98,7 @@ def animation_frames(
         panels = []
         base = base_image
         if preview is not None:
-            d = denoising_frame(trace, s, prompt=prompt)
+            d = denoising_frame(trace, s, prompt_index=prompt_index)
             if preview in ("xt", "both") and d.xt is not None:
                 panels.append((d.xt, "x_t"))
             if preview in ("x0", "both") and d.x0 is not None:
@@ -111,13 +113,14 @@ def animation_frames(
     return frames
 
 
+@renamed(prompt="prompt_index")
 def animate(
     trace,
     words,
     path,
     image=None,
     *,
-    prompt: int = 0,
+    prompt_index: int = 0,
     layers=None,
     heads=None,
     preview: str | None = "x0",
@@ -139,7 +142,7 @@ def animate(
     """
     path = Path(path)
     frames = animation_frames(
-        trace, words, image, prompt=prompt, layers=layers, heads=heads, preview=preview,
+        trace, words, image, prompt_index=prompt_index, layers=layers, heads=heads, preview=preview,
         alpha=alpha, cmap=cmap, scale=scale, side=side,
     )
     ms = max(20, round(1000 / fps))

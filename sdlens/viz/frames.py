@@ -22,6 +22,8 @@ import torch
 from .. import maps as _maps
 from ..analysis.shares import slot_shares
 from ..errors import CaptureError
+from ..select import check_step
+from ..vocabulary import renamed
 from .style import HEAT_CMAP, underlay
 
 SPECIALS = ("<start>", "<end>", "<pad>")
@@ -88,27 +90,28 @@ class Target:
     reduce: str = "mean"
 
 
-def resolve_target(trace, target, prompt: int = 0) -> Target:
-    """The key slots of ``target`` in prompt ``prompt``.
+@renamed(prompt="prompt_index")
+def resolve_target(trace, target, prompt_index: int = 0) -> Target:
+    """The key slots of ``target`` in prompt ``prompt_index``.
 
-    ``target`` is a word of the prompt (``"circle"``), its index in ``trace.words(prompt)``, one of
+    ``target`` is a word of the prompt (``"circle"``), its index in ``trace.words(prompt_index)``, one of
     ``"<start>"``, ``"<end>"``, ``"<pad>"`` (all padding slots, summed), ``("slot", i)`` for one
     token slot, or a ``Target``.
     """
     if isinstance(target, Target):
         return target
-    tok = trace.tokenization(prompt)
+    tok = trace.tokenization(prompt_index)
     if isinstance(target, tuple) and len(target) == 2 and target[0] == "slot":
         i = int(target[1])
-        labels = trace.tokens(prompt)
+        labels = trace.tokens(prompt_index)
         if not 0 <= i < len(labels):
-            raise CaptureError(f"slot {i} is out of range: prompt {prompt} has slots 0..{len(labels) - 1}")
+            raise CaptureError(f"slot {i} is out of range: prompt {prompt_index} has slots 0..{len(labels) - 1}")
         return Target(f"#{i} {labels[i]}", (i,), "token")
     if isinstance(target, str) and target in SPECIALS:
         kind = target[1:-1]
         slots = tuple(i for i, k in enumerate(tok.kinds) if k == kind)
         if not slots:
-            raise CaptureError(f"prompt {prompt} has no {target} slot (the prompt fills every slot)")
+            raise CaptureError(f"prompt {prompt_index} has no {target} slot (the prompt fills every slot)")
         if kind == "pad":
             return Target(f"<pad> ×{len(slots)}", slots, kind, reduce="sum")
         return Target(target, slots, kind)
@@ -116,35 +119,37 @@ def resolve_target(trace, target, prompt: int = 0) -> Target:
         raise CaptureError(
             f"a target is a word, a word index, one of {', '.join(SPECIALS)} or ('slot', i); got {target!r}"
         )
-    wi = trace.word_index(target, prompt)  # the trace resolves words: CaptureError naming the prompt's words
+    wi = trace.word_index(target, prompt_index)  # the trace resolves words: CaptureError naming the prompt's words
     return Target(tok.words[wi], tuple(tok.word_tokens[wi]), "word")
 
 
-def prompt_targets(trace, prompt: int = 0, *, words=None, specials: bool = True) -> list[Target]:
+def prompt_targets(trace, prompt_index: int = 0, *, words=None, specials: bool = True) -> list[Target]:
     """The words of the prompt (or ``words``), then, with ``specials``, its start, end and padding slots."""
-    items = list(range(len(trace.words(prompt)))) if words is None else list(words)
-    out = [resolve_target(trace, w, prompt) for w in items]
+    items = list(range(len(trace.words(prompt_index)))) if words is None else list(words)
+    out = [resolve_target(trace, w, prompt_index) for w in items]
     if specials:
-        kinds = trace.tokenization(prompt).kinds
-        out += [resolve_target(trace, s, prompt) for s in SPECIALS if s[1:-1] in kinds]
+        kinds = trace.tokenization(prompt_index).kinds
+        out += [resolve_target(trace, s, prompt_index) for s in SPECIALS if s[1:-1] in kinds]
     return out
 
 
-def target_map(trace, target, *, prompt: int = 0, steps=None, layers=None, heads=None, size=None) -> torch.Tensor:
+@renamed(prompt="prompt_index")
+def target_map(trace, target, *, prompt_index: int = 0, steps=None, layers=None, heads=None, size=None) -> torch.Tensor:
     """Cross-attention map ``(H, W)`` of ``target``: ``trace.slot_map`` of its slots (summed for padding)."""
-    t = resolve_target(trace, target, prompt)
-    m = trace.slot_map(list(t.slots), prompt=prompt, steps=steps, layers=layers, heads=heads, size=size)
+    t = resolve_target(trace, target, prompt_index)
+    m = trace.slot_map(list(t.slots), prompt_index=prompt_index, steps=steps, layers=layers, heads=heads, size=size)
     return m * len(t.slots) if t.reduce == "sum" else m
 
 
-def attention_shares(trace, targets, *, prompt: int = 0, steps=None, layers=None, heads=None) -> list[float]:
+@renamed(prompt="prompt_index")
+def attention_shares(trace, targets, *, prompt_index: int = 0, steps=None, layers=None, heads=None) -> list[float]:
     """Share (0..1) of the cross-attention mass that goes to each target's slots.
 
     Each query pixel spreads its attention over the key slots; a target's share is its slots' sum
     over all slots' sum, averaged over the pixels (``sdlens.analysis.slot_shares`` of its slots).
     """
-    slots = [resolve_target(trace, t, prompt).slots for t in targets]
-    return slot_shares(trace, slots, prompt=prompt, steps=steps, layers=layers, heads=heads)
+    slots = [resolve_target(trace, t, prompt_index).slots for t in targets]
+    return slot_shares(trace, slots, prompt_index=prompt_index, steps=steps, layers=layers, heads=heads)
 
 
 def format_share(share: float) -> str:
@@ -234,12 +239,13 @@ def heat_frame(heat, image, label: str, *, alpha: float = 0.6, cmap: str = HEAT_
     return Frame(blend(None if base is None else underlay(base), colors, alpha), h, vmin, vmax, label, cmap)
 
 
+@renamed(prompt="prompt_index")
 def overlay_frame(
     trace,
     target,
     image=None,
     *,
-    prompt: int = 0,
+    prompt_index: int = 0,
     steps=None,
     layers=None,
     heads=None,
@@ -252,9 +258,9 @@ def overlay_frame(
     ``steps``, ``layers``, ``heads`` select as in ``AttentionTrace.slot_map``; the map is computed at
     the image's size (the trace's image size when ``image`` is None, then drawn without an image).
     """
-    t = resolve_target(trace, target, prompt)
+    t = resolve_target(trace, target, prompt_index)
     size = image_size_of(trace, image)
-    heat = target_map(trace, t, prompt=prompt, steps=steps, layers=layers, heads=heads, size=size)
+    heat = target_map(trace, t, prompt_index=prompt_index, steps=steps, layers=layers, heads=heads, size=size)
     vrange = None if scale == "each" else color_range([heat], scale)[0]
     return heat_frame(heat, image, t.label, alpha=alpha, cmap=cmap, vrange=vrange)
 
@@ -274,12 +280,13 @@ def mark(rgb: np.ndarray, pixel: tuple[int, int], color=(255, 255, 255), radius:
     return out
 
 
+@renamed(prompt="prompt_index")
 def self_frame(
     trace,
     pixel: tuple[int, int],
     image=None,
     *,
-    prompt: int = 0,
+    prompt_index: int = 0,
     steps=None,
     layers=None,
     heads=None,
@@ -299,7 +306,7 @@ def self_frame(
         raise CaptureError(f"pixel {(y, x)} is outside the image of size {size}")
     ih, iw = trace.image_size or size
     query = (y * ih / size[0], x * iw / size[1])  # the pixel in the trace's image coordinates
-    heat = trace.self_map(query, prompt=prompt, steps=steps, layers=layers, heads=heads, size=size)
+    heat = trace.self_map(query, prompt_index=prompt_index, steps=steps, layers=layers, heads=heads, size=size)
     vrange = None if scale == "each" else color_range([heat], scale)[0]
     frame = heat_frame(heat, image, f"pixel (y={y}, x={x})", alpha=alpha, cmap=cmap, vrange=vrange)
     if marker:
@@ -344,19 +351,18 @@ def side_by_side(pictures: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
 def step_position(trace, step: int) -> int:
     """Position in the trace's captured steps of step index ``step`` (negative counts from the end of
     the steps the run made, as everywhere: ``trace.step_positions``)."""
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-        raise CaptureError(f"a step is an int step index; got {step!r}")
-    return trace.step_positions([int(step)])[0]
+    return trace.step_positions([check_step(step)])[0]
 
 
-def denoising_frame(trace, step: int, *, prompt: int = 0, image: int = 0) -> DenoisingFrame:
+@renamed(prompt="prompt_index", image="image_index")
+def denoising_frame(trace, step: int, *, prompt_index: int = 0, image_index: int = 0) -> DenoisingFrame:
     """x_t and predicted x0 previews at captured step ``step`` (from a trace with ``record_latents=True``)."""
     if not has_previews(trace):
         raise CaptureError(
             "this trace has no denoising previews: trace with sdlens.trace(pipe, record_latents=True)"
         )
     pos = step_position(trace, step)
-    row = trace.preview_row(prompt, image)
+    row = trace.preview_row(prompt_index, image_index)
     levels = getattr(trace, "noise_levels", None)
     noise = float(levels[pos]) if levels is not None and len(levels) > pos else None
     return DenoisingFrame(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import CaptureError
+from ..vocabulary import renamed
 from ._figure import colorbar, draw_frame, figure_and_ax, panel_grid, show_rgb, wrap
 from .frames import (
     as_rgb,
@@ -35,12 +36,13 @@ def scale_note(scale) -> str:
     return " · fixed colour scale"
 
 
+@renamed(prompt="prompt_index")
 def overlay(
     trace,
     word,
     image=None,
     *,
-    prompt: int = 0,
+    prompt_index: int = 0,
     steps=None,
     layers=None,
     heads=None,
@@ -65,17 +67,18 @@ def overlay(
     """
     fig, ax = figure_and_ax(ax)
     frame = overlay_frame(
-        trace, word, image, prompt=prompt, steps=steps, layers=layers, heads=heads, alpha=alpha, cmap=cmap, scale=scale
+        trace, word, image, prompt_index=prompt_index, steps=steps, layers=layers, heads=heads, alpha=alpha, cmap=cmap, scale=scale
     )
     draw_frame(ax, frame, title if title is not None else frame.label, bar=colorbar)
     return fig
 
 
+@renamed(prompt="prompt_index")
 def word_grid(
     trace,
     image=None,
     *,
-    prompt: int = 0,
+    prompt_index: int = 0,
     words=None,
     specials: bool = True,
     steps=None,
@@ -96,9 +99,9 @@ def word_grid(
     ``scale="each"`` gives each panel its own min..max and colour bar (each map's shape, its strength
     hidden). Maps are drawn over the picture's grey (``style.underlay``).
     """
-    targets = prompt_targets(trace, prompt, words=words, specials=specials)
+    targets = prompt_targets(trace, prompt_index, words=words, specials=specials)
     size = image_size_of(trace, image)
-    sel = dict(prompt=prompt, steps=steps, layers=layers, heads=heads)
+    sel = dict(prompt_index=prompt_index, steps=steps, layers=layers, heads=heads)
     heats = [target_map(trace, t, size=size, **sel) for t in targets]
     # "shared": the words share one scale; the start, end and padding slots (the padding summed over
     # its slots) are not words and keep their own, or they would set the words' scale
@@ -110,7 +113,7 @@ def word_grid(
     first = 1 if image is not None else 0
     fig, axes = panel_grid(len(frames) + first, ncols, extra_width=0.6 if scale != "each" else 0.0)
     if image is not None:
-        show_rgb(axes[0], as_rgb(image), wrap(trace.prompts[prompt], 28) if trace.prompts else "image")
+        show_rgb(axes[0], as_rgb(image), wrap(trace.prompts[prompt_index], 28) if trace.prompts else "image")
     shares = attention_shares(trace, targets, **sel)
     for ax, frame, t, share, o in zip(axes[first:], frames, targets, shares, own):
         draw_frame(ax, frame, f"{t.label}\n{format_share(share)} of attention", bar=o, bar_label=None)
@@ -122,7 +125,8 @@ def word_grid(
     return fig
 
 
-def concept_grid(trace, image=None, *, concepts=None, prompt: int = 0, steps=None, layers=None,
+@renamed(prompt="prompt_index")
+def concept_grid(trace, image=None, *, concepts=None, prompt_index: int = 0, steps=None, layers=None,
                  alpha: float = 0.6, cmap: str = HEAT_CMAP, ncols: int | None = None):
     """The image, then one ConceptAttention map per concept (``trace(pipe, concepts=[...])``, SD 3).
 
@@ -133,12 +137,12 @@ def concept_grid(trace, image=None, *, concepts=None, prompt: int = 0, steps=Non
     if not names:
         raise CaptureError("this trace has no concept maps: trace with concepts=['circle', 'square', ...]")
     size = image_size_of(trace, image)
-    heats = [trace.concept_map(c, prompt=prompt, steps=steps, layers=layers, size=size) for c in names]
+    heats = [trace.concept_map(c, prompt_index=prompt_index, steps=steps, layers=layers, size=size) for c in names]
     frames = [heat_frame(h, image, c, alpha=alpha, cmap=cmap, vrange=(0.0, 1.0)) for h, c in zip(heats, names)]
     first = 1 if image is not None else 0
     fig, axes = panel_grid(len(frames) + first, ncols, extra_width=0.6)
     if image is not None:
-        show_rgb(axes[0], as_rgb(image), wrap(trace.prompts[prompt], 28) if trace.prompts else "image")
+        show_rgb(axes[0], as_rgb(image), wrap(trace.prompts[prompt_index], 28) if trace.prompts else "image")
     for ax, frame, c in zip(axes[first:], frames, names):
         draw_frame(ax, frame, c, bar=False)
     colorbar(fig, frames[0], axes[first:], "share of the concepts (one scale)")
@@ -160,13 +164,14 @@ def _heat_panels(heats, labels, image=None, *, alpha: float = 0.6, cmap: str = H
     return fig
 
 
+@renamed(prompt="prompt_index")
 def layer_grid(
     trace,
     word,
     image=None,
     *,
     by: str = "layer",
-    prompt: int = 0,
+    prompt_index: int = 0,
     steps=None,
     heads=None,
     alpha: float = 0.6,
@@ -186,21 +191,22 @@ def layer_grid(
         selections = [(s, layers_label(trace, s)) for s in map_sizes(trace)]
     else:
         raise CaptureError(f"by={by!r}: use 'layer' or 'size'")
-    t = resolve_target(trace, word, prompt)
+    t = resolve_target(trace, word, prompt_index)
     size = image_size_of(trace, image)
-    heats = [target_map(trace, t, prompt=prompt, steps=steps, layers=sel, heads=heads, size=size) for sel, _ in selections]
+    heats = [target_map(trace, t, prompt_index=prompt_index, steps=steps, layers=sel, heads=heads, size=size) for sel, _ in selections]
     fig = _heat_panels(heats, [label for _, label in selections], image, alpha=alpha, cmap=cmap, scale=scale, ncols=ncols)
     fig.suptitle(f"{t.label!r} per {'layer' if by == 'layer' else 'map size'}{scale_note(scale)}", fontsize=10)
     return fig
 
 
+@renamed(prompt="prompt_index")
 def head_grid(
     trace,
     word,
     layer,
     image=None,
     *,
-    prompt: int = 0,
+    prompt_index: int = 0,
     steps=None,
     alpha: float = 0.6,
     cmap: str = HEAT_CMAP,
@@ -219,12 +225,12 @@ def head_grid(
     heads = heads_in(trace, layer)
     if not heads:
         raise CaptureError(f"no head is kept in every layer of {layers_label(trace, layer)}")
-    t = resolve_target(trace, word, prompt)
+    t = resolve_target(trace, word, prompt_index)
     size = image_size_of(trace, image)
     n_layers = len(trace.layer_names(layer))
     across = f" (mean over {n_layers} layers)" if n_layers > 1 else ""
     sels = [(None, "mean of heads")] + [(h, f"head {h}{across}") for h in heads]
-    heats = [target_map(trace, t, prompt=prompt, steps=steps, layers=layer, heads=h, size=size) for h, _ in sels]
+    heats = [target_map(trace, t, prompt_index=prompt_index, steps=steps, layers=layer, heads=h, size=size) for h, _ in sels]
     fig = _heat_panels(heats, [label for _, label in sels], image, alpha=alpha, cmap=cmap, scale=scale, ncols=ncols)
     fig.suptitle(f"{t.label!r} per head · {layers_label(trace, layer)}{scale_note(scale)}", fontsize=10)
     return fig

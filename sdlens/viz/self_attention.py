@@ -13,17 +13,19 @@ import torch
 
 from .. import maps as _maps
 from ..analysis.segmentation import segment
+from ..vocabulary import renamed
 from ._figure import draw_frame, figure_and_ax, new_figure, show_rgb
 from .frames import as_rgb, blend, image_size_of, layers_label, self_frame
 from .style import HEAT_CMAP, underlay
 
 
+@renamed(prompt="prompt_index")
 def self_attention_map(
     trace,
     pixel: tuple[int, int],
     image=None,
     *,
-    prompt: int = 0,
+    prompt_index: int = 0,
     steps=None,
     layers=None,
     heads=None,
@@ -41,7 +43,7 @@ def self_attention_map(
     """
     fig, ax = figure_and_ax(ax)
     frame = self_frame(
-        trace, pixel, image, prompt=prompt, steps=steps, layers=layers, heads=heads,
+        trace, pixel, image, prompt_index=prompt_index, steps=steps, layers=layers, heads=heads,
         alpha=alpha, cmap=cmap, scale=scale, marker=marker,
     )
     draw_frame(ax, frame, f"self-attention of {frame.label}\n{layers_label(trace, layers, 'self')}", bar=colorbar)
@@ -56,12 +58,13 @@ def label_colors(labels: np.ndarray, cmap: str = "tab10") -> np.ndarray:
     return table[np.asarray(labels) % len(table)]
 
 
+@renamed(prompt="prompt_index")
 def self_attention_segments(
     trace,
     image=None,
     n_clusters: int = 4,
     *,
-    prompt: int = 0,
+    prompt_index: int = 0,
     steps=None,
     layers=None,
     heads=None,
@@ -74,7 +77,7 @@ def self_attention_segments(
     and clusters are computed on the layer grid and enlarged to the image (bilinear for the
     colours, nearest for the labels). Returns the Figure; its panels' arrays are what was drawn.
     """
-    pca, labels = segment(trace, n_clusters, prompt=prompt, steps=steps, layers=layers, heads=heads, seed=seed)
+    pca, labels = segment(trace, n_clusters, prompt_index=prompt_index, steps=steps, layers=layers, heads=heads, seed=seed)
     size = image_size_of(trace, image)
     pca_up = torch.stack([_maps.upsample(pca[..., c], size) for c in range(3)], -1).clamp(0, 1)
     pca_rgb8 = as_rgb(pca_up.numpy())

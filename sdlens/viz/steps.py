@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..vocabulary import renamed
 from ._figure import colorbar, draw_frame, figure_and_ax, new_figure, show_rgb
 from .frames import (
     attention_share,
@@ -32,6 +33,7 @@ def pick_steps(trace, steps=None, max_steps: int = 8) -> list[int]:
     return [trace.steps[i] for i in idx]
 
 
+@renamed(prompt="prompt_index")
 def step_strip(
     trace,
     word,
@@ -39,7 +41,7 @@ def step_strip(
     *,
     steps=None,
     max_steps: int = 8,
-    prompt: int = 0,
+    prompt_index: int = 0,
     layers=None,
     heads=None,
     alpha: float = 0.6,
@@ -55,10 +57,10 @@ def step_strip(
     scale, so the map is seen to sharpen and strengthen; ``"each"`` rescales every panel (shapes only).
     """
     shown = pick_steps(trace, steps, max_steps)
-    t = resolve_target(trace, word, prompt)
+    t = resolve_target(trace, word, prompt_index)
     size = image_size_of(trace, image)
     heats = [
-        target_map(trace, t, prompt=prompt, steps=[s], layers=layers, heads=heads, size=size) for s in shown
+        target_map(trace, t, prompt_index=prompt_index, steps=[s], layers=layers, heads=heads, size=size) for s in shown
     ]
     ranges = [None] * len(heats) if scale == "each" else color_range(heats, scale)
     with_previews = previews and has_previews(trace)
@@ -70,7 +72,7 @@ def step_strip(
         frames.append(heat_frame(h, image, t.label, alpha=alpha, cmap=cmap, vrange=r))
         draw_frame(axes[0, j], frames[-1], step_label(trace, s).replace(" · ", "\n", 1), bar=False)
         if with_previews:
-            d = denoising_frame(trace, s, prompt=prompt)
+            d = denoising_frame(trace, s, prompt_index=prompt_index)
             pic = d.x0 if d.x0 is not None else d.xt
             show_rgb(axes[1, j], pic, "predicted x0" if d.x0 is not None else "x_t")
     if scale != "each":
@@ -80,13 +82,14 @@ def step_strip(
     return fig
 
 
-def denoising(trace, step: int = -1, *, prompt: int = 0, image: int = 0, ax=None):
+@renamed(prompt="prompt_index", image="image_index")
+def denoising(trace, step: int = -1, *, prompt_index: int = 0, image_index: int = 0, ax=None):
     """The image being denoised at ``step``: x_t (decoded), predicted x0, and the noise level over the run.
 
     Needs a trace recorded with ``sdlens.trace(pipe, record_latents=True)``. With ``ax`` (a sequence
     of 3 axes) it draws there. What ``DenoisingExplorer`` shows.
     """
-    d = denoising_frame(trace, step, prompt=prompt, image=image)
+    d = denoising_frame(trace, step, prompt_index=prompt_index, image_index=image_index)
     if ax is None:
         fig = new_figure(figsize=(8.4, 2.9))
         axes = fig.subplots(1, 3, width_ratios=[1, 1, 1.2])
@@ -109,11 +112,12 @@ def denoising(trace, step: int = -1, *, prompt: int = 0, image: int = 0, ax=None
     return fig
 
 
-def word_over_steps(trace, word, *, ax=None, prompt: int = 0, layers=None, heads=None):
+@renamed(prompt="prompt_index")
+def word_over_steps(trace, word, *, ax=None, prompt_index: int = 0, layers=None, heads=None):
     """A line plot: the share of attention of ``word`` (its map's mean) at each captured step."""
     fig, ax = figure_and_ax(ax, figsize=(4, 2.6))
-    t = resolve_target(trace, word, prompt)
-    shares = [attention_share(trace, t, prompt=prompt, steps=[s], layers=layers, heads=heads) for s in trace.steps]
+    t = resolve_target(trace, word, prompt_index)
+    shares = [attention_share(trace, t, prompt_index=prompt_index, steps=[s], layers=layers, heads=heads) for s in trace.steps]
     ax.plot(trace.steps, shares, "o-", ms=3)
     ax.set_xlabel("step")
     ax.set_ylabel("share of attention")

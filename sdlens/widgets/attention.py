@@ -16,20 +16,21 @@ from ..viz.frames import (
     step_label,
 )
 from ..viz.style import HEAT_CMAP
+from ..vocabulary import renamed
 from .base import MapExplorer
 
 
-def target_options(trace, prompt: int = 0) -> list[tuple[str, object]]:
+def target_options(trace, prompt_index: int = 0) -> list[tuple[str, object]]:
     """Dropdown options: the words, then the start/end/padding slots, then every token slot (``#i token``)."""
-    tok = trace.tokenization(prompt)
+    tok = trace.tokenization(prompt_index)
     opts: list[tuple[str, object]] = [(label, i) for i, label in enumerate(tok.word_labels)]  # "red (2)" for repeats
     opts += [(s, s) for s in SPECIALS if s[1:-1] in tok.kinds]
-    labels = trace.tokens(prompt)
+    labels = trace.tokens(prompt_index)
     opts += [(f"#{i} {labels[i]}", ("slot", i)) for i, k in enumerate(tok.kinds) if k != "pad"]
     return opts
 
 
-def initial_target(trace, word, prompt: int, values: list):
+def initial_target(trace, word, prompt_index: int, values: list):
     """The dropdown value for ``word``: a word, its label (``"red (2)"``), a word index, a special
     slot name or ``("slot", i)``; ``None`` picks the first word."""
     if word is None:
@@ -37,10 +38,10 @@ def initial_target(trace, word, prompt: int, values: list):
     if not isinstance(word, bool) and any(type(word) is type(v) and word == v for v in values):
         return word
     if isinstance(word, str):
-        return trace.word_index(word, prompt)  # a CaptureError naming the choices
+        return trace.word_index(word, prompt_index)  # a CaptureError naming the choices
     raise CaptureError(
         f"word={word!r} is not one of the explorer's choices: a word or label of the prompt "
-        f"{trace.tokenization(prompt).word_labels}, a word index, one of {', '.join(SPECIALS)}, or ('slot', i)"
+        f"{trace.tokenization(prompt_index).word_labels}, a word index, one of {', '.join(SPECIALS)}, or ('slot', i)"
     )
 
 
@@ -59,22 +60,23 @@ class AttentionExplorer(MapExplorer):
         AttentionExplorer(tr, image)          # last line of a cell: shows the explorer
     """
 
+    @renamed(prompt="prompt_index")
     def __init__(
         self,
         trace,
         image=None,
         *,
-        prompt: int = 0,
+        prompt_index: int = 0,
         word=None,
         alpha: float = 0.6,
         cmap: str = HEAT_CMAP,
         scale="each",
         display_size: int = 320,
     ) -> None:
-        super().__init__(trace, image, prompt=prompt, cmap=cmap, scale=scale, display_size=display_size)
-        options = target_options(trace, prompt)
+        super().__init__(trace, image, prompt_index=prompt_index, cmap=cmap, scale=scale, display_size=display_size)
+        options = target_options(trace, prompt_index)
         values = [v for _, v in options]
-        self.controls["word"] = W.Dropdown(options=options, value=initial_target(trace, word, prompt, values),
+        self.controls["word"] = W.Dropdown(options=options, value=initial_target(trace, word, prompt_index, values),
                                            description="word")
         self._add_map_controls(alpha)
         self._start()
@@ -91,7 +93,7 @@ class AttentionExplorer(MapExplorer):
     def share(self) -> float:
         """Share of the attention mass that the chosen slots take (``viz.attention_share`` of the settings)."""
         s = self.settings()
-        sel = dict(prompt=self.prompt, steps=s["steps"], layers=s["layers"], heads=s["heads"])
+        sel = dict(prompt_index=self.prompt_index, steps=s["steps"], layers=s["layers"], heads=s["heads"])
         key = ("share", s["word"], *(tuple(v) if isinstance(v, list) else v for v in sel.values()))
         return self.cached(key, lambda: attention_share(self.trace, s["word"], **sel))
 

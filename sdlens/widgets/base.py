@@ -151,9 +151,9 @@ class MapExplorer(Explorer):
 
     kind = "cross"
 
-    def __init__(self, trace, image, *, prompt: int, cmap: str, scale, display_size: int) -> None:
+    def __init__(self, trace, image, *, prompt_index: int, cmap: str, scale, display_size: int) -> None:
         super().__init__(display_size)
-        self.trace, self.prompt, self.cmap, self.scale = trace, prompt, cmap, scale
+        self.trace, self.prompt_index, self.cmap, self.scale = trace, prompt_index, cmap, scale
         self.base = None if image is None else as_rgb(image)
 
     def _add_map_controls(self, alpha: float) -> None:
@@ -188,7 +188,7 @@ class MapExplorer(Explorer):
         c = self.controls
         head = c["head"].value
         return dict(
-            prompt=self.prompt,
+            prompt_index=self.prompt_index,
             steps=None if c["all_steps"].value else [c["step"].value],
             layers=layers_value(c["layers"].value),
             heads=None if head == ALL else head,

@@ -7,6 +7,7 @@ import numpy as np
 
 from ..errors import CaptureError
 from ..viz.frames import denoising_frame, has_previews, side_by_side, step_label
+from ..vocabulary import renamed
 from .base import Explorer
 
 
@@ -20,13 +21,14 @@ class DenoisingExplorer(Explorer):
 
     GAP = 4
 
-    def __init__(self, trace, *, prompt: int = 0, image: int = 0, display_size: int = 256) -> None:
+    @renamed(prompt="prompt_index", image="image_index")
+    def __init__(self, trace, *, prompt_index: int = 0, image_index: int = 0, display_size: int = 256) -> None:
         super().__init__(display_size)
         if not has_previews(trace):
             raise CaptureError(
                 "this trace has no denoising previews: trace with sdlens.trace(pipe, record_latents=True)"
             )
-        self.trace, self.prompt, self.image_index = trace, prompt, image
+        self.trace, self.prompt_index, self.image_index = trace, prompt_index, image_index
         options = [(str(s), s) for s in trace.steps]
         step = W.SelectionSlider(options=options, value=trace.steps[0], description="step")
         play = W.Play(min=0, max=max(0, len(options) - 1), value=0, interval=300, description="play")
@@ -42,7 +44,7 @@ class DenoisingExplorer(Explorer):
 
     def settings(self) -> dict:
         """The current settings as keyword arguments of ``viz.denoising`` / ``viz.denoising_frame``."""
-        return dict(step=self.controls["step"].value, prompt=self.prompt, image=self.image_index)
+        return dict(step=self.controls["step"].value, prompt_index=self.prompt_index, image_index=self.image_index)
 
     def frame(self):
         return denoising_frame(self.trace, **self.settings())

@@ -7,6 +7,7 @@ import ipywidgets as W
 from ..errors import CaptureError
 from ..viz.frames import image_size_of, layers_label, self_frame, step_label
 from ..viz.style import HEAT_CMAP
+from ..vocabulary import renamed
 from .base import MapExplorer
 
 
@@ -21,12 +22,13 @@ class SelfAttentionExplorer(MapExplorer):
 
     kind = "self"
 
+    @renamed(prompt="prompt_index")
     def __init__(
         self,
         trace,
         image=None,
         *,
-        prompt: int = 0,
+        prompt_index: int = 0,
         pixel: tuple[int, int] | None = None,
         alpha: float = 0.6,
         cmap: str = HEAT_CMAP,
@@ -35,7 +37,7 @@ class SelfAttentionExplorer(MapExplorer):
     ) -> None:
         if "self" not in trace.kinds:
             raise CaptureError("this trace has no self-attention: trace with sdlens.trace(pipe, self_attn=True)")
-        super().__init__(trace, image, prompt=prompt, cmap=cmap, scale=scale, display_size=display_size)
+        super().__init__(trace, image, prompt_index=prompt_index, cmap=cmap, scale=scale, display_size=display_size)
         self.size = image_size_of(trace, self.base)
         y0, x0 = pixel if pixel is not None else (self.size[0] // 2, self.size[1] // 2)
         c = self.controls
