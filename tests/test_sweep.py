@@ -8,11 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import sdlens
 from sdlens.sweep import SweepError, assign, load, read_items, run_sweep
@@ -37,6 +38,32 @@ def prompt_file(tmp_path):
 
 def without_rank(records):
     return [{k: v for k, v in r.items() if k != "rank"} for r in records]
+
+
+def made_again(pipe, prompt, seed=0):
+    """What a sweep makes of one item (its prompt alone in a batch, its seed), made again here: trace and image."""
+    with sdlens.trace(pipe) as tr:
+        out = pipe([prompt], num_inference_steps=SETTINGS["num_inference_steps"],
+                   guidance_scale=SETTINGS["guidance_scale"], generator=[torch.Generator("cpu").manual_seed(seed)],
+                   output_type="np")
+    return tr, (np.asarray(out.images) * 255).round().clip(0, 255).astype(np.uint8)[0]
+
+
+def upper_half(heat: torch.Tensor) -> np.ndarray:
+    """Where the map is at least halfway from its least to its largest value."""
+    h = heat.float().numpy()
+    return (h - h.min()) / (h.max() - h.min()) >= 0.5
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def save_mask(mask: np.ndarray, path: Path) -> str:
+    from PIL import Image
+
+    Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+    return path.name
 
 
 def test_items_from_text_and_jsonl(tmp_path, prompt_file):
@@ -97,10 +124,29 @@ def test_records_hold_mass_words_and_localisation(pipe, prompt_file, tmp_path):
     for size, kinds in rec["mass"].items():
         total = [sum(v) for v in zip(*kinds.values())]
         assert all(abs(t - 1) < 1e-3 for t in total), (size, total)  # every step's shares sum to 1
-    circle = rec["words"][2]
-    assert circle["kind"] == "shape" and set(circle) >= {"all", "8", "16", "entropy", "peak"}
-    assert 0 < circle["entropy"] <= 1
-    assert rec["maps"]["2"].shape == (8, 8)
+    tr, image = made_again(pipe, PROMPTS[0])
+    # the mass over all layers: per step, each slot kind's part of the attention (layers, heads, pixels averaged)
+    kinds = np.array(tr.tokenization(0).kinds)
+    per_key = np.mean([tr.maps(layer)[:, 0].float().mean(dim=(1, 2, 3)).numpy() for layer in tr.layers_of("cross")], 0)
+    for kind in ("start", "word", "end", "pad"):
+        share = per_key[:, kinds == kind].sum(1) / per_key.sum(1)  # (steps,)
+        assert rec["mass"]["all"][kind] == pytest.approx(share, abs=1e-4), kind
+    # "circle": its map against the red object the world's analyzer finds in the image
+    from sdlens.world import analyze
+
+    red = next(d for d in analyze(image) if d.color == "red").mask
+    circle, heat = rec["words"][2], tr.word_map(2, size=image.shape[:2]).float()
+    assert circle["kind"] == "shape"
+    assert circle["all"] == {"iou": pytest.approx(iou(upper_half(heat), red)), "peak": bool(red.flat[int(heat.argmax())])}
+    for size in (8, 16):  # the map of that size's layers alone
+        alone = tr.word_map(2, size=image.shape[:2], layers=size).float()
+        assert circle[str(size)]["iou"] == pytest.approx(iou(upper_half(alone), red)), size
+    p = heat.flatten() / heat.sum()
+    assert circle["entropy"] == pytest.approx(float(-(p * p.log()).sum() / np.log(p.numel())), abs=1e-4)
+    y, x = divmod(int(heat.argmax()), heat.shape[1])
+    assert circle["peak"] == pytest.approx([(y + 0.5) / 64, (x + 0.5) / 64], abs=1e-4)
+    small = torch.nn.functional.interpolate(heat[None, None], size=(8, 8), mode="area")[0, 0]  # the map kept
+    torch.testing.assert_close(rec["maps"]["2"].float(), small, rtol=1e-3, atol=1e-4)
     assert "kind" not in rec["words"][3]  # "on": no true mask
 
 
@@ -118,8 +164,22 @@ def test_report_writes_tables_and_figures(pipe, prompt_file, tmp_path):
     run_sweep(pipe, read_items(prompt_file), out, SETTINGS, batch_size=3)
     paths = report(str(out), log=lambda s: None)
     assert [p.name for p in paths] == ["summary.md", "mass.png", "localisation.png"]
-    text = paths[0].read_text()
-    assert "3 images, 3 prompts" in text and "| shape (4) |" in text and "| colour (4) |" in text
+    lines, records = paths[0].read_text().splitlines(), load(out)
+    assert lines[0] == "# Sweep report: 3 images, 3 prompts"
+    groups = (("8", "8×8"), ("16", "16×16"), ("all", "all"))
+    for group, label in groups:  # each kind's share: averaged over the steps, then the images
+        shares = [np.mean([np.mean(r["mass"][group][k]) for r in records]) for k in ("start", "word", "end", "pad")]
+        assert f"| {label} | " + " | ".join(f"{v:.1%}" for v in shares) + " |" in lines, label
+    for kind in ("shape", "colour"):  # over the kind's words: the mean IoU and the share of peaks on the mask
+        words = [w for r in records for w in r["words"] if w.get("kind") == kind]
+        assert len(words) == 4  # the three prompts' four objects
+        cells = [f"{np.mean([w[g]['iou'] for w in words]):.2f} / {np.mean([w[g]['peak'] for w in words]):.0%}"
+                 for g, _ in groups]
+        assert f"| {kind} (4) | " + " | ".join(cells) + " |" in lines, kind
+    scores = sorted(((np.mean([w["all"]["iou"] for w in r["words"] if "all" in w]), r["id"], r["prompt"])
+                     for r in records), reverse=True)  # each prompt's mean IoU, best first
+    top = lines.index("| IoU | item | prompt |")
+    assert lines[top + 2:] == [f"| {s:.2f} | {item} | {prompt} |" for s, item, prompt in scores]
 
 
 def _sweep_command(prompts, out, *extra):
@@ -127,24 +187,46 @@ def _sweep_command(prompts, out, *extra):
             "--map-size", "8", "--no-progress", *extra]
 
 
+# `sdlens sweep ...`, killed by SIGKILL when its third shard is written in full to its temporary file,
+# just before it would be put in place: the worst moment, reached the same way every run
+KILLED_AT_THE_THIRD_SHARD = """
+import os, signal, sys
+
+replace, shards = os.replace, []
+
+
+def replace_or_die(src, dst):
+    if str(dst).endswith(".safetensors"):
+        shards.append(dst)
+        if len(shards) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return replace(src, dst)
+
+
+os.replace = replace_or_die
+from sdlens.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_a_run_killed_mid_way_resumes_with_every_item_once(tmp_path):
     prompts = tmp_path / "many.txt"
     prompts.write_text("\n".join(PROMPTS * 4) + "\n")  # 12 items, batches of 2
     out = tmp_path / "s"
-    proc = subprocess.Popen(_sweep_command(prompts, out, "--batch-size", "2"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / "shards").glob("*.safetensors"))) < 2:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    shards_before = len(list((out / "shards").glob("*.safetensors")))
-    assert 2 <= shards_before < 6, shards_before
-    subprocess.run(_sweep_command(prompts, out, "--batch-size", "2"), check=True, capture_output=True)
+    command = _sweep_command(prompts, out, "--batch-size", "2")
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_THE_THIRD_SHARD, *command[3:]], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert len(list((out / "shards").glob("*.safetensors"))) == 2  # the two batches finished before
+    half = [p for p in (out / "shards").iterdir() if p.name.startswith(".sdlens")]
+    assert len(half) == 1 and half[0].stat().st_size > 0  # the third: written, never put in place
+    assert [r["id"] for r in load(out)] == [f"{i:06d}-s0" for i in range(4)]  # it is no shard: 4 items done
+    subprocess.run(command, check=True, capture_output=True)
     ids = [r["id"] for r in load(out)]
     assert sorted(ids) == [f"{i:06d}-s0" for i in range(12)]  # each exactly once
-    assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".sdlens")]  # no half-written shard left
+    assert len(list((out / "shards").glob("*.safetensors"))) == 6  # the rerun made the 4 other batches
+    assert [p for p in (out / "shards").iterdir() if p.name.startswith(".sdlens")] == half  # ignored, not read
 
 
 @pytest.mark.slow
@@ -176,16 +258,23 @@ def test_sweep_command_errors_are_one_line(tmp_path, capsys):
 
 
 def test_given_masks_are_measured(pipe, tmp_path):
-    """A mask given in the prompt file is the truth for its word (here the whole left half)."""
-    import numpy as np
-    from PIL import Image
-
-    mask = np.zeros((64, 64), np.uint8)
-    mask[:, :32] = 255
-    Image.fromarray(mask).save(tmp_path / "left.png")
+    """A mask given in the prompt file is the truth for its word: a word's own map region (IoU 1, peak on it),
+    all but it (IoU 0, peak off it), the left half (the IoU and peak computed here)."""
+    prompt = "a red circle on the left"
+    tr, _ = made_again(pipe, prompt)
+    maps = {i: tr.word_map(i, size=(64, 64)).float() for i in (1, 2, 5)}
+    left = np.zeros((64, 64), bool)
+    left[:, :32] = True
+    masks = {"left": save_mask(left, tmp_path / "left.png"),
+             "circle": save_mask(upper_half(maps[2]), tmp_path / "own.png"),  # the map's own upper half
+             "red": save_mask(~upper_half(maps[1]), tmp_path / "not.png")}  # all but it
     j = tmp_path / "p.jsonl"
-    j.write_text(json.dumps({"prompt": "a red circle on the left", "masks": {"left": "left.png"}}) + "\n")
+    j.write_text(json.dumps({"prompt": prompt, "masks": masks}) + "\n")
     run_sweep(pipe, read_items(j), tmp_path / "s", SETTINGS)
     words = load(tmp_path / "s")[0]["words"]
-    assert words[5]["kind"] == "given" and set(words[5]["all"]) == {"iou", "peak"}
-    assert all("kind" not in w for i, w in enumerate(words) if i != 5)  # given masks replace the world's
+    assert [i for i, w in enumerate(words) if w.get("kind") == "given"] == [1, 2, 5]
+    assert all("kind" not in w for i, w in enumerate(words) if i not in (1, 2, 5))  # given masks replace the world's
+    assert words[2]["all"] == {"iou": 1.0, "peak": True}
+    assert words[1]["all"] == {"iou": 0.0, "peak": False}
+    assert words[5]["all"] == {"iou": pytest.approx(iou(upper_half(maps[5]), left)),
+                               "peak": bool(left.flat[int(maps[5].argmax())])}

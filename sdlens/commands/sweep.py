@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..analysis import SLOT_KINDS
 from ..select import check_step_count
 from ..sweep import SweepError, load, read_items, run_sweep
 from ..vocabulary import renamed
@@ -67,12 +68,16 @@ def sweep(prompts: str, *, out: str, model: str = "tiny", seeds: int = 1, num_in
     return made
 
 
-def _save(fig, path: Path) -> None:
-    """A report figure, written atomically, and closed."""
+def _save(fig, ax, path: Path, *, ylabel: str, title: str) -> None:
+    """A report figure (shares, 0..1, with a legend) labelled, written atomically, and closed."""
     import matplotlib.pyplot as plt
 
     from ..files import atomic_file
 
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120, format="png")
@@ -84,80 +89,86 @@ def report(root: str, *, log: Callable[[str], None] = print) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from ..files import atomic_file
 
     records = load(root)
-    if not isinstance(records, list):
-        records = records.to_dict("records")
     if not records:
         raise SweepError(f"{root!r} holds no finished items yet")
     out = Path(root) / "report"
     out.mkdir(exist_ok=True)
-    lines = [f"# Sweep report: {len(records)} images, {len({r['prompt'] for r in records})} prompts", ""]
-
-    # attention mass per slot kind, over the steps (all layers)
-    kinds = ("start", "word", "end", "pad") + (("t5",) if all("t5" in r["mass"]["all"] for r in records) else ())
-    mass = {k: np.mean([r["mass"]["all"][k] for r in records], axis=0) for k in kinds}
     sizes = sorted({s for r in records for s in r["mass"] if s != "all"}, key=int)
-    lines += ["## Attention mass per slot kind (mean over steps, pixels and heads)", "",
-              "| layers | " + " | ".join(kinds) + " |", "| --- |" + " ---: |" * len(kinds)]
-    for s in [*sizes, "all"]:
-        row = [np.mean([np.mean(r["mass"][s][k]) for r in records if s in r["mass"]]) for k in kinds]
-        lines.append(f"| {s if s == 'all' else f'{s}×{s}'} | " + " | ".join(f"{v:.1%}" for v in row) + " |")
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    for k in kinds:
-        ax.plot(mass[k], label=k)
-    ax.set_xlabel("step")
-    ax.set_ylabel("share of the attention")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    ax.set_title("where the cross-attention goes, over the steps (all layers)", fontsize=9)
-    _save(fig, out / "mass.png")
-
-    # localisation per word kind and layer group
-    measured = [w for r in records for w in r["words"] if "all" in w]
-    if measured:
-        word_kinds = sorted({w["kind"] for w in measured})
-        groups = [*sizes, "all"]
-        lines += ["", "## Localisation (IoU of the map's upper half with the true mask / peak on it)", "",
-                  "| word kind | " + " | ".join(g if g == "all" else f"{g}×{g}" for g in groups) + " |",
-                  "| --- |" + " ---: |" * len(groups)]
-        table = {}
-        for kind in word_kinds:
-            ws = [w for w in measured if w["kind"] == kind]
-            cells = []
-            for g in groups:
-                vals = [w[g] for w in ws if g in w]
-                iou, peak = np.mean([v["iou"] for v in vals]), np.mean([v["peak"] for v in vals])
-                table[(kind, g)] = iou
-                cells.append(f"{iou:.2f} / {peak:.0%}")
-            lines.append(f"| {kind} ({len(ws)}) | " + " | ".join(cells) + " |")
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        width = 0.8 / len(word_kinds)
-        for j, kind in enumerate(word_kinds):
-            ax.bar(np.arange(len(groups)) + j * width, [table[(kind, g)] for g in groups], width, label=kind)
-        ax.set_xticks(np.arange(len(groups)) + width * (len(word_kinds) - 1) / 2,
-                      [g if g == "all" else f"{g}×{g}" for g in groups])
-        ax.set_ylabel("mean IoU with the true mask")
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=8)
-        ax.set_title("localisation per layer group and word kind", fontsize=9)
-        _save(fig, out / "localisation.png")
-        scored = [(np.mean([w["all"]["iou"] for w in r["words"] if "all" in w]), r["id"], r["prompt"])
-                  for r in records if any("all" in w for w in r["words"])]
-        scored.sort()
-        lines += ["", "## Best and worst prompts by mean IoU", "", "| IoU | item | prompt |", "| ---: | --- | --- |"]
-        picks = scored[::-1] if len(scored) <= 10 else scored[::-1][:5] + scored[:5][::-1]  # best 5, worst 5
-        for iou, item, prompt in picks:
-            lines.append(f"| {iou:.2f} | {item} | {prompt} |")
+    lines = [f"# Sweep report: {len(records)} images, {len({r['prompt'] for r in records})} prompts", ""]
+    lines += _mass_section(records, sizes, out / "mass.png")
+    if any("all" in w for r in records for w in r["words"]):  # some word has a true mask
+        lines += _localisation_section(records, [*sizes, "all"], out / "localisation.png")
+        lines += _ranking_section(records)
     with atomic_file(out / "summary.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     paths = [p for p in (out / "summary.md", out / "mass.png", out / "localisation.png") if p.exists()]
     for p in paths:
         log(str(p))
     return paths
+
+
+def _group_label(group: str) -> str:
+    return group if group == "all" else f"{group}×{group}"
+
+
+def _mass_section(records: list[dict], sizes: list[str], figure: Path) -> list[str]:
+    """The attention mass per slot kind: a table per layer group (mean over steps, records), and over the
+    steps (all layers) in ``figure``."""
+    import matplotlib.pyplot as plt
+
+    kinds = SLOT_KINDS + (("t5",) if all("t5" in r["mass"]["all"] for r in records) else ())
+    lines = ["## Attention mass per slot kind (mean over steps, pixels and heads)", "",
+             "| layers | " + " | ".join(kinds) + " |", "| --- |" + " ---: |" * len(kinds)]
+    for s in [*sizes, "all"]:
+        row = [np.mean([np.mean(r["mass"][s][k]) for r in records if s in r["mass"]]) for k in kinds]
+        lines.append(f"| {_group_label(s)} | " + " | ".join(f"{v:.1%}" for v in row) + " |")
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for k in kinds:
+        ax.plot(np.mean([r["mass"]["all"][k] for r in records], axis=0), label=k)
+    ax.set_xlabel("step")
+    _save(fig, ax, figure, ylabel="share of the attention",
+          title="where the cross-attention goes, over the steps (all layers)")
+    return lines
+
+
+def _localisation_section(records: list[dict], groups: list[str], figure: Path) -> list[str]:
+    """Localisation per word kind and layer group: mean IoU / share of peaks on the mask, as a table and
+    (IoU) as bars in ``figure``."""
+    import matplotlib.pyplot as plt
+
+    measured = [w for r in records for w in r["words"] if "all" in w]
+    word_kinds = sorted({w["kind"] for w in measured})
+    lines = ["", "## Localisation (IoU of the map's upper half with the true mask / peak on it)", "",
+             "| word kind | " + " | ".join(_group_label(g) for g in groups) + " |",
+             "| --- |" + " ---: |" * len(groups)]
+    iou = {}
+    for kind in word_kinds:
+        ws = [w for w in measured if w["kind"] == kind]
+        cells = []
+        for g in groups:
+            vals = [w[g] for w in ws if g in w]
+            iou[kind, g] = np.mean([v["iou"] for v in vals])
+            cells.append(f"{iou[kind, g]:.2f} / {np.mean([v['peak'] for v in vals]):.0%}")
+        lines.append(f"| {kind} ({len(ws)}) | " + " | ".join(cells) + " |")
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    width = 0.8 / len(word_kinds)
+    for j, kind in enumerate(word_kinds):
+        ax.bar(np.arange(len(groups)) + j * width, [iou[kind, g] for g in groups], width, label=kind)
+    ax.set_xticks(np.arange(len(groups)) + width * (len(word_kinds) - 1) / 2, [_group_label(g) for g in groups])
+    _save(fig, ax, figure, ylabel="mean IoU with the true mask", title="localisation per layer group and word kind")
+    return lines
+
+
+def _ranking_section(records: list[dict]) -> list[str]:
+    """The prompts by the mean IoU of their measured words: all of them, or the best 5 and the worst 5."""
+    scored = sorted((np.mean([w["all"]["iou"] for w in r["words"] if "all" in w]), r["id"], r["prompt"])
+                    for r in records if any("all" in w for w in r["words"]))
+    lines = ["", "## Best and worst prompts by mean IoU", "", "| IoU | item | prompt |", "| ---: | --- | --- |"]
+    picks = scored[::-1] if len(scored) <= 10 else scored[::-1][:5] + scored[:5][::-1]  # best 5, worst 5
+    return lines + [f"| {iou:.2f} | {item} | {prompt} |" for iou, item, prompt in picks]
 
 
 __all__ = ["process_state", "report", "sweep"]
