@@ -320,7 +320,7 @@ def test_bad_input_is_refused_before_denoising_and_leaves_the_pipeline_as_it_was
     calls = []
     handle = pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(EditError, match=message):
             call(pipe)
     finally:
         handle.remove()
