@@ -65,64 +65,22 @@ def _sd_ddim() -> DDIMScheduler:
     )
 
 
-def sd1(seed: int = 0) -> StableDiffusionPipeline:
-    """SD 1.x family: CrossAttn blocks at two resolutions, 2 heads, 32-d context."""
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=_vae(),
-        text_encoder=CLIPTextModel(_clip_config()),
-        tokenizer=load_clip_tokenizer(),
-        unet=unet,
-        scheduler=_sd_ddim(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(torch.float32)
+def _small_unet(**kw) -> UNet2DConditionModel:
+    """A UNet at two resolutions (8 and 16 channels, one layer a block, 16×16×4 latents); ``kw`` on top."""
+    base = dict(block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+                norm_num_groups=4)
+    return UNet2DConditionModel(**{**base, **kw})
 
 
-def sd2(seed: int = 0) -> StableDiffusionPipeline:
-    """SD 2.x family: linear projections in the transformer blocks, head_dim-style heads, v-prediction."""
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        norm_num_groups=4,
-    )
-    sched = EulerDiscreteScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        prediction_type="v_prediction",
-        steps_offset=1,
-    )
+def _sd_pipeline(unet, scheduler, vae=None, text_encoder=None) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline around ``unet``: the small VAE and a small CLIP text encoder unless given
+    (made in that order, after the UNet), sdlens' CLIP tokenizer, no safety checker, no progress bar."""
     pipe = StableDiffusionPipeline(
-        vae=_vae(),
-        text_encoder=CLIPTextModel(_clip_config()),
+        vae=vae if vae is not None else _vae(),
+        text_encoder=text_encoder if text_encoder is not None else CLIPTextModel(_clip_config()),
         tokenizer=load_clip_tokenizer(),
         unet=unet,
-        scheduler=sched,
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -131,15 +89,30 @@ def sd2(seed: int = 0) -> StableDiffusionPipeline:
     return pipe
 
 
+def sd1(seed: int = 0) -> StableDiffusionPipeline:
+    """SD 1.x family: CrossAttn blocks at two resolutions, 2 heads, 32-d context."""
+    torch.manual_seed(seed)
+    unet = _small_unet(down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                       cross_attention_dim=32, attention_head_dim=2)
+    return _sd_pipeline(unet, _sd_ddim()).to(torch.float32)
+
+
+def sd2(seed: int = 0) -> StableDiffusionPipeline:
+    """SD 2.x family: linear projections in the transformer blocks, head_dim-style heads, v-prediction."""
+    torch.manual_seed(seed)
+    unet = _small_unet(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                       cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True)
+    sched = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                   prediction_type="v_prediction", steps_offset=1)
+    return _sd_pipeline(unet, sched)
+
+
 def sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
     """SDXL family: two text encoders (concatenated 64-d context), pooled + time added embeddings."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
+    unet = _small_unet(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
@@ -149,7 +122,6 @@ def sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * 8 + 32,
         cross_attention_dim=64,
-        norm_num_groups=4,
     )
     tok2 = load_clip_tokenizer()
     pipe = StableDiffusionXLPipeline(
@@ -293,24 +265,9 @@ def sd15_layout_unet(width: int = 32, sample_size: int = 64, seed: int = 0) -> U
 def sd15_layout(width: int = 32, sample_size: int = 64, seed: int = 0) -> StableDiffusionPipeline:
     """A pipeline around ``sd15_layout_unet`` (tiny VAE and a 768-wide, 1-layer text encoder)."""
     unet = sd15_layout_unet(width, sample_size, seed)
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(
-            block_out_channels=(8, 8, 8, 8),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            norm_num_groups=2,
-        ),
-        text_encoder=CLIPTextModel(_clip_config(hidden=768, layers=1)),
-        tokenizer=load_clip_tokenizer(),
-        unet=unet,
-        scheduler=_sd_ddim(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=2)
+    return _sd_pipeline(unet, _sd_ddim(), vae=vae, text_encoder=CLIPTextModel(_clip_config(hidden=768, layers=1)))
 
 
 FAMILIES = {"sd1": sd1, "sd2": sd2, "sdxl": sdxl, "sd3": sd3, "sd35": sd35, "flux": flux}
