@@ -160,15 +160,37 @@ def tokenize(
         raise TokenError(f"max_length must leave room for a word beside the start and end tokens, got {max_length}")
 
     # CLIP's and T5's pre-tokenizers never join characters across whitespace, so tokenizing each
-    # word on its own gives the same tokens, in order; check that below rather than trust it.
+    # word on its own gives the same tokens, in order; _check_aligned checks that rather than trust it.
     pieces = [p for p in _WHITESPACE.split(prompt) if p]
     per_piece: list[list[int]] = (
         tokenizer(pieces, add_special_tokens=False, verbose=False)["input_ids"] if pieces else []
     )
     n_word_slots = sum(len(p) for p in per_piece)
-    kept = min(n_word_slots, max_length - start - end)
-    n_real = start + kept + end
+    kept = min(n_word_slots, max_length - start - end)  # word slots that fit; the rest is truncated
+    _check_aligned(prompt, tokenizer, ids, per_piece, start, kept, end)
+
+    n_pad = max_length - start - kept - end
+    readable = [_readable(t) for t in tokenizer.convert_ids_to_tokens(ids[start : start + kept])]
+    tokens = ["<start>"] * start + readable + ["<end>"] * end + ["<pad>"] * n_pad
+    kinds = ["start"] * start + ["word"] * kept + ["end"] * end + ["pad"] * n_pad
+    words, word_tokens, token_word = _word_slots(tokenizer, per_piece, start, kept, max_length)
+    return Tokenization(
+        prompt=prompt,
+        ids=ids,
+        tokens=tokens,
+        kinds=kinds,
+        words=words,
+        word_tokens=word_tokens,
+        token_word=token_word,
+        truncated=n_word_slots > kept,
+    )
+
+
+def _check_aligned(prompt: str, tokenizer, ids: list[int], per_piece: list[list[int]], start: int, kept: int,
+                   end: int) -> None:
+    """The words' tokens, one after another, are the prompt's word slots; then its end token and padding."""
     flat = [i for piece in per_piece for i in piece]
+    n_real = start + kept + end
     if (
         ids[start : start + kept] != flat[:kept]
         or (end and ids[n_real - 1] != tokenizer.eos_token_id)
@@ -179,15 +201,11 @@ def tokenize(
             "a CLIP (BPE) or T5 (SentencePiece) tokenizer?"
         )
 
-    pieces_text = tokenizer.convert_ids_to_tokens(ids)
-    tokens = (
-        ["<start>"] * start
-        + [_readable(t) for t in pieces_text[start : start + kept]]
-        + ["<end>"] * end
-        + ["<pad>"] * (max_length - n_real)
-    )
-    kinds = ["start"] * start + ["word"] * kept + ["end"] * end + ["pad"] * (max_length - n_real)
 
+def _word_slots(tokenizer, per_piece: list[list[int]], start: int, kept: int, max_length: int
+                ) -> tuple[list[str], list[list[int]], list[int | None]]:
+    """``(words, word_tokens, token_word)``: each whitespace-separated word that kept a slot, its slots,
+    and each slot's word (None for start, end and padding)."""
     words: list[str] = []
     word_tokens: list[list[int]] = []
     token_word: list[int | None] = [None] * max_length
@@ -201,17 +219,7 @@ def tokenize(
             token_word[s] = len(words)
         words.append(_readable(tokenizer.convert_ids_to_tokens(piece_ids)))
         word_tokens.append(slots)
-
-    return Tokenization(
-        prompt=prompt,
-        ids=ids,
-        tokens=tokens,
-        kinds=kinds,
-        words=words,
-        word_tokens=word_tokens,
-        token_word=token_word,
-        truncated=n_word_slots > kept,
-    )
+    return words, word_tokens, token_word
 
 
 @functools.lru_cache(maxsize=1)
