@@ -144,17 +144,7 @@ def edit(pipe, base: str, targets, *, method: str | None, seed: int = 0, cross_w
     mutual = mutual or method == "mutual"
     kind = {"replace": "replace", "reweight": "replace", "refine": "refine"}.get(method)  # the slots' alignment
     base, targets = _prompts(base, targets)
-    reserved = sorted(set(pipe_kwargs) & set(_RESERVED))
-    if reserved:
-        raise EditError(f"{reserved} cannot be passed to an edit: it sets the prompts and the starting noise itself "
-                        "(use seed=, and image= for a real image)")
-    if is_flux(_denoiser(pipe)):
-        raise EditError(f"{type(pipe).__name__}: Flux is traced (sdlens.trace) but not edited by sdlens.edit, which "
-                        "aligns the prompts' words in CLIP's slots while Flux's attention reads T5's; attention edits "
-                        "support SD 1.x/2.x/SDXL (UNet) and SD 3 (joint attention) pipelines")
-    if _denoiser(pipe) is None or getattr(pipe, "tokenizer", None) is None:
-        raise EditError(f"attention edits support SD 1.x/2.x/SDXL (UNet) and SD 3 (joint attention) pipelines; "
-                        f"{type(pipe).__name__} has no unet or transformer with a tokenizer")
+    _check_pipeline(pipe, pipe_kwargs)
     denoiser = denoiser_of(pipe)
     layers = attention_layers(denoiser)
     joint = any(i.role == "joint" for i in layers)
@@ -171,56 +161,14 @@ def edit(pipe, base: str, targets, *, method: str | None, seed: int = 0, cross_w
     base_tok = tokenize(base, pipe.tokenizer)
     target_toks = [tokenize(t, pipe.tokenizer) for t in targets]
     weight_vecs = _weights(weights, target_toks)
-    controllers: list[Controller] = []
     settings: dict = {"method": method, "base": base, "targets": targets, "seed": seed}
-
-    if kind is not None or weights is not None:
-        alignments: list[Alignment] = [align(base_tok, t, kind or "refine") for t in target_toks]
-        windows = [word_windows(cross_window if kind is not None else 0.0, t) for t in target_toks]
-        controllers.append(CrossEdit(alignments, windows, weight_vecs))
-        settings["cross_window"] = cross_window if kind is not None else 0.0
-        settings["swapped"] = [a.swapped for a in alignments]
-        settings["added"] = [a.added for a in alignments]
-        _check_processors(denoiser, [i.name for i in cross_layers])
-    else:
-        settings["cross_window"] = 0.0
-    settings["weights"] = dict(weights) if weights else None
-
-    steps = window(self_window, "self_window")
-    if not isinstance(self_max_size, int) or isinstance(self_max_size, bool) or self_max_size < 1:
-        raise EditError(f"self_max_size must be a positive int (a map side); got {self_max_size!r}")
-    self_layers = [i.name for i in layers if i.role == "self" and max(i.map_size(latent)) <= self_max_size]
-    settings.update(self_window=steps, self_max_size=self_max_size, mutual=bool(mutual))
-    if steps[1] > steps[0]:
-        if not self_layers:
-            sizes = sorted({max(i.map_size(latent)) for i in layers if i.role == "self"})
-            raise EditError(f"no self-attention layer has maps of side ≤ self_max_size={self_max_size}; this model's "
-                            f"self-attention map sides at this size: {sizes}")
-        _check_processors(denoiser, self_layers)
-        cls = MutualSelfAttention if mutual else SelfInject
-        controllers.append(cls(len(targets), steps, self_max_size))
-    settings["self_layers"] = self_layers if steps[1] > steps[0] else []
-
-    blend_spec = Blend.of(blend)
-    mask = None
-    if blend_spec is not None:
-        slots = blend_spec.check([base_tok, *target_toks], cross_sizes)
-        mask = BlendMask(blend_spec, slots)
-        controllers.append(mask)
-        settings["blend"] = asdict(blend_spec)
-    else:
-        settings["blend"] = None
-
-    capture = None
-    if trace:
-        if trace is not True and not isinstance(trace, dict):
-            raise EditError(f"trace must be True or a dict of sdlens.trace's arguments; got {trace!r}")
-        try:
-            spec = CaptureSpec() if trace is True else CaptureSpec(**trace)
-        except TypeError as e:  # an argument sdlens.trace does not take
-            raise EditError(f"trace={trace!r}: {e}; valid: sdlens.trace's keyword arguments") from None
-        capture = Capture(spec)
-        controllers.append(capture)
+    # the controllers: each edit's, where it acts (None where it does not), then the capture
+    cross = _cross_edit(denoiser, cross_layers, base_tok, target_toks, kind, cross_window, weights, weight_vecs,
+                        settings)
+    self_edit = _self_edit(denoiser, layers, latent, len(targets), self_window, self_max_size, mutual, settings)
+    mask = _blend_mask(blend, [base_tok, *target_toks], cross_sizes, settings)
+    capture = _capture(trace)
+    controllers: list[Controller] = [c for c in (cross, self_edit, mask, capture) if c is not None]
 
     call = dict(pipe_kwargs)
     inverted = None
@@ -231,19 +179,110 @@ def edit(pipe, base: str, targets, *, method: str | None, seed: int = 0, cross_w
     else:
         start = _noise(pipe, seed, latent)
     settings.update({k: v for k, v in call.items() if isinstance(v, (int, float, str, bool, type(None)))})
-
-    n = 1 + len(targets)
     if mask is not None:
-        user_callback = call.pop("callback_on_step_end", None)
+        _blend_after_each_step(call, mask)
 
-        def blend_step(p, i, t, kwargs):
-            out = {"latents": mask.apply(i, kwargs["latents"])}
-            if user_callback is not None:
-                out.update(user_callback(p, i, t, {**kwargs, **out}) or {})
-            return out
+    images = _generate(pipe, [base, *targets], start, call, controllers, inverted)
+    result = EditResult(images, settings, capture.trace if capture is not None else None,
+                        mask.masks if mask is not None else None, inversion=inverted)
+    if inverted is not None:
+        result.reconstruction_error = inverted.error(result.images[0])
+    return result
 
-        call["callback_on_step_end"] = blend_step
-        call["callback_on_step_end_tensor_inputs"] = ["latents"]
+
+def _check_pipeline(pipe, pipe_kwargs: dict) -> None:
+    """A pipeline sdlens edits (a UNet or SD 3 with a tokenizer, not Flux), and no argument the edit sets itself."""
+    reserved = sorted(set(pipe_kwargs) & set(_RESERVED))
+    if reserved:
+        raise EditError(f"{reserved} cannot be passed to an edit: it sets the prompts and the starting noise itself "
+                        "(use seed=, and image= for a real image)")
+    if is_flux(_denoiser(pipe)):
+        raise EditError(f"{type(pipe).__name__}: Flux is traced (sdlens.trace) but not edited by sdlens.edit, which "
+                        "aligns the prompts' words in CLIP's slots while Flux's attention reads T5's; attention edits "
+                        "support SD 1.x/2.x/SDXL (UNet) and SD 3 (joint attention) pipelines")
+    if _denoiser(pipe) is None or getattr(pipe, "tokenizer", None) is None:
+        raise EditError(f"attention edits support SD 1.x/2.x/SDXL (UNet) and SD 3 (joint attention) pipelines; "
+                        f"{type(pipe).__name__} has no unet or transformer with a tokenizer")
+
+
+def _cross_edit(denoiser, cross_layers, base_tok: Tokenization, target_toks: list[Tokenization], kind: str | None,
+                cross_window, weights, weight_vecs, settings: dict) -> CrossEdit | None:
+    """The cross-attention edit: the targets' slots aligned with the base's (``kind``), their maps copied in
+    ``cross_window`` and scaled by ``weights``; None when neither is asked for. Notes it in ``settings``."""
+    if kind is None and weights is None:
+        settings.update(cross_window=0.0, weights=None)
+        return None
+    alignments: list[Alignment] = [align(base_tok, t, kind or "refine") for t in target_toks]
+    windows = [word_windows(cross_window if kind is not None else 0.0, t) for t in target_toks]
+    settings["cross_window"] = cross_window if kind is not None else 0.0
+    settings["swapped"] = [a.swapped for a in alignments]
+    settings["added"] = [a.added for a in alignments]
+    _check_processors(denoiser, [i.name for i in cross_layers])
+    settings["weights"] = dict(weights) if weights else None
+    return CrossEdit(alignments, windows, weight_vecs)
+
+
+def _self_edit(denoiser, layers, latent: tuple[int, int], n_targets: int, self_window, self_max_size: int,
+               mutual: bool, settings: dict) -> Controller | None:
+    """The self-attention edit on the layers of map side ≤ ``self_max_size`` in ``self_window``: the base's
+    self-attention injected, or (``mutual``) its keys and values read; None when the window is empty."""
+    steps = window(self_window, "self_window")
+    if not isinstance(self_max_size, int) or isinstance(self_max_size, bool) or self_max_size < 1:
+        raise EditError(f"self_max_size must be a positive int (a map side); got {self_max_size!r}")
+    self_layers = [i.name for i in layers if i.role == "self" and max(i.map_size(latent)) <= self_max_size]
+    settings.update(self_window=steps, self_max_size=self_max_size, mutual=bool(mutual))
+    settings["self_layers"] = self_layers if steps[1] > steps[0] else []
+    if steps[1] <= steps[0]:
+        return None
+    if not self_layers:
+        sizes = sorted({max(i.map_size(latent)) for i in layers if i.role == "self"})
+        raise EditError(f"no self-attention layer has maps of side ≤ self_max_size={self_max_size}; this model's "
+                        f"self-attention map sides at this size: {sizes}")
+    _check_processors(denoiser, self_layers)
+    cls = MutualSelfAttention if mutual else SelfInject
+    return cls(n_targets, steps, self_max_size)
+
+
+def _blend_mask(blend, toks: list[Tokenization], cross_sizes: list[int], settings: dict) -> BlendMask | None:
+    """The local blend's mask maker (None without ``blend``), its words checked in the prompts ``toks``."""
+    spec = Blend.of(blend)
+    settings["blend"] = asdict(spec) if spec is not None else None
+    return None if spec is None else BlendMask(spec, spec.check(toks, cross_sizes))
+
+
+def _capture(trace) -> Capture | None:
+    """A capture of the edit's run with ``trace``'s settings (True: sdlens.trace's defaults), or None."""
+    if not trace:
+        return None
+    if trace is not True and not isinstance(trace, dict):
+        raise EditError(f"trace must be True or a dict of sdlens.trace's arguments; got {trace!r}")
+    try:
+        spec = CaptureSpec() if trace is True else CaptureSpec(**trace)
+    except TypeError as e:  # an argument sdlens.trace does not take
+        raise EditError(f"trace={trace!r}: {e}; valid: sdlens.trace's keyword arguments") from None
+    return Capture(spec)
+
+
+def _blend_after_each_step(call: dict, mask: BlendMask) -> None:
+    """Make the pipeline ``call`` blend its latents with ``mask`` after each step (then run the caller's own
+    step callback, if any)."""
+    user_callback = call.pop("callback_on_step_end", None)
+
+    def blend_step(p, i, t, kwargs):
+        out = {"latents": mask.apply(i, kwargs["latents"])}
+        if user_callback is not None:
+            out.update(user_callback(p, i, t, {**kwargs, **out}) or {})
+        return out
+
+    call["callback_on_step_end"] = blend_step
+    call["callback_on_step_end_tensor_inputs"] = ["latents"]
+
+
+def _generate(pipe, prompts: list[str], start: torch.Tensor, call: dict, controllers: list[Controller],
+              inverted: Inversion | None) -> list:
+    """The pipeline's pictures of ``prompts`` from the one starting latent ``start``, with the ``controllers``
+    attached (and, for a real picture, its DDIM scheduler and null-text embeddings); everything put back."""
+    n = len(prompts)
     scheduler = pipe.scheduler
     if inverted is not None:  # sample with the DDIM scheduler the image was inverted for
         pipe.scheduler = inverted.scheduler
@@ -253,14 +292,10 @@ def edit(pipe, base: str, targets, *, method: str | None, seed: int = 0, cross_w
                 stack.enter_context(null_text(pipe.unet, inverted, n_uncond=n))
             if controllers:  # else nothing to hook (an edit with every window empty): a plain batch
                 stack.enter_context(attach(pipe, controllers))
-            out = pipe([base, *targets], latents=start.repeat(n, 1, 1, 1), **call)
+            out = pipe(prompts, latents=start.repeat(n, 1, 1, 1), **call)
     finally:
         pipe.scheduler = scheduler
-    result = EditResult(list(out.images), settings, capture.trace if capture is not None else None,
-                        mask.masks if mask is not None else None, inversion=inverted)
-    if inverted is not None:
-        result.reconstruction_error = inverted.error(result.images[0])
-    return result
+    return list(out.images)
 
 
 def _inversion(pipe, image, method: str, base: str, latent: tuple[int, int], call: dict) -> Inversion:
