@@ -98,11 +98,8 @@ class Explorer:
     @contextmanager
     def hold(self):
         """Change several controls with one redraw at the end."""
-        self._holding += 1
-        try:
+        with self.hold_silently():
             yield self
-        finally:
-            self._holding -= 1
         if not self._holding:
             self.redraw()
 
