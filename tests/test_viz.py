@@ -510,6 +510,8 @@ def test_architecture_is_drawn_from_the_models_own_modules():
     p = viz.plan(sd3())
     assert [s.kind for s in p.stages] == ["embed", "joint", "out"] and p.stages[1].transformers == 2
     assert p.context == (77 + 256, 64)
+    shipped = viz.plan(sdlens.load_pipeline("tiny-sd3"))  # its pooled input is cut: the drawing says so
+    assert "carries nothing" in shipped.inputs[0] and "carries nothing" not in p.inputs[0]
     fig = viz.architecture(sdlens.load_pipeline("tiny"))
     text = " ".join(t.get_text() for t in fig.texts + fig.axes[0].texts)
     assert "timestep" in text and "cross-attention" in text and "down_blocks.1" in text

@@ -100,8 +100,14 @@ def _transformer_plan(model, latent_hw: tuple[int, int], slots: int, t5: int) ->
                         notes=["joint attention over image and text tokens"]
                         + ([f"+ image-only attention in blocks {dual[0]}–{dual[-1]}"] if dual else [])))
     stages.append(Stage("proj_out", "out", latent_hw, cfg.out_channels, notes=["tokens → patches → the latent's velocity"]))
+    pooled = model.time_text_embed.text_embedder.linear_1.weight
+    conditioning = ("timestep + pooled text vector → one conditioning vector → scale, shift and gate of every "
+                    "block (adaLN)")
+    if not bool(pooled.detach().any()):  # tiny-sd3: the pooled vector's input weights are zero (read from the weights)
+        conditioning = ("timestep → one conditioning vector → scale, shift and gate of every block (adaLN); "
+                        "the pooled text vector's weights are zero: it carries nothing")
     inputs = [
-        "timestep + pooled text vector → one conditioning vector → scale, shift and gate of every block (adaLN)",
+        conditioning,
         f"text ({slots} CLIP slots" + (f" + {t5} T5 slots, zeros when there is no T5" if t5 else "")
         + f" × {cfg.joint_attention_dim}) → projected to {width} and run as tokens of their own",
         "each block: one attention over image and text tokens together, then each stream's feed-forward",
