@@ -289,6 +289,19 @@ class AttentionTrace:
             raise CaptureError(f"heads {bad} were not kept in {layer!r}; kept heads are {kept}")
         return [kept.index(h) for h in items]
 
+    def _pick(self, kind: str, layer: str, row: int, step_idx: list[int], heads, narrow=None) -> torch.Tensor:
+        """One layer's stored maps for one batch row at the chosen steps and heads: ``(steps, heads, ...)``.
+
+        ``narrow`` (queries or keys) runs on the row's ``(steps, heads, ...)`` view before the steps
+        are indexed, so only what is asked for is copied.
+        """
+        t = self._tensor(kind, layer)[:, row]  # (steps, heads, ...): a view
+        if narrow is not None:
+            t = narrow(t)
+        t = t[step_idx]
+        hsel = self.head_positions(heads, layer)
+        return t if hsel is None else t[:, hsel]
+
     def _out_size(self, size) -> tuple[int, int]:
         if size is None:
             if self.image_size is None:
@@ -348,10 +361,7 @@ class AttentionTrace:
             bad = [s for s in slots if not -n_keys <= s < n_keys]
             if bad:
                 raise CaptureError(f"slot(s) {bad} out of range: {kind} keys are 0..{n_keys - 1}")
-            hsel = self.head_positions(heads, name)
-            x = t[:, r][..., list(slots)][sidx]  # (steps, heads, n, slots): pick before copying
-            if hsel is not None:
-                x = x[:, hsel]
+            x = self._pick(kind, name, r, sidx, heads, narrow=lambda t: t[..., list(slots)])  # (steps, heads, n, slots)
             x = x.float().mean(dim=(0, 1, 3))  # (n,)
             h, w = self.map_size(name)
             per_layer.append(rearrange(x, "(h w) -> h w", h=h, w=w))
@@ -427,11 +437,7 @@ class AttentionTrace:
         sidx = self.step_positions(steps)
         per_layer = []
         for name in self.layer_names(layers, "text_image"):
-            t = self._tensor("text_image", name)  # (steps, rows, heads, text queries, h·w)
-            hsel = self.head_positions(heads, name)
-            x = t[:, r][sidx][:, :, list(slots)]  # (steps, heads, slots, h·w)
-            if hsel is not None:
-                x = x[:, hsel]
+            x = self._pick("text_image", name, r, sidx, heads, narrow=lambda t: t[:, :, list(slots)])  # (steps, heads, slots, h·w)
             h, w = self.map_size(name)
             per_layer.append(rearrange(x.float().mean(dim=(0, 1, 2)), "(h w) -> h w", h=h, w=w))
         return _maps.average_upsampled(per_layer, self._out_size(size))
@@ -445,10 +451,7 @@ class AttentionTrace:
         sidx = self.step_positions(steps)
         mats = []
         for name in self.layer_names(layers, "text_text"):
-            t = self._tensor("text_text", name)[:, r][sidx]  # (steps, heads, T, T)
-            hsel = self.head_positions(heads, name)
-            if hsel is not None:
-                t = t[:, hsel]
+            t = self._pick("text_text", name, r, sidx, heads)  # (steps, heads, T, T)
             mats.append(t.float().mean(dim=(0, 1)))
         return torch.stack(mats).mean(dim=0)
 
@@ -482,10 +485,7 @@ class AttentionTrace:
         for name in names:
             h, w = self.map_size(name)
             qi = int(y * h / img_h) * w + int(x * w / img_w)
-            t = self._tensor("self", name)[:, r, :, qi][sidx]  # (steps, heads, n): one query row
-            hsel = self.head_positions(heads, name)
-            if hsel is not None:
-                t = t[:, hsel]
+            t = self._pick("self", name, r, sidx, heads, narrow=lambda t, qi=qi: t[:, :, qi])  # (steps, heads, n): one query row
             row = t.float().mean(dim=(0, 1))
             per_layer.append(rearrange(row, "(h w) -> h w", h=h, w=w))
         return _maps.average_upsampled(per_layer, out)
@@ -500,11 +500,7 @@ class AttentionTrace:
         """
         r = self.row(prompt_index, image_index, half)
         sidx = self.step_positions(steps)
-        t = self._tensor("self", layer)[:, r][sidx]  # (steps, heads, n, n)
-        hsel = self.head_positions(heads, layer)
-        if hsel is not None:
-            t = t[:, hsel]
-        return t.float().mean(dim=(0, 1))
+        return self._pick("self", layer, r, sidx, heads).float().mean(dim=(0, 1))  # over (steps, heads) of (n, n)
 
     @renamed(prompt="prompt_index", image="image_index")
     def preview_row(self, prompt_index: int = 0, image_index: int = 0) -> int:
