@@ -244,6 +244,10 @@ def test_missing_builtin_weights_say_how_to_make_them(monkeypatch, tmp_path):
     assert str(tmp_path / "tiny-sd3") in str(info.value)
     with pytest.raises(ModelError, match="tiny, tiny-sd3"):
         load.load_pipeline("tiny-sd2")
+    with pytest.raises(ModelError, match="no model_index.json"):  # a folder, but not a pipeline's
+        load.load_pipeline(str(tmp_path))
+    with pytest.raises(ModelError, match="no folder"):  # a path that is not there (not sent to the hub)
+        load.load_pipeline(str(tmp_path / "missing"))
 
 
 def test_init_from_starts_from_the_weights_and_records_them(trained, tmp_path):

@@ -87,10 +87,13 @@ def load_pipeline(
         if isinstance(name, str) and name.startswith("tiny") and not Path(name).exists():
             raise ModelError(f"unknown built-in model {name!r}; the built-in models are {', '.join(BUILTIN)}")
         folder = Path(name) if Path(name).is_dir() else None
+        if folder is None and isinstance(name, str) and name.startswith(("/", "./", "../", "~")):
+            raise ModelError(f"no folder {name!r}; give a diffusers pipeline folder, a hub id, or a built-in model "
+                             f"({', '.join(BUILTIN)})")
 
     if folder is not None:
         if not (folder / "model_index.json").exists():
-            raise FileNotFoundError(
+            raise ModelError(
                 f"{folder} is not a diffusers pipeline folder (no model_index.json); "
                 f"`sdlens train-tiny --out {folder}` writes one"
             )
