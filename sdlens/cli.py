@@ -239,9 +239,9 @@ def _fill_data_defaults(args: argparse.Namespace, cfg) -> None:
 
 
 def _sd3_budget():
-    from sdlens.models.train import Budget
+    from sdlens.models.mmdit import default_budget
 
-    return Budget(minutes=60, batch_size=64, lr=3e-4, warmup_steps=200)
+    return default_budget()
 
 
 def run_train_tiny_sd3(args: argparse.Namespace) -> int:

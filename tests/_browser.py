@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -26,3 +30,43 @@ def browser_missing() -> str | None:
     except ImportError:
         return "the playwright Python package is not installed (pip install playwright)"
     return None
+
+
+@contextmanager
+def chromium_page(**viewport):
+    """A headless Chromium page (skips the test where Chromium cannot run here); ``page.errors`` collects
+    the page's JavaScript errors. Viewport 1200×1400 unless given."""
+    import pytest
+
+    reason = browser_missing()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1200, "height": 1400, **viewport})
+        page.errors = []
+        page.on("pageerror", lambda e: page.errors.append(str(e)))
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+@contextmanager
+def serve(folder):
+    """``folder`` on a quiet static server on 127.0.0.1 (a free port); yields its root URL."""
+    handler = functools.partial(_Quiet, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # no request log in the test output
+        pass

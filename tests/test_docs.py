@@ -9,20 +9,17 @@ without outputs) and skips where the docs dependencies (``pip install -e ".[docs
 
 from __future__ import annotations
 
-import functools
-import http.server
 import inspect
 import json
 import os
 import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from _browser import CHROMIUM, CHROMIUM_ARGS, browser_missing
+from _browser import chromium_page, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,38 +46,17 @@ def site(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(site):
-    handler = functools.partial(_QuietHandler, directory=str(site))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/"
-    server.shutdown()
-    server.server_close()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002
-        pass
+    with serve(site) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def page(served):
-    reason = browser_missing()
-    if reason:
-        pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1200, "height": 1400})
-        page.errors = []
-        page.on("pageerror", lambda e: page.errors.append(str(e)))
+    with chromium_page() as page:
         # offline: only the local server answers (the notebooks' MathJax from a CDN is refused)
         page.route("**/*", lambda route: route.continue_() if urlparse(route.request.url).hostname == "127.0.0.1"
                    else route.abort())
-        try:
-            yield page
-        finally:
-            browser.close()
+        yield page
 
 
 def _plain(text: str) -> str:

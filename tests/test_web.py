@@ -9,18 +9,15 @@ for the page run by onnxruntime-web in the browser), ``sdlens.world.score`` (for
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
-import http.server
 import json
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _browser import CHROMIUM, CHROMIUM_ARGS, browser_missing
+from _browser import chromium_page, serve
 
 import sdlens
 from sdlens.errors import WebError
@@ -142,18 +139,11 @@ def test_web_command_refuses_bad_arguments_and_leaves_nothing(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ the browser
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def served(page_dir):
     """The page folder on a plain static server on 127.0.0.1 (any free port)."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(page_dir)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/index.html"
-    server.shutdown()
+    with serve(page_dir) as url:
+        yield url + "index.html"
 
 
 RUN_JS = """async (args) => {
@@ -169,73 +159,62 @@ RUN_JS = """async (args) => {
 @pytest.mark.slow
 @pytest.mark.browser
 def test_page_in_chromium(tiny, served, tmp_path):
-    reason = browser_missing()
-    if reason:
-        pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
-
     from sdlens.commands.attend import generate
     from sdlens.world import score
 
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1200, "height": 1400})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        try:
-            page.goto(served)
-            page.wait_for_function("() => !document.getElementById('generate').disabled", timeout=120_000)
+    with chromium_page() as page:
+        errors = page.errors
+        page.goto(served)
+        page.wait_for_function("() => !document.getElementById('generate').disabled", timeout=120_000)
 
-            # a student's run: type, press Generate, wait for the picture and its maps
-            page.fill("#prompt", "a green square on the right")
-            page.click("#generate")
-            page.wait_for_selector("#maps figure[data-word='square']", timeout=120_000)
-            rgba = page.evaluate("""() => { const c = document.getElementById('picture');
-                return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }""")
-            picture = np.array(rgba, dtype=np.uint8).reshape(64, 64, 4)[..., :3]
-            assert score(picture, "a green square on the right")["all"]
-            labels = page.eval_on_selector_all("#maps figure", "els => els.map(e => e.dataset.word)")
-            assert labels == ["a", "green", "square", "on", "the", "right"]
+        # a student's run: type, press Generate, wait for the picture and its maps
+        page.fill("#prompt", "a green square on the right")
+        page.click("#generate")
+        page.wait_for_selector("#maps figure[data-word='square']", timeout=120_000)
+        rgba = page.evaluate("""() => { const c = document.getElementById('picture');
+            return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }""")
+        picture = np.array(rgba, dtype=np.uint8).reshape(64, 64, 4)[..., :3]
+        assert score(picture, "a green square on the right")["all"]
+        labels = page.eval_on_selector_all("#maps figure", "els => els.map(e => e.dataset.word)")
+        assert labels == ["a", "green", "square", "on", "the", "right"]
 
-            # the step slider changes the maps (and the clean-picture estimate)
-            first = page.eval_on_selector("#maps figure[data-word='square'] canvas", "c => c.toDataURL()")
-            page.fill("#step", "0")
-            page.dispatch_event("#step", "input")
-            assert page.eval_on_selector("#maps figure[data-word='square'] canvas", "c => c.toDataURL()") != first
-            assert "step 1 of 25" in page.inner_text("#step-label")
-            page.fill("#step", "25")
-            page.dispatch_event("#step", "input")
-            shot = tmp_path / "web-page.png"
-            page.screenshot(path=str(shot), full_page=True)
-            if os.environ.get("SDLENS_DOCS_SCREENSHOT"):  # refresh the README's picture
-                (ROOT / "docs").mkdir(exist_ok=True)
-                (ROOT / "docs" / "web-page.png").write_bytes(shot.read_bytes())
+        # the step slider changes the maps (and the clean-picture estimate)
+        first = page.eval_on_selector("#maps figure[data-word='square'] canvas", "c => c.toDataURL()")
+        page.fill("#step", "0")
+        page.dispatch_event("#step", "input")
+        assert page.eval_on_selector("#maps figure[data-word='square'] canvas", "c => c.toDataURL()") != first
+        assert "step 1 of 25" in page.inner_text("#step-label")
+        page.fill("#step", "25")
+        page.dispatch_event("#step", "input")
+        shot = tmp_path / "web-page.png"
+        page.screenshot(path=str(shot), full_page=True)
+        if os.environ.get("SDLENS_DOCS_SCREENSHOT"):  # refresh the README's picture
+            (ROOT / "docs").mkdir(exist_ok=True)
+            (ROOT / "docs" / "web-page.png").write_bytes(shot.read_bytes())
 
-            # readable on a phone: nothing wider than the screen
-            page.set_viewport_size({"width": 390, "height": 844})
-            assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth + 1")
-            page.set_viewport_size({"width": 1200, "height": 1400})
+        # readable on a phone: nothing wider than the screen
+        page.set_viewport_size({"width": 390, "height": 844})
+        assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth + 1")
+        page.set_viewport_size({"width": 1200, "height": 1400})
 
-            # a word outside the model's vocabulary: the message, not a crash
-            page.fill("#prompt", "a red dog")
-            page.dispatch_event("#prompt", "input")
-            assert "“dog” is not a word this model knows" in page.inner_text("#message")
-            page.click("#generate")
-            page.wait_for_function("() => !document.getElementById('generate').disabled")
-            assert "“dog” is not a word" in page.inner_text("#message")
+        # a word outside the model's vocabulary: the message, not a crash
+        page.fill("#prompt", "a red dog")
+        page.dispatch_event("#prompt", "input")
+        assert "“dog” is not a word this model knows" in page.inner_text("#message")
+        page.click("#generate")
+        page.wait_for_function("() => !document.getElementById('generate').disabled")
+        assert "“dog” is not a word" in page.inner_text("#message")
 
-            # run() agrees with sdlens attend (PyTorch) for three prompts
-            for seed, prompt in enumerate(PROMPTS):
-                got = page.evaluate(RUN_JS, {"prompt": prompt, "seed": seed, "steps": 25, "guidance": 7.5})
-                tr, ref = generate(tiny, prompt, steps=25, seed=seed, guidance=7.5, negative=None, size=(64, 64))
-                image = np.array(got["image"], dtype=np.float64).reshape(64, 64, 4)[..., :3] / 255
-                assert np.abs(image - np.asarray(ref) / 255).mean() <= 0.02, prompt
-                assert got["words"] == tr.tokenization().word_labels
-                assert got["mapSize"] == [64, 64] and got["x0"] == [64 * 64 * 4] * 25
-                assert set(got["words"]) <= set(got["stepWords"])
-                for word in got["words"]:
-                    ours = np.array(got["maps"][word])
-                    assert np.corrcoef(ours, tr.word_map(word).flatten().numpy())[0, 1] >= 0.95, (prompt, word)
-        finally:
-            browser.close()
+        # run() agrees with sdlens attend (PyTorch) for three prompts
+        for seed, prompt in enumerate(PROMPTS):
+            got = page.evaluate(RUN_JS, {"prompt": prompt, "seed": seed, "steps": 25, "guidance": 7.5})
+            tr, ref = generate(tiny, prompt, steps=25, seed=seed, guidance=7.5, negative=None, size=(64, 64))
+            image = np.array(got["image"], dtype=np.float64).reshape(64, 64, 4)[..., :3] / 255
+            assert np.abs(image - np.asarray(ref) / 255).mean() <= 0.02, prompt
+            assert got["words"] == tr.tokenization().word_labels
+            assert got["mapSize"] == [64, 64] and got["x0"] == [64 * 64 * 4] * 25
+            assert set(got["words"]) <= set(got["stepWords"])
+            for word in got["words"]:
+                ours = np.array(got["maps"][word])
+                assert np.corrcoef(ours, tr.word_map(word).flatten().numpy())[0, 1] >= 0.95, (prompt, word)
     assert not errors, errors

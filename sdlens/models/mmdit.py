@@ -332,7 +332,7 @@ def train_transformer(run, budget, vae, pipe, prompts: PromptCache):
     pipeline unscales them), look up the captions' slots (10% replaced by "" for guidance), and
     regress the velocity (`flow_matching_loss`).
     """
-    from sdlens.models.train import EMA, StageLoop, make_optimizer, sample
+    from sdlens.models.training import EMA, StageLoop, make_optimizer, sample
 
     cfg, device = run.cfg, run.device
     transformer = pipe.transformer.to(device).train()
@@ -390,7 +390,7 @@ def export_sd3(out: Path, cfg: Sd3Config, pipe) -> None:
     As in the UNet model's export, token-embedding rows no world caption uses are zeroed (they are
     random and never read on the world's captions; zeros compress).
     """
-    from sdlens.models.train import _prefix_text_encoder_keys, world_token_ids, write_clip_tokenizer
+    from sdlens.models.training import prefix_text_encoder_keys, world_token_ids, write_clip_tokenizer
 
     parts = {}
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
@@ -416,7 +416,14 @@ def export_sd3(out: Path, cfg: Sd3Config, pipe) -> None:
     for sub in ("tokenizer", "tokenizer_2"):  # CLIP's own files (1.6 MB) with this model's slot count
         write_clip_tokenizer(out / sub, cfg.text_slots)
     for sub in ("text_encoder", "text_encoder_2"):
-        _prefix_text_encoder_keys(out / sub / "model.safetensors")
+        prefix_text_encoder_keys(out / sub / "model.safetensors")
+
+
+def default_budget():
+    """The transformer stage's budget when none is given (`sdlens train-tiny --arch sd3` too)."""
+    from sdlens.models.training import Budget
+
+    return Budget(minutes=60, batch_size=64, lr=3e-4, warmup_steps=200)
 
 
 def train_tiny_sd3(
@@ -442,10 +449,10 @@ def train_tiny_sd3(
     resume:   continue from `out`'s checkpoint; init_from: start from an exported tiny-sd3's weights.
     """
     from sdlens.models.load import TINY_DIR
-    from sdlens.models.train import Budget, Run, _describe_device, _versions, load_vae, write_record
+    from sdlens.models.training import Run, describe_device, load_vae, versions, write_record
 
     cfg = cfg or Sd3Config()
-    budget = budget or Budget(minutes=60, batch_size=64, lr=3e-4, warmup_steps=200)
+    budget = budget or default_budget()
     out = Path(out)
     if not resume and (out / "train" / "checkpoints").exists():
         raise FileExistsError(
@@ -474,10 +481,10 @@ def train_tiny_sd3(
         "stages": run.stage_reports,
         "budgets": {"transformer": vars(budget)},
         "vae_from": str(vae_from or TINY_DIR),
-        "device": _describe_device(run.device),
+        "device": describe_device(run.device),
         "precision": "bf16" if run.bf16 else "fp32",
         "wall_minutes": round((time.monotonic() - started) / 60, 2),
-        "versions": _versions(),
+        "versions": versions(),
     }
     write_record(run, record, init_from=init_from)
     return out
@@ -492,7 +499,7 @@ def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike, *, vae
     from diffusers import AutoencoderKL
 
     from sdlens.models.load import TINY_DIR
-    from sdlens.models.train import _describe_device, _versions
+    from sdlens.models.training import describe_device, versions
 
     run_dir, out = Path(run_dir), Path(out)
     checkpoint = run_dir / "train/checkpoints/transformer.pt"
@@ -508,8 +515,8 @@ def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike, *, vae
     previous = run_dir / "training.json"
     record = json.loads(previous.read_text()) if previous.exists() else {
         "command": command, "arch": "sd3", "config": cfg.to_dict(), "seed": seed,
-        "vae_from": str(vae_from or TINY_DIR), "device": _describe_device(torch.device("cpu")),
-        "precision": precision, "versions": _versions()}
+        "vae_from": str(vae_from or TINY_DIR), "device": describe_device(torch.device("cpu")),
+        "precision": precision, "versions": versions()}
     record["exported_checkpoint"] = {"path": str(checkpoint), "step": state["step"],
                                      "minutes": round(state["elapsed_s"] / 60, 2)}
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -5,72 +5,10 @@
     from sdlens.models.train import Budget, train_tiny   # as sdlens.models.training
 """
 
-from sdlens.models.training import (
-    DEFAULT_BUDGETS,
-    EMA,
-    PRECISIONS,
-    STAGE_SEEDS,
-    STAGES,
-    Budget,
-    CaptionTokens,
-    Run,
-    StageLoop,
-    TinyImageEncoder,
-    export_pipeline,
-    fill_new_words,
-    find_vae,
-    init_from_export,
-    latent_scaling_factor,
-    load_text_encoder,
-    load_vae,
-    make_optimizer,
-    sample,
-    tail_slot_dropout,
-    train_clip,
-    train_tiny,
-    train_unet,
-    train_vae,
-    word_slot_dropout,
-    word_slots,
-    world_token_ids,
-    write_clip_tokenizer,
-    write_record,
-)
+from sdlens.models import training as _training
+from sdlens.models.training import *  # noqa: F403  (every name, by its old address)
 from sdlens.models.training.export import prefix_text_encoder_keys as _prefix_text_encoder_keys
 from sdlens.models.training.machine import describe_device as _describe_device
 from sdlens.models.training.machine import versions as _versions
 
-__all__ = [
-    "DEFAULT_BUDGETS",
-    "EMA",
-    "PRECISIONS",
-    "STAGES",
-    "STAGE_SEEDS",
-    "Budget",
-    "CaptionTokens",
-    "Run",
-    "StageLoop",
-    "TinyImageEncoder",
-    "_describe_device",
-    "_prefix_text_encoder_keys",
-    "_versions",
-    "export_pipeline",
-    "fill_new_words",
-    "find_vae",
-    "init_from_export",
-    "latent_scaling_factor",
-    "load_text_encoder",
-    "load_vae",
-    "make_optimizer",
-    "sample",
-    "tail_slot_dropout",
-    "train_clip",
-    "train_tiny",
-    "train_unet",
-    "train_vae",
-    "word_slot_dropout",
-    "word_slots",
-    "world_token_ids",
-    "write_clip_tokenizer",
-    "write_record",
-]
+__all__ = [*_training.__all__, "_describe_device", "_prefix_text_encoder_keys", "_versions"]
