@@ -162,6 +162,9 @@ def add_train_tiny(subparsers) -> None:
                    help="--arch sd3: with --no-pooled-input (the default, the shipped model's) the pooled vector "
                    "reaches nothing (its projection's input weights zeroed and frozen), so the prompt is read "
                    "through the joint attention only; --pooled-input gives it SD 3's adaLN path too")
+    m.add_argument("--text-context-layers", type=int, default=s.text_context_layers,
+                   help="--arch sd3: causal text-encoder layers before the slots the transformer reads, trained "
+                   "with it (0: each slot holds its own word)")
     m.add_argument("--tail-dropout", type=float, default=d.tail_dropout,
                    help="each training caption's chance that its slots after a random word are zeroed")
     p.set_defaults(func=run_train_tiny)
@@ -245,7 +248,8 @@ def _sd3_budget():
 
 
 def run_train_tiny_sd3(args: argparse.Namespace) -> int:
-    """`train-tiny --arch sd3`: the transformer stage of tiny-sd3 (the VAE is reused, the text encoders frozen)."""
+    """`train-tiny --arch sd3`: the transformer stage of tiny-sd3 (the VAE is reused; of the text encoders
+    only the context layers, if any, train)."""
     from dataclasses import replace
 
     from sdlens.models.mmdit import Sd3Config, train_tiny_sd3
@@ -261,6 +265,7 @@ def run_train_tiny_sd3(args: argparse.Namespace) -> int:
             heads=args.sd3_heads,
             pooled_dropout=args.pooled_dropout,
             pooled_input=args.pooled_input,
+            text_context_layers=args.text_context_layers,
         )
         b = _sd3_budget()
         if args.transformer_steps is not None or args.transformer_minutes is not None:

@@ -123,11 +123,21 @@ def transformer_weights(folder):
     return load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
+def text_encoder_weights(folder):
+    from safetensors.torch import load_file
+
+    return {f"{sub}.{k}": v for sub in ("text_encoder", "text_encoder_2")
+            for k, v in load_file(folder / sub / "model.safetensors").items()}
+
+
 @pytest.mark.slow
-def test_resumed_training_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
+@pytest.mark.parametrize("context_layers", [0, 1])
+def test_resumed_training_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, context_layers):
+    """With context layers the text encoders train too: their weights must resume as well."""
     from sdlens.models import train as train_module
 
-    whole = train(tmp_path, "whole")
+    cfg = small_config(text_context_layers=context_layers)
+    whole = train(tmp_path, "whole", cfg)
     record = json.loads((whole / "training.json").read_text())
     assert record["arch"] == "sd3" and record["stages"]["transformer"]["steps"] == 4
 
@@ -141,13 +151,14 @@ def test_resumed_training_ends_where_an_uninterrupted_run_ends(tmp_path, monkeyp
 
     monkeypatch.setattr(train_module.StageLoop, "end_step", stop_after_two)
     with pytest.raises(KeyboardInterrupt):
-        train(tmp_path, "cut")
+        train(tmp_path, "cut", cfg)
     monkeypatch.setattr(train_module.StageLoop, "end_step", original)
-    resumed = train(tmp_path, "cut", resume=True)
-    a, b = transformer_weights(whole), transformer_weights(resumed)
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    resumed = train(tmp_path, "cut", cfg, resume=True)
+    for weights in (transformer_weights, text_encoder_weights):
+        a, b = weights(whole), weights(resumed)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert json.loads((resumed / "training.json").read_text())["stages"]["transformer"]["steps_this_run"] == 2
 
     pipe = sdlens.load_pipeline(str(resumed))  # the folder is a StableDiffusion3Pipeline, loaded offline
@@ -198,6 +209,45 @@ def test_without_pooled_input_the_pooled_vector_changes_nothing(tmp_path):
                                                                                 generator=g),
                   timestep=torch.tensor([500.0])).sample for _ in range(2))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_context_layers_start_as_the_identity_and_only_they_train(tmp_path):
+    """--text-context-layers 1: the slots start as the frozen encoders' own (weights trained without
+    context layers load unchanged); training moves the context layers and nothing else of the encoders;
+    the export is SD 3's pipeline with two-layer CLIPs, and a checkpoint exports to the same weights."""
+    from safetensors.torch import load_file
+
+    plain, ctx = small_config(), small_config(text_context_layers=1)
+    frozen, fresh = mmdit.build_text_encoders(plain), mmdit.build_text_encoders(ctx)
+    caption = "a red circle on the left and a blue square on the right"
+    for a, b in zip(frozen, fresh):
+        ids = mmdit.build_tokenizer(plain)([caption], padding="max_length", max_length=32, return_tensors="pt").input_ids
+        with torch.no_grad():
+            torch.testing.assert_close(a(ids, output_hidden_states=True).hidden_states[-2],
+                                       b(ids, output_hidden_states=True).hidden_states[-2], rtol=0, atol=0)
+        trainable = {n.split(".")[3] for n, p in b.named_parameters() if p.requires_grad}
+        assert trainable == {"0"} and b.config.num_hidden_layers == 2
+    with pytest.raises(sdlens.errors.ModelError, match="text_context_layers"):
+        small_config(text_context_layers=-1)
+
+    out = train(tmp_path, "ctx", ctx)
+    assert json.loads((out / "training.json").read_text())["config"]["text_context_layers"] == 1
+    for sub, seeded in zip(("text_encoder", "text_encoder_2"), fresh):
+        weights = load_file(out / sub / "model.safetensors")
+        weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+        assert float(weights["encoder.layers.0.mlp.fc2.weight"].abs().max()) > 0  # trained away from zero
+        reference = seeded.text_model.state_dict()
+        for key in ("encoder.layers.1.mlp.fc1.weight", "encoder.layers.1.self_attn.q_proj.weight"):
+            torch.testing.assert_close(weights[key].float(), reference[key].half().float(), rtol=0, atol=0)
+    pipe = sdlens.load_pipeline(str(out))
+    assert pipe.text_encoder.config.num_hidden_layers == 2
+    image = pipe(caption, num_inference_steps=2, output_type="np").images[0]
+    assert np.isfinite(image).all()
+    again = mmdit.export_checkpoint(out, tmp_path / "from-checkpoint")
+    for sub in ("text_encoder", "text_encoder_2"):
+        a, b = load_file(out / sub / "model.safetensors"), load_file(again / sub / "model.safetensors")
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------ tracing joint attention

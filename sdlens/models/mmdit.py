@@ -10,7 +10,7 @@ vector steer every block through adaptive LayerNorm (adaLN) instead of being add
     part            class                                   SD 3 medium                 tiny-sd3
     autoencoder     AutoencoderKL                           16 latent channels          the tiny model's (frozen, 16x16x4)
     denoiser        SD3Transformer2DModel                   24 blocks x 1536 wide       8 blocks x 128 wide, patch 2: 64 image tokens
-    text encoders   CLIPTextModelWithProjection x 2         CLIP-L (768) + CLIP-G (1280) 64 + 32 wide, 1 layer, frozen
+    text encoders   CLIPTextModelWithProjection x 2         CLIP-L (768) + CLIP-G (1280) 64 + 32 wide, 2 layers, 1 trained
                     T5EncoderModel (optional)               T5-XXL, 256 slots           none: the pipeline fills its 256 slots with zeros
     scheduler       FlowMatchEulerDiscreteScheduler         shift 3.0, 28 steps         shift 1.0, 28 steps
 
@@ -21,11 +21,13 @@ sampler walks the path back from noise with Euler steps. Noise levels are drawn 
 (``s = sigmoid(n)``, n ~ N(0, 1)), SD 3's choice: the middle of the path, where the picture is
 decided, is trained most.
 
-The text encoders are frozen at their random initialisation, as SD 3's are frozen at their
-pretraining: their slots are fixed, distinct vectors. The pipeline takes the *penultimate*
-hidden state of each CLIP (``hidden_states[-2]``); with one layer that is the token and position
-embedding, so no slot has read any other word before the transformer. Whatever a slot learns
-of the other words it learns inside the joint attention, which is bidirectional.
+The text encoders' embeddings and last layer are frozen at their random initialisation, as SD 3's
+encoders are frozen at their pretraining. The pipeline takes the *penultimate* hidden state of each
+CLIP (``hidden_states[-2]``). With `text_context_layers=0` that is the token and position
+embedding: no slot has read any other word before the transformer, and whatever it learns of the
+others it learns inside the joint attention. With `text_context_layers=1` one causal CLIP layer,
+trained with the transformer, comes first: a slot has then read the words before it, as in SD 3's
+CLIPs (and the UNet model's encoder), so "on the left" can carry "a red circle" to the pixels.
 
 Training cost: without T5 the pipeline appends 256 zero slots (``max_sequence_length``) to the
 32 CLIP slots. They are identical tokens and, as SD 3 adds no position to text tokens, stay
@@ -49,7 +51,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +91,12 @@ class Sd3Config(ImageConfig):
     # reads are these embeddings (one layer, penultimate state), and at 0.02 the context embedder's
     # bias outweighs them, so every word slot looked like every other and like the empty T5 slots
     text_embedding_std: float = 1.0
+    # causal CLIP layers between the embeddings and the penultimate state SD 3 reads, trained with the
+    # transformer (they start as the identity, so weights trained without them load unchanged). With
+    # none, each slot holds its own word and the words meet only inside the joint attention; with one,
+    # a slot has read the words before it (as the UNet model's encoder does), so "left" can carry
+    # "red circle" to the pixels that look it up
+    text_context_layers: int = 0
     t5_slots: int = 256  # the zero slots the pipeline appends without T5 (its max_sequence_length default)
 
     # --- flow matching ---
@@ -117,6 +125,8 @@ class Sd3Config(ImageConfig):
         for name in ("layers", "heads", "head_dim", "text_slots", "text_width", "text_width_2", "t5_slots"):
             if getattr(self, name) < 1:
                 raise ModelError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.text_context_layers < 0:
+            raise ModelError(f"text_context_layers must be 0 or more, got {self.text_context_layers}")
         if not self.text_embedding_std > 0:
             raise ModelError(f"text_embedding_std must be positive, got {self.text_embedding_std}")
         if self.text_slots > 77:
@@ -161,7 +171,7 @@ def clip_config(cfg: Sd3Config, width: int) -> dict[str, Any]:
         max_position_embeddings=cfg.text_slots,
         hidden_size=width,
         intermediate_size=4 * width,
-        num_hidden_layers=cfg.text_layers,
+        num_hidden_layers=cfg.text_context_layers + cfg.text_layers,
         num_attention_heads=cfg.text_heads,
         projection_dim=width,
         hidden_act="quick_gelu",
@@ -178,19 +188,58 @@ def build_transformer(cfg: Sd3Config):
 
 
 def build_text_encoders(cfg: Sd3Config, seed: int = 0):
-    """The two CLIP text encoders with projection, seeded: frozen, so the seed fixes them for good."""
+    """The two CLIP text encoders with projection, seeded.
+
+    The embeddings and the last `text_layers` layers are frozen, so the seed fixes them for good: they
+    are drawn exactly as without context layers, whatever `text_context_layers` is. The
+    `text_context_layers` layers in front of them start as the identity (their attention output and
+    second MLP projection are zero) and are the encoders' only trainable parameters.
+    """
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
+    frozen_cfg = replace(cfg, text_context_layers=0)
     encoders = []
     for width in (cfg.text_width, cfg.text_width_2):
-        encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip_config(cfg, width)))
+        encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip_config(frozen_cfg, width)))
         embeddings = encoder.text_model.embeddings
         with torch.no_grad():
             for table in (embeddings.token_embedding.weight, embeddings.position_embedding.weight):
                 table.normal_(0.0, cfg.text_embedding_std)
-        encoders.append(encoder.eval().requires_grad_(False))
+        encoder.eval().requires_grad_(False)
+        if cfg.text_context_layers:
+            encoder = with_context_layers(encoder, CLIPTextConfig(**clip_config(cfg, width)), cfg.text_context_layers)
+        encoders.append(encoder)
     return tuple(encoders)
+
+
+def with_context_layers(encoder, config, n: int):
+    """`encoder` (frozen) with `n` trainable identity layers put in front of its layers.
+
+    Returns a new CLIPTextModelWithProjection of `config` (n more layers) holding `encoder`'s weights
+    in its last layers. The new layers have CLIP's initialisation except that each residual branch
+    ends in zeros (attention output and second MLP projection), so a layer's output is its input
+    until training moves them.
+    """
+    from transformers import CLIPTextModelWithProjection
+
+    with torch.random.fork_rng():  # seeded apart from the frozen parts' draws, which must not move
+        torch.manual_seed(0)
+        out = CLIPTextModelWithProjection(config).eval().requires_grad_(False)
+    state = {k: v for k, v in out.state_dict().items() if k.startswith("text_model.encoder.layers.")}
+    for key, value in encoder.state_dict().items():  # the frozen layer i becomes layer n + i
+        parts = key.split(".")
+        if parts[:3] == ["text_model", "encoder", "layers"]:
+            parts[3] = str(int(parts[3]) + n)
+        state[".".join(parts)] = value
+    out.load_state_dict(state)
+    for layer in out.text_model.encoder.layers[:n]:
+        with torch.no_grad():
+            for linear in (layer.self_attn.out_proj, layer.mlp.fc2):
+                linear.weight.zero_()
+                linear.bias.zero_()
+        layer.requires_grad_(True)
+    return out
 
 
 def build_sampler(cfg: Sd3Config):
@@ -260,8 +309,9 @@ class RepeatedKeyJointProcessor:
 class PromptCache:
     """Captions -> the pipeline's own prompt embeddings, CLIP slots only, cached per caption.
 
-    The text encoders are frozen and the world has a few hundred distinct captions, so each is
-    encoded once, by the pipeline's `encode_prompt` (the exact path inference takes).
+    Frozen text encoders (no `text_context_layers`): the world has a few hundred distinct captions,
+    so each is encoded once, by the pipeline's `encode_prompt` (the exact path inference takes).
+    With trained context layers every call encodes afresh, with gradients, by the same path.
     Returns (N, text_slots, 96) slot vectors and (N, 96) pooled vectors.
     """
 
@@ -269,8 +319,16 @@ class PromptCache:
         self.pipe, self.cfg = pipe, cfg
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    @torch.no_grad()
     def __call__(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.text_context_layers:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                captions, None, None, do_classifier_free_guidance=False, device=device, max_sequence_length=1
+            )
+            return embeds[:, : self.cfg.text_slots].float(), pooled.float()
+        with torch.no_grad():
+            return self._cached(captions, device)
+
+    def _cached(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
         if missing:
             embeds, _, pooled, _ = self.pipe.encode_prompt(
@@ -325,8 +383,15 @@ def cut_pooled_input(transformer) -> None:
     weight.requires_grad_(False)
 
 
-def train_transformer(run, budget, vae, pipe, prompts: PromptCache):
-    """Train the transformer (the one trainable part); returns its exponential moving average.
+def trained_text_encoders(pipe) -> dict[str, nn.Module]:
+    """The pipeline's text encoders that have trainable (context) layers, by pipeline attribute name."""
+    return {name: getattr(pipe, name) for name in ("text_encoder", "text_encoder_2")
+            if any(p.requires_grad for p in getattr(pipe, name).parameters())}
+
+
+def train_transformer(run, budget, vae, pipe, prompts: PromptCache) -> dict[str, nn.Module]:
+    """Train the transformer (and the text encoders' context layers, if any); returns the moving
+    averages of the trained parts by pipeline attribute name (``"transformer"``, ``"text_encoder"``, ...).
 
     Each step: draw a batch of the world, encode the images with the frozen VAE (scaled as the
     pipeline unscales them), look up the captions' slots (10% replaced by "" for guidance), and
@@ -340,10 +405,14 @@ def train_transformer(run, budget, vae, pipe, prompts: PromptCache):
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
     if not cfg.pooled_input:
         cut_pooled_input(transformer)
-    params = [p for p in transformer.parameters() if p.requires_grad]
+    modules = {"transformer": transformer, **trained_text_encoders(pipe)}
+    for name, module in modules.items():
+        if name != "transformer":
+            module.train()
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, budget.lr, device)
-    emas = {"transformer": EMA(transformer)}
-    loop = StageLoop(run, "transformer", budget, {"transformer": transformer}, optimizer, emas)
+    emas = {name: EMA(m) for name, m in modules.items()}
+    loop = StageLoop(run, "transformer", budget, modules, optimizer, emas)
     while loop.running():
         loop.set_lr()
         g = loop.generator
@@ -364,15 +433,15 @@ def train_transformer(run, budget, vae, pipe, prompts: PromptCache):
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        emas["transformer"].update(transformer, loop.step)
+        for name, m in modules.items():
+            emas[name].update(m, loop.step)
         loop.end_step(loss)
     loop.close()
-    ema = copy.deepcopy(transformer).eval().requires_grad_(False)
-    emas["transformer"].copy_to(ema)
+    averaged = {name: emas[name].averaged(m) for name, m in modules.items()}
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-    ema.set_attn_processor(JointAttnProcessor2_0())  # back to diffusers' own joint processor
-    return ema
+    averaged["transformer"].set_attn_processor(JointAttnProcessor2_0())  # back to diffusers' own joint processor
+    return averaged
 
 
 def init_transformer_from(path: str | os.PathLike, transformer: nn.Module) -> None:
@@ -382,6 +451,22 @@ def init_transformer_from(path: str | os.PathLike, transformer: nn.Module) -> No
     src = SD3Transformer2DModel.from_pretrained(Path(path) / "transformer", torch_dtype=torch.float32,
                                                 local_files_only=True)
     transformer.load_state_dict(src.state_dict())
+
+
+def init_text_encoders_from(path: str | os.PathLike, encoders: tuple) -> tuple:
+    """The text encoders of an exported tiny-sd3 folder, where they have the layers `encoders` have
+    (a run with context layers continued); otherwise `encoders` unchanged (their frozen parts are the
+    seed's, as the folder's are, and their context layers start as the identity)."""
+    from transformers import CLIPTextModelWithProjection
+
+    out = []
+    for sub, encoder in zip(("text_encoder", "text_encoder_2"), encoders):
+        src = CLIPTextModelWithProjection.from_pretrained(Path(path) / sub, torch_dtype=torch.float32,
+                                                          local_files_only=True)
+        if src.config.num_hidden_layers == encoder.config.num_hidden_layers:
+            encoder.load_state_dict(src.state_dict())  # values only: which parts train stays as built
+        out.append(encoder)
+    return tuple(out)
 
 
 def export_sd3(out: Path, cfg: Sd3Config, pipe) -> None:
@@ -468,9 +553,11 @@ def train_tiny_sd3(
     transformer = build_transformer(cfg)
     if init_from is not None:
         init_transformer_from(init_from, transformer)
+        text_encoders = init_text_encoders_from(init_from, text_encoders)
     pipe = build_pipeline(cfg, transformer, vae, text_encoders)
     prompts = PromptCache(pipe, cfg)
-    pipe.transformer = train_transformer(run, budget, vae, pipe, prompts)
+    for name, module in train_transformer(run, budget, vae, pipe, prompts).items():
+        setattr(pipe, name, module)
     export_sd3(out, cfg, pipe)
 
     record = {
@@ -506,10 +593,13 @@ def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike, *, vae
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     cfg = Sd3Config.from_dict(state["config"])
     transformer = build_transformer(cfg)
-    for p, e in zip(transformer.parameters(), state["emas"]["transformer"]["params"]):
-        p.data.copy_(e)
+    text_encoders = build_text_encoders(cfg, seed)
+    parts = {"transformer": transformer, "text_encoder": text_encoders[0], "text_encoder_2": text_encoders[1]}
+    for name, averages in state["emas"].items():
+        for p, e in zip(parts[name].parameters(), averages["params"]):
+            p.data.copy_(e)
     vae = AutoencoderKL.from_pretrained(Path(vae_from or TINY_DIR) / "vae", local_files_only=True).float()
-    pipe = build_pipeline(cfg, transformer.eval(), vae, build_text_encoders(cfg, seed))
+    pipe = build_pipeline(cfg, transformer.eval(), vae, tuple(t.eval() for t in text_encoders))
     out.mkdir(parents=True, exist_ok=True)
     export_sd3(out, cfg, pipe)
     previous = run_dir / "training.json"
