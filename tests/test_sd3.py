@@ -9,6 +9,7 @@ projections, the full 256-slot text input, an uninterrupted run).
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -248,6 +249,23 @@ def test_context_layers_start_as_the_identity_and_only_they_train(tmp_path):
         a, b = load_file(out / sub / "model.safetensors"), load_file(again / sub / "model.safetensors")
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+    # --init-from: an exported folder's encoders load where their layers match (a run continued); a
+    # folder holding the transformer alone leaves the seed's encoders, context layers at the identity
+    loaded = mmdit.init_text_encoders_from(out, mmdit.build_text_encoders(ctx))
+    saved = load_file(out / "text_encoder" / "model.safetensors")
+    state = loaded[0].state_dict()
+    for k, v in saved.items():  # the file's keys all carry "text_model." (how SD 3's folders store them)
+        torch.testing.assert_close(state[k if k in state else k.removeprefix("text_model.")].half(), v,
+                                   rtol=0, atol=0)
+    assert [p.requires_grad for p in loaded[0].parameters()] == [p.requires_grad for p in fresh[0].parameters()]
+    shutil.copytree(out / "transformer", tmp_path / "transformer-only" / "transformer")
+    kept = mmdit.init_text_encoders_from(tmp_path / "transformer-only", mmdit.build_text_encoders(ctx))
+    for a, b in zip(kept, fresh):
+        for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, msg=k)
+    continued = train(tmp_path, "continued", ctx, init_from=out)
+    assert json.loads((continued / "training.json").read_text())["config"]["text_context_layers"] == 1
 
 
 # ------------------------------------------------------------------ tracing joint attention

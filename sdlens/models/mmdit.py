@@ -454,13 +454,17 @@ def init_transformer_from(path: str | os.PathLike, transformer: nn.Module) -> No
 
 
 def init_text_encoders_from(path: str | os.PathLike, encoders: tuple) -> tuple:
-    """The text encoders of an exported tiny-sd3 folder, where they have the layers `encoders` have
-    (a run with context layers continued); otherwise `encoders` unchanged (their frozen parts are the
-    seed's, as the folder's are, and their context layers start as the identity)."""
+    """The text encoders of an exported tiny-sd3 folder, where it has them with the layers `encoders`
+    have (a run with context layers continued); otherwise `encoders` unchanged (their frozen parts are
+    the seed's, as the folder's are, and their context layers start as the identity). A folder that
+    keeps only the transformer (a committed checkpoint of a run without context layers) is read so too."""
     from transformers import CLIPTextModelWithProjection
 
     out = []
     for sub, encoder in zip(("text_encoder", "text_encoder_2"), encoders):
+        if not (Path(path) / sub / "config.json").is_file():
+            out.append(encoder)
+            continue
         src = CLIPTextModelWithProjection.from_pretrained(Path(path) / sub, torch_dtype=torch.float32,
                                                           local_files_only=True)
         if src.config.num_hidden_layers == encoder.config.num_hidden_layers:
