@@ -162,6 +162,9 @@ def add_train_tiny(subparsers) -> None:
                    help="--arch sd3: with --no-pooled-input (the default, the shipped model's) the pooled vector "
                    "reaches nothing (its projection's input weights zeroed and frozen), so the prompt is read "
                    "through the joint attention only; --pooled-input gives it SD 3's adaLN path too")
+    m.add_argument("--color-word-dropout", type=float, default=s.color_word_dropout,
+                   help="--arch sd3: each colour word's chance that its slot reaches the transformer zeroed while "
+                   "training (the colour must then be read from the noun's slot, where a context layer put it)")
     m.add_argument("--text-context-layers", type=int, default=s.text_context_layers,
                    help="--arch sd3: causal text-encoder layers before the slots the transformer reads, trained "
                    "with it (0: each slot holds its own word)")
@@ -265,6 +268,7 @@ def run_train_tiny_sd3(args: argparse.Namespace) -> int:
             heads=args.sd3_heads,
             pooled_dropout=args.pooled_dropout,
             pooled_input=args.pooled_input,
+            color_word_dropout=args.color_word_dropout,
             text_context_layers=args.text_context_layers,
         )
         b = _sd3_budget()

@@ -189,6 +189,51 @@ def test_pooled_dropout_withholds_the_pooled_vector(tmp_path, monkeypatch):
         small_config(pooled_dropout=1.5)
 
 
+def test_color_word_dropout_zeroes_the_colour_slots_only(tmp_path, monkeypatch):
+    """--color-word-dropout 1: every colour word's slot reaches the transformer as the zero slot, every
+    other slot (the noun's, which a context layer fills with the colour too) as the pipeline encodes it."""
+    from sdlens.cli import build_parser
+    from sdlens.world.scene import COLORS
+
+    seen = []
+    original, cache_call = mmdit.flow_matching_loss, mmdit.PromptCache.__call__
+
+    def spy_cache(self, captions, device):
+        out = cache_call(self, captions, device)
+        seen.append({"captions": list(captions), "encoded": out[0].detach().clone()})
+        return out
+
+    def spy_loss(transformer, latents, slots, pooled, cfg, generator):
+        if len(slots) == len(seen[-1]["captions"]):
+            seen[-1]["given"] = slots.detach().clone()
+        return original(transformer, latents, slots, pooled, cfg, generator)
+
+    monkeypatch.setattr(mmdit.PromptCache, "__call__", spy_cache)
+    monkeypatch.setattr(mmdit, "flow_matching_loss", spy_loss)
+    cfg = small_config(color_word_dropout=1.0, text_context_layers=1)
+    out = train(tmp_path, "cd", cfg)
+    assert json.loads((out / "training.json").read_text())["config"]["color_word_dropout"] == 1.0
+    tokenizer = mmdit.build_tokenizer(cfg)
+    color_ids = {tokenizer(c, add_special_tokens=False).input_ids[0] for c in COLORS}
+    n_colors = 0
+    for step in seen:
+        assert "given" in step
+        given, encoded = step["given"][:, :-1], step["encoded"]  # without the one zero T5 slot
+        for caption, g, e in zip(step["captions"], given, encoded):
+            ids = tokenizer(caption, padding="max_length", max_length=cfg.text_slots).input_ids
+            color = torch.tensor([i in color_ids for i in ids])
+            assert int(color.sum()) == sum(w in COLORS for w in caption.split())
+            n_colors += int(color.sum())
+            assert not g[color].any()
+            torch.testing.assert_close(g[~color], e[~color], rtol=0, atol=0)
+            assert e[color].abs().sum(-1).gt(0).all()  # the encoder did give them something
+    assert n_colors > 0
+    parse = build_parser().parse_args
+    assert parse(["train-tiny", "--arch", "sd3", "--out", "x", "--color-word-dropout", "0.5"]).color_word_dropout == 0.5
+    with pytest.raises(sdlens.errors.ModelError, match="color_word_dropout"):
+        small_config(color_word_dropout=-0.1)
+
+
 def test_without_pooled_input_the_pooled_vector_changes_nothing(tmp_path):
     """--no-pooled-input: the trained and exported transformer gives the same output whatever the pooled vector."""
     assert mmdit.Sd3Config().pooled_input is False  # the shipped model's default

@@ -116,6 +116,12 @@ class Sd3Config(ImageConfig):
     # attention; the classes and the pipeline are SD 3's unchanged. With it (SD 3's design) the model
     # took the pooled summary and left the words unread (notes/tiny_model.md, run 1)
     pooled_input: bool = False
+    # each colour word's chance that its slot reaches the transformer as the zero slot (what the empty
+    # T5 slots are), after the text encoder: the pixels must then find the colour where a causal
+    # context layer also put it, the noun's slot, so the noun's map is pushed onto its object as the
+    # UNet model's is. Without it the pixels read the colour from the colour word's own slot and the
+    # noun's map peaks on the background (notes/tiny_model.md). The noun's and later slots stay whole
+    color_word_dropout: float = 0.0
     two_object_prob: float = 0.7
     free_position_prob: float = 0.35
     size_word_prob: float = 0.35
@@ -133,7 +139,7 @@ class Sd3Config(ImageConfig):
             raise ModelError(f"text_slots must be at most CLIP's 77, got {self.text_slots}")
         if self.latent_size % self.patch_size:
             raise ModelError(f"patch_size {self.patch_size} does not divide the latent size {self.latent_size}")
-        for name in ("caption_dropout", "pooled_dropout", "two_object_prob", "free_position_prob", "size_word_prob"):
+        for name in ("caption_dropout", "pooled_dropout", "color_word_dropout", "two_object_prob", "free_position_prob", "size_word_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ModelError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
 
@@ -341,6 +347,23 @@ class PromptCache:
         return slots, pooled
 
 
+def color_slot_dropout(tokenizer, captions: list[str], cfg: Sd3Config, generator: torch.Generator) -> torch.Tensor:
+    """Which slots to zero: each colour word's slot with chance ``cfg.color_word_dropout``; no other slot.
+
+    Returns a bool (N, text_slots) on the generator's device (slot i holds token i: SD 3's pipeline
+    puts the CLIPs' slots side by side, feature-wise, in token order).
+    """
+    from sdlens.world.scene import COLORS
+
+    ids = tokenizer(captions, padding="max_length", max_length=cfg.text_slots, truncation=True,
+                    return_tensors="pt").input_ids.to(generator.device)  # (N, S)
+    colors = [tokenizer(c, add_special_tokens=False).input_ids for c in COLORS]
+    if any(len(t) != 1 for t in colors):
+        raise ModelError(f"each colour word must be one token of the tokenizer, got {dict(zip(COLORS, colors))}")
+    is_color = torch.isin(ids, torch.tensor([t[0] for t in colors], device=ids.device))
+    return is_color & (torch.rand(ids.shape, generator=generator, device=ids.device) < cfg.color_word_dropout)
+
+
 def with_zero_slot(slots: torch.Tensor) -> torch.Tensor:
     """(N, S, D) CLIP slots -> (N, S + 1, D): one zero slot standing for the pipeline's 256 (see above)."""
     return torch.cat([slots, slots.new_zeros(slots.shape[0], 1, slots.shape[2])], dim=1)
@@ -424,6 +447,8 @@ def train_transformer(run, budget, vae, pipe, prompts: PromptCache) -> dict[str,
             empty = prompts([""], device)[1]  # (1, 96)
             hit = torch.rand(len(captions), generator=g, device=device) < cfg.pooled_dropout
             pooled = torch.where(hit[:, None], empty, pooled)
+        if cfg.color_word_dropout > 0:
+            slots = slots * ~color_slot_dropout(pipe.tokenizer, captions, cfg, g)[:, :, None]
         with torch.no_grad(), run.autocast():
             latents = vae.encode(images).latent_dist.sample(generator=g)  # (N, 4, 16, 16)
         latents = (latents.float() - shift) * scale
