@@ -257,7 +257,7 @@ def test_without_pooled_input_the_pooled_vector_changes_nothing(tmp_path):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_context_layers_start_as_the_identity_and_only_they_train(tmp_path):
+def test_context_layers_start_as_the_identity_and_only_they_train(tmp_path, capsys):
     """--text-context-layers 1: the slots start as the frozen encoders' own (weights trained without
     context layers load unchanged); training moves the context layers and nothing else of the encoders;
     the export is SD 3's pipeline with two-layer CLIPs, and a checkpoint exports to the same weights."""
@@ -307,6 +307,13 @@ def test_context_layers_start_as_the_identity_and_only_they_train(tmp_path):
     shutil.copytree(out / "transformer", tmp_path / "transformer-only" / "transformer")
     kept = mmdit.init_text_encoders_from(tmp_path / "transformer-only", mmdit.build_text_encoders(ctx))
     for a, b in zip(kept, fresh):
+        for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, msg=k)
+    plain = mmdit.build_text_encoders(small_config())  # no context layers: the export's do not fit, and it says so
+    capsys.readouterr()
+    unchanged = mmdit.init_text_encoders_from(out, plain)
+    assert "context layers start as the identity" in capsys.readouterr().err
+    for a, b in zip(unchanged, mmdit.build_text_encoders(small_config())):
         for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
             torch.testing.assert_close(x, y, rtol=0, atol=0, msg=k)
     continued = train(tmp_path, "continued", ctx, init_from=out)

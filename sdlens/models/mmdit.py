@@ -494,6 +494,9 @@ def init_text_encoders_from(path: str | os.PathLike, encoders: tuple) -> tuple:
                                                           local_files_only=True)
         if src.config.num_hidden_layers == encoder.config.num_hidden_layers:
             encoder.load_state_dict(src.state_dict())  # values only: which parts train stays as built
+        else:  # the frozen parts are the seed's either way; only trained context layers are not carried
+            print(f"[init-from] {Path(path) / sub} has {src.config.num_hidden_layers} layers, this run's encoder "
+                  f"{encoder.config.num_hidden_layers}: its context layers start as the identity", file=sys.stderr)
         out.append(encoder)
     return tuple(out)
 
