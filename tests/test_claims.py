@@ -525,10 +525,10 @@ def test_nb4_s6_tiny_sd3_follows_the_slots_not_the_pooled_vector():
 
 
 @pytest.mark.slow
-def test_nb4_s6_tiny_sd3_colour_words_localise_and_shape_words_do_not():
+def test_nb4_s6_tiny_sd3_colour_and_shape_words_localise():
     """04_transformers_inside, section 6 ("Which words do the pixels look up?"): on its twelve two-object
-    captions (one seed each) tiny-sd3's colour-word maps peak on their object 100% of the time and its
-    shape-word maps 17%; the UNet model's the other way round (58% and 100%)."""
+    captions (one seed each) tiny-sd3's colour-word maps peak on their object 96% of the time and its
+    shape-word maps 92%; the UNet model's colour words 58%, its shape words 100%."""
     from sdlens.sweep.records import localisation
     from sdlens.world import object_words
 
@@ -549,5 +549,5 @@ def test_nb4_s6_tiny_sd3_colour_words_localise_and_shape_words_do_not():
                     for kind in hits:
                         hits[kind].append(localisation(tr.word_map(idx[kind], prompt_index=i), det.mask)["peak"])
         peaks[name] = {k: float(np.mean(v)) for k, v in hits.items()}
-    assert peaks["tiny-sd3"]["color"] >= 0.9 and peaks["tiny-sd3"]["shape"] <= 0.25
+    assert peaks["tiny-sd3"]["color"] >= 0.9 and peaks["tiny-sd3"]["shape"] >= 0.85
     assert peaks["tiny"]["shape"] >= 0.9 and peaks["tiny"]["color"] <= 0.7
