@@ -118,3 +118,20 @@ def test_localisation_per_caption_kind_splits_the_overall_figures(quality):
     assert by_kind["free"]["localisation"]["second"]["color"]["peak"] == 0.0
     assert by_kind["positioned"]["localisation"]["second"]["color"]["peak"] == 1.0
     assert "| free: second | 2 / 2 | 0.00 | 0% |" in quality.markdown(summary)
+
+
+def test_map_ceiling_is_near_exact_on_cell_aligned_objects_and_limited_on_small_ones():
+    """benchmarks/map_ceiling.py: a rectangle on the grid's cell boundaries is drawn by its grid's best
+    map but for its rounded corners (bilinear upsampling: IoU 0.95 at 8x8, 0.99 at 16x16); a 3x3-pixel
+    dot inside one 8x8 cell cannot be, as the grid blurs it over the cell."""
+    ceiling = load_module("benchmarks/map_ceiling.py")
+    square = np.zeros((64, 64), dtype=bool)
+    square[16:32, 8:40] = True
+    coarse, fine = ceiling.ceiling_iou(square, 8), ceiling.ceiling_iou(square, 16)
+    assert 0.95 <= coarse < fine <= 1.0
+    lost = 1 - coarse  # pixels at the corners whose bilinear value falls under half: 6 a corner
+    assert lost * square.sum() == pytest.approx(4 * 6, abs=1)
+    dot = np.zeros((64, 64), dtype=bool)
+    dot[18:21, 18:21] = True
+    coarse, fine = ceiling.ceiling_iou(dot, 8), ceiling.ceiling_iou(dot, 16)
+    assert coarse < 0.3 and fine > coarse
