@@ -347,20 +347,27 @@ class PromptCache:
         return slots, pooled
 
 
-def color_slot_dropout(tokenizer, captions: list[str], cfg: Sd3Config, generator: torch.Generator) -> torch.Tensor:
-    """Which slots to zero: each colour word's slot with chance ``cfg.color_word_dropout``; no other slot.
+def color_token_ids(tokenizer) -> torch.Tensor:
+    """(4,) the world's colour words' token ids; each must be one token, or a slot is not a word."""
+    from sdlens.world.scene import COLORS
+
+    colors = [tokenizer(c, add_special_tokens=False).input_ids for c in COLORS]
+    if any(len(t) != 1 for t in colors):
+        raise ModelError(f"each colour word must be one token of the tokenizer, got {dict(zip(COLORS, colors))}")
+    return torch.tensor([t[0] for t in colors])
+
+
+def color_slot_dropout(tokenizer, captions: list[str], color_ids: torch.Tensor, cfg: Sd3Config,
+                       generator: torch.Generator) -> torch.Tensor:
+    """Which slots to zero: each colour word's slot (a token of `color_ids`) with chance
+    ``cfg.color_word_dropout``; no other slot.
 
     Returns a bool (N, text_slots) on the generator's device (slot i holds token i: SD 3's pipeline
     puts the CLIPs' slots side by side, feature-wise, in token order).
     """
-    from sdlens.world.scene import COLORS
-
     ids = tokenizer(captions, padding="max_length", max_length=cfg.text_slots, truncation=True,
                     return_tensors="pt").input_ids.to(generator.device)  # (N, S)
-    colors = [tokenizer(c, add_special_tokens=False).input_ids for c in COLORS]
-    if any(len(t) != 1 for t in colors):
-        raise ModelError(f"each colour word must be one token of the tokenizer, got {dict(zip(COLORS, colors))}")
-    is_color = torch.isin(ids, torch.tensor([t[0] for t in colors], device=ids.device))
+    is_color = torch.isin(ids, color_ids.to(ids.device))
     return is_color & (torch.rand(ids.shape, generator=generator, device=ids.device) < cfg.color_word_dropout)
 
 
@@ -436,6 +443,7 @@ def train_transformer(run, budget, vae, pipe, prompts: PromptCache) -> dict[str,
     optimizer = make_optimizer(params, budget.lr, device)
     emas = {name: EMA(m) for name, m in modules.items()}
     loop = StageLoop(run, "transformer", budget, modules, optimizer, emas)
+    color_ids = color_token_ids(pipe.tokenizer) if cfg.color_word_dropout > 0 else None  # once, not per step
     while loop.running():
         loop.set_lr()
         g = loop.generator
@@ -448,7 +456,7 @@ def train_transformer(run, budget, vae, pipe, prompts: PromptCache) -> dict[str,
             hit = torch.rand(len(captions), generator=g, device=device) < cfg.pooled_dropout
             pooled = torch.where(hit[:, None], empty, pooled)
         if cfg.color_word_dropout > 0:
-            slots = slots * ~color_slot_dropout(pipe.tokenizer, captions, cfg, g)[:, :, None]
+            slots = slots * ~color_slot_dropout(pipe.tokenizer, captions, color_ids, cfg, g)[:, :, None]
         with torch.no_grad(), run.autocast():
             latents = vae.encode(images).latent_dist.sample(generator=g)  # (N, 4, 16, 16)
         latents = (latents.float() - shift) * scale
