@@ -32,6 +32,12 @@ cross-attention with `sdlens.trace`, and measures:
   padding slots (and, for an SD 3-style model, the T5 slots, empty without T5). In a joint-attention
   model the pixels' attention is shared between text and image keys: the shares are of the text
   part, and "to text" says how much of the whole that part is (1 for a UNet's cross-attention).
+- joint-attention models (SD 3-style): each word map also the other way round and both ways
+  (`trace.word_map(..., direction=...)`): "text_image", where the word's own tokens attend in the
+  image, and "both", where the pixels' and the word's maps agree (the geometric mean of the two,
+  each min-max normalised); measured as the image->text maps are, and the targets judged for each.
+  These traces also keep text->text attention (333 x 333 slots per layer and step), so captions go
+  through the pipeline 10 at a time (`--batch` caps it lower, not higher).
 - with `--concepts` (joint-attention models): the same images traced with ConceptAttention
   concepts (the world's colours and shapes, and "background"); each object's colour and shape
   concept maps measured as the word maps are ("colour concept", "shape concept"), beside the raw
@@ -62,6 +68,9 @@ from sdlens.world import object_words  # noqa: E402  (colour_words.py imports it
 EVAL_SEED = 2_000_000_007  # held out: training draws its data from seed * 1_000_003 + small offsets
 WORD_KINDS = ("color", "shape", "position", "size")
 CONCEPT_KINDS = ("color concept", "shape concept")  # --concepts: ConceptAttention maps of the same objects
+DIRECTIONS = ("text_image", "both")  # joint models: word maps the other way round, and both ways (word_map's direction)
+DIRECTION_KINDS = tuple(f"{kind}/{d}" for d in DIRECTIONS for kind in WORD_KINDS)
+JOINT_BATCH = 10  # captions per call when text->image maps are traced (text->text maps are 333 x 333 per layer)
 GROUPS = ("single", "first", "second")
 CAPTION_KINDS = {  # sample_scene's settings for each caption kind
     "positioned": {},
@@ -112,17 +121,24 @@ class PromptMaps:
     """
 
     def __init__(self, tr, prompt: int, size: tuple[int, int]) -> None:
-        from sdlens.maps import average_upsampled
+        from sdlens.maps import average_upsampled, normalize
 
-        self._average_upsampled = average_upsampled
+        self._average_upsampled, self._normalize = average_upsampled, normalize
         self.tokenization = tr.tokenization(prompt)
         self.size = size
         row = tr.row(prompt)
         # per layer: (h, w, keys), the mean over steps and heads
         self.layers = [tr.maps(layer)[:, row].float().mean(dim=(0, 1)) for layer in tr.layers_of("cross")]
+        # joint models traced with text_attn: per layer (text slots, h, w), the mean over steps and heads
+        self.text_layers = [tr.maps(layer, "text_image")[:, row].float().mean(dim=(0, 1))
+                            for layer in (tr.layers_of("text_image") if "text_image" in tr.kinds else ())]
 
-    def word_map(self, word: int) -> torch.Tensor:
+    def word_map(self, word: int, direction: str = "image_text") -> torch.Tensor:
         slots = self.tokenization.word_tokens[word]
+        if direction == "both":
+            return (self._normalize(self.word_map(word)) * self._normalize(self.word_map(word, "text_image"))).sqrt()
+        if direction == "text_image":
+            return self._average_upsampled([m[slots].mean(0) for m in self.text_layers], self.size)  # (H, W)
         return self._average_upsampled([m[..., slots].mean(-1) for m in self.layers], self.size)  # (H, W)
 
     def slot_mass(self) -> dict[str, float]:
@@ -147,12 +163,14 @@ def evaluate(pipe, captions, *, steps: int, guidance: float, batch: int, device,
     import sdlens
     from sdlens.world import parse_caption, score
 
+    joint = getattr(pipe, "transformer", None) is not None  # SD 3-style: word maps both ways
+    batch = min(batch, JOINT_BATCH) if joint else batch
     records = []
     for start in range(0, len(captions), batch):
         chunk = captions[start : start + batch]
         prompts = [c for c, _ in chunk]
         generators = [torch.Generator(device).manual_seed(s) for _, s in chunk]
-        with sdlens.trace(pipe, concepts=world_concepts() if concepts else None) as tr:
+        with sdlens.trace(pipe, text_attn=joint, concepts=world_concepts() if concepts else None) as tr:
             images = pipe(
                 prompts,
                 num_inference_steps=steps,
@@ -170,8 +188,10 @@ def evaluate(pipe, captions, *, steps: int, guidance: float, batch: int, device,
             maps = PromptMaps(tr, i, size)
             indices = object_words(prompt)
             if i == 0:  # the shortcut computes what the trace computes
-                reference = tr.word_map(indices[0]["shape"], prompt_index=i, size=size)
-                torch.testing.assert_close(maps.word_map(indices[0]["shape"]), reference, rtol=1e-3, atol=1e-6)
+                for direction in ("image_text", *DIRECTIONS) if joint else ("image_text",):
+                    reference = tr.word_map(indices[0]["shape"], prompt_index=i, size=size, direction=direction)
+                    torch.testing.assert_close(maps.word_map(indices[0]["shape"], direction), reference,
+                                               rtol=1e-3, atol=1e-6)
             result = score(images[i], scene)
             record = {
                 "caption": prompt,
@@ -193,6 +213,8 @@ def evaluate(pipe, captions, *, steps: int, guidance: float, batch: int, device,
                     entry["radius"] = det.radius
                     for kind, index in indices[k].items():
                         entry[kind] = localisation(maps.word_map(index), det.mask)
+                        for direction in DIRECTIONS if joint else ():
+                            entry[f"{kind}/{direction}"] = localisation(maps.word_map(index, direction), det.mask)
                     if concepts:
                         for kind, word in (("color concept", obj.color), ("shape concept", obj.shape)):
                             entry[kind] = localisation(tr.concept_map(word, prompt_index=i, size=size), det.mask)
@@ -247,7 +269,7 @@ def summarize(records: list[dict], pairs: list[dict] | None = None) -> dict:
         objs = [o for r in rs for o in r["objects"] if o["group"] == group]
         found = [o for o in objs if o["found"]]
         g = {"n": len(objs), "measured": len(found)}
-        for kind in WORD_KINDS + CONCEPT_KINDS:
+        for kind in WORD_KINDS + CONCEPT_KINDS + DIRECTION_KINDS:
             have = [o[kind] for o in found if kind in o]
             g[kind] = {"iou": mean([x["iou"] for x in have]), "peak": mean([x["peak"] for x in have]), "n": len(have)}
         return g
@@ -269,14 +291,22 @@ def summarize(records: list[dict], pairs: list[dict] | None = None) -> dict:
         summary["sizes"] = {"n": len(pairs), "measured": len(both),
                             "obeyed": mean([p["small"] < p["big"] for p in both])}
     summary["targets"] = {}
+    joint = any(summary["localisation"][g]["shape/both"]["n"] for g in GROUPS)
     for label, (section, key, goal, sense) in TARGETS.items():
         if section not in summary:
             continue
-        value = summary[section]
-        for part in key.split("."):
-            value = value[part]
-        met = value >= goal if sense == ">=" else value <= goal
-        summary["targets"][label] = {"value": value, "goal": goal, "sense": sense, "met": bool(met)}
+        # a word map's target is judged for each direction the run measured
+        variants = [("", key)]
+        if section == "localisation" and joint:
+            group, kind, measure = key.split(".")
+            variants = [(" [image->text]", key)] + [(f" [{d.replace('_', '->')}]", f"{group}.{kind}/{d}.{measure}")
+                                                    for d in DIRECTIONS]
+        for suffix, path in variants:
+            value = summary[section]
+            for part in path.split("."):
+                value = value[part]
+            met = value >= goal if sense == ">=" else value <= goal
+            summary["targets"][label + suffix] = {"value": value, "goal": goal, "sense": sense, "met": bool(met)}
     return summary
 
 
@@ -312,6 +342,21 @@ def markdown(summary: dict) -> str:
     if len(summary["by_kind"]) > 1:  # the same, per caption kind
         for kind, k in summary["by_kind"].items():
             lines += [row(f"{kind}: {group}", k["localisation"][group]) for group in GROUPS]
+    if any(summary["localisation"][g]["shape/both"]["n"] for g in GROUPS):
+        lines += ["", "Word maps read both ways (joint attention): image->text (the pixels' attention to the word), "
+                  "text->image (the word's attention over the image) and both (where the two agree):", "",
+                  "| object | colour IoU i->t / t->i / both | colour peak i->t / t->i / both "
+                  "| shape IoU i->t / t->i / both | shape peak i->t / t->i / both |", "| --- | ---: | ---: | ---: | ---: |"]
+        groups = [(group, summary["localisation"][group]) for group in GROUPS]
+        if len(summary["by_kind"]) > 1:
+            groups += [(f"{kind}: {group}", k["localisation"][group]) for kind, k in summary["by_kind"].items()
+                       for group in GROUPS]
+        for label, g in groups:
+            cells = []
+            for word in ("color", "shape"):
+                three = [g[word], g[f"{word}/text_image"], g[f"{word}/both"]]
+                cells += [" / ".join(f"{x['iou']:.2f}" for x in three), " / ".join(f"{x['peak']:.0%}" for x in three)]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if any(summary["localisation"][g]["color concept"]["n"] for g in GROUPS):
         lines += ["", "Raw image->text maps against ConceptAttention maps, on the same images:", "",
                   "| object | colour IoU raw / concept | colour peak raw / concept | shape IoU raw / concept "

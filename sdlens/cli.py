@@ -320,6 +320,9 @@ def add_attend(subparsers) -> None:
     p.add_argument("--concepts", nargs="+", default=None, metavar="WORD",
                    help="joint-attention models (--model tiny-sd3): ConceptAttention maps of these words, "
                    "into concepts.png (e.g. --concepts circle square background); commas also separate")
+    p.add_argument("--text-attn", action="store_true",
+                   help="joint-attention models (--model tiny-sd3): also trace the text tokens' queries and draw "
+                   "each word's map both ways (pixels -> word, word -> pixels, where both agree) into directions.png")
     p.set_defaults(func=run_attend)
 
 
@@ -341,6 +344,7 @@ def run_attend(args: argparse.Namespace) -> int:
             device=args.device,
             self_attn=args.self_attn,
             concepts=None if args.concepts is None else [w for a in args.concepts for w in a.split(",") if w.strip()],
+            text_attn=args.text_attn,
             progress=not args.no_progress,
         )
     except AttendError as e:

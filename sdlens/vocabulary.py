@@ -54,6 +54,8 @@ CONCEPTS: dict[str, str] = {
     "slot": "a position among the text encoder's key slots (77 for CLIP): 0 is the start slot",
     "slots": "a list of slots",
     "kind": "an attention kind: 'cross', 'self', 'text_image', 'text_text' or 'concept'",
+    "direction": "which way a word map reads joint attention: 'image_text' (pixels → word), 'text_image' "
+                 "(word → pixels) or 'both' (where the two agree)",
     "method": "an edit method: 'replace', 'refine', 'reweight', 'inject_self' or 'mutual'",
     "inversion": "how a real picture is inverted before editing: 'ddim' or 'null-text'",
     "negative_prompt": "the negative prompt's text (diffusers' own name)",

@@ -85,6 +85,30 @@ def test_short_run_on_the_shipped_model(quality, tmp_path, capsys):
     assert summary["localisation"]["single"]["shape"]["peak"] >= 0.75
 
 
+@pytest.mark.slow  # 6 s: a short benchmark run on tiny-sd3
+def test_short_run_on_tiny_sd3_measures_word_maps_both_ways(quality, tmp_path, capsys):
+    """On a joint-attention model every word is measured three ways (image->text, text->image, both),
+    each figure the mean of the records', and each localisation target is judged per direction."""
+    out = tmp_path / "q.json"
+    assert quality.main(["--model", "tiny-sd3", "--n", "3", "--json", str(out)]) == 0  # asserts the shortcut = trace
+    printed = capsys.readouterr().out
+    assert "Word maps read both ways" in printed
+    result = json.loads(out.read_text())
+    records, summary = result["records"], result["summary"]
+    singles = [o for r in records for o in r["objects"] if o["group"] == "single" and o["found"]]
+    assert singles
+    for kind in ("shape", "shape/text_image", "shape/both", "color/both", "position/text_image"):
+        assert summary["localisation"]["single"][kind]["iou"] == pytest.approx(np.mean([o[kind]["iou"] for o in singles]))
+    targets = summary["targets"]
+    for direction in ("image->text", "text->image", "both"):
+        t = targets[f"shape IoU single [{direction}]"]
+        assert t["met"] == (t["value"] >= 0.5)
+    assert targets["shape IoU single [both]"]["value"] == summary["localisation"]["single"]["shape/both"]["iou"]
+    assert "adherence single" in targets and "adherence single [both]" not in targets  # not a map's target
+    for r in records:
+        assert 0 < r["slot_mass"]["to text"] < 1  # a joint softmax: the text's share of the pixels' attention
+
+
 def test_localisation_per_caption_kind_splits_the_overall_figures(quality):
     """Per-kind rows are the overall figures restricted to that kind's captions (synthetic records)."""
 

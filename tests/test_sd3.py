@@ -394,6 +394,39 @@ def test_text_and_concept_views(pipe, tmp_path):
     torch.testing.assert_close(saved.concept_map("red"), tr.concept_map("red"))
 
 
+def test_word_map_directions_are_the_two_halves_and_their_agreement(pipe):
+    """direction="text_image" is the word's own rows over the image; "both" the geometric mean of the
+    two min-max normalised maps; both recomputed here from the stored tensors."""
+    with sdlens.trace(pipe, text_attn=True, dtype=torch.float32) as tr:
+        generate(pipe, prompt="a red circle on the left")
+    slots = tr.tokenization().word_tokens[tr.word_index("circle")]
+    per_layer = []
+    for name in tr.layers_of("text_image"):
+        x = tr.maps(name, "text_image")[:, 0][:, :, slots].float().mean(dim=(0, 1, 2))  # (h, w)
+        per_layer.append(torch.nn.functional.interpolate(x[None, None], size=(64, 64), mode="bilinear",
+                                                         align_corners=False)[0, 0])
+    words = torch.stack(per_layer).mean(0)
+    torch.testing.assert_close(tr.word_map("circle", direction="text_image"), words, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(tr.word_map("circle", direction="text_image"), tr.text_map("circle"))
+    pixels = tr.word_map("circle")  # the default: image -> text
+    torch.testing.assert_close(pixels, tr.word_map("circle", direction="image_text"))
+
+    def unit(m):
+        return (m - m.min()) / (m.max() - m.min())
+
+    both = tr.word_map("circle", direction="both")
+    torch.testing.assert_close(both, (unit(pixels) * unit(words)).sqrt(), rtol=1e-5, atol=1e-6)
+    assert float(both.min()) >= 0 and float(both.max()) <= 1 + 1e-6
+    # where one direction is 0 (its minimum), "both" is 0: the two must agree
+    assert float(both.flatten()[int(pixels.argmin())]) == 0.0
+    with pytest.raises(CaptureError, match="'image_text', 'text_image', 'both'"):
+        tr.word_map("circle", direction="image->text")
+    with sdlens.trace(pipe, dtype=torch.float32) as plain:
+        generate(pipe)
+    with pytest.raises(CaptureError, match="text_attn=True"):
+        plain.word_map("circle", direction="both")
+
+
 def test_concept_scores_are_output_dot_products():
     hidden = torch.randn(2, 3, 10 + 4 + 2, 5)  # (b, heads, image 10 + text 4 + concepts 2, d)
     from sdlens.capture.concepts import concept_scores
@@ -484,6 +517,42 @@ def test_attend_on_tiny_sd3_with_concepts(tmp_path, capsys):
     rc = main(["attend", "a red circle", "--model", "tiny", "--num-inference-steps", "2", "--out", str(bad), "--concepts", "red"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "joint attention" in err[-1] and not bad.exists()
+
+
+def test_attend_text_attn_draws_word_maps_both_ways(tmp_path, capsys):
+    from sdlens.cli import main
+
+    out = tmp_path / "attend"
+    rc = main(["attend", "a red circle on the left", "--model", "tiny-sd3", "--num-inference-steps", "3", "--no-progress",
+               "--out", str(out), "--words", "red", "circle", "--text-attn"])
+    assert rc == 0
+    assert {"image.png", "words.png", "directions.png"} <= {p.name for p in out.iterdir()}
+    saved = sdlens.load_trace(out / "trace.safetensors")
+    assert "text_image" in saved.kinds
+    torch.testing.assert_close(saved.word_map("circle", direction="text_image"), saved.text_map("circle"))
+    bad = tmp_path / "bad"
+    rc = main(["attend", "a red circle", "--model", "tiny", "--num-inference-steps", "2", "--out", str(bad), "--text-attn"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "--text-attn needs a model with joint attention" in err[-1] and not bad.exists()
+
+
+def test_direction_grid_draws_a_row_per_word(tiny3):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from sdlens import viz
+
+    with sdlens.trace(tiny3, text_attn=True) as tr:
+        image = tiny3("a red circle and a blue square", num_inference_steps=2,
+                      generator=torch.Generator().manual_seed(0)).images[0]
+    fig = viz.direction_grid(tr, image, words=["circle", "square"])
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles[1:4] == ["circle: pixels → word", "circle: word → pixels", "circle: both agree"]
+    assert len([t for t in titles if t.startswith("square:")]) == 3
+    with sdlens.trace(tiny3) as plain:
+        tiny3("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CaptureError, match="text_attn=True"):
+        viz.direction_grid(plain, words=["circle"])
 
 
 def test_sweep_on_tiny_sd3_counts_the_empty_t5_slots(tmp_path):

@@ -154,6 +154,7 @@ def attend(
     device: str | None = None,
     self_attn: bool = False,
     concepts: Sequence[str] | None = None,
+    text_attn: bool = False,
     progress: bool = True,
     pipe=None,
     log: Callable[[str], None] = print,
@@ -169,6 +170,8 @@ def attend(
     - ``steps.gif``: the maps over the denoising steps (beside the image being denoised when the
       trace records it);
     - ``concepts.png`` (with ``concepts``, SD 3-style models): one ConceptAttention map per concept;
+    - ``directions.png`` (with ``text_attn``, SD 3-style models): each chosen word's map read both
+      ways through joint attention (pixels → word, word → pixels, where both agree);
     - ``trace.safetensors``: the trace, for ``sdlens.load_trace``.
     """
     prompt = (prompt or "").strip()
@@ -186,10 +189,12 @@ def attend(
     height, width = check_size(pipe, size)
     chosen = check_words(pipe, prompt, words)
     concepts = check_concepts(pipe, concepts)
+    if text_attn:
+        check_joint(pipe, "--text-attn")
 
     trace, image = generate(pipe, prompt, num_inference_steps=num_inference_steps, seed=seed,
                             guidance_scale=guidance_scale, negative_prompt=negative_prompt, size=(height, width),
-                            self_attn=self_attn, concepts=concepts)
+                            self_attn=self_attn, concepts=concepts, text_attn=text_attn)
     return write_outputs(trace, image, out, chosen, gif_words=_gif_words(trace, chosen, words), log=log)
 
 
@@ -198,26 +203,32 @@ def check_concepts(pipe, concepts: Sequence[str] | None) -> list[str] | None:
     if not concepts:
         return None
     from ..capture.concepts import check_concepts as check
-    from ..hooks.layers import attention_layers, denoiser_of
 
-    if not any(i.role == "joint" for i in attention_layers(denoiser_of(pipe))):
-        raise AttendError("--concepts needs a model with joint attention (SD 3 family, e.g. --model tiny-sd3); "
-                          "this model has cross-attention: its word maps are the ones to read")
+    check_joint(pipe, "--concepts")
     try:
         return check(concepts)
     except CaptureError as e:
         raise AttendError(f"--concepts: {e}") from None
 
 
+def check_joint(pipe, option: str) -> None:
+    """Refuse ``option`` (before generating) where the model has no joint attention."""
+    from ..hooks.layers import attention_layers, denoiser_of
+
+    if not any(i.role == "joint" for i in attention_layers(denoiser_of(pipe))):
+        raise AttendError(f"{option} needs a model with joint attention (SD 3 family, e.g. --model tiny-sd3); "
+                          "this model has cross-attention: its word maps are the ones to read")
+
+
 @renamed(steps="num_inference_steps", guidance="guidance_scale", negative="negative_prompt")
 def generate(pipe, prompt, *, num_inference_steps, seed, guidance_scale, negative_prompt, size, self_attn=False,
-             concepts=None):
+             concepts=None, text_attn=False):
     """One traced generation: ``(trace, PIL image)``."""
     import torch
 
     from .. import capture
 
-    kw = dict(self_attn=self_attn, record_latents=True, concepts=concepts)
+    kw = dict(self_attn=self_attn, record_latents=True, concepts=concepts, text_attn=text_attn)
     device = getattr(pipe, "device", torch.device("cpu"))
     generator = torch.Generator(device=device).manual_seed(seed)
     with capture.trace(pipe, **kw) as tr:
@@ -244,7 +255,7 @@ def _gif_words(trace, chosen: list[int], given) -> list[int]:
 def write_outputs(trace, image, out: Path, words: list[int], *, gif_words=None, log=print) -> list[Path]:
     """Write the pictures and the trace into a temporary folder, then move them into ``out``."""
     from ..viz.animation import animate
-    from ..viz.heatmaps import concept_grid, overlay, word_grid
+    from ..viz.heatmaps import concept_grid, direction_grid, overlay, word_grid
 
     out = Path(out)
     with staged_folder(out, prefix=".sdlens-attend-") as (tmp, names):
@@ -258,6 +269,8 @@ def write_outputs(trace, image, out: Path, words: list[int], *, gif_words=None, 
         save_fig(word_grid(trace, image, words=words), "words.png")
         if trace.concepts:
             save_fig(concept_grid(trace, image), "concepts.png")
+        if "text_image" in trace.kinds:
+            save_fig(direction_grid(trace, image, words=words), "directions.png")
         all_words = trace.words()
         for i in words:
             save_fig(overlay(trace, i, image), f"word-{i:02d}-{slug(all_words[i], 24)}.png")

@@ -77,6 +77,7 @@ class TraceInfo:
 
 
 KINDS = ("cross", "self", "text_image", "text_text", "concept")
+DIRECTIONS = ("image_text", "text_image", "both")  # word_map's: pixels → word, word → pixels, where both agree
 
 _DENOISING = ("latents", "x0", "xt_images", "x0_images")  # TraceInfo fields stored as tensors, not JSON
 
@@ -379,12 +380,29 @@ class AttentionTrace:
 
     @renamed(prompt="prompt_index", image="image_index")
     def word_map(self, word: str | int, *, prompt_index: int = 0, occurrence: int | None = None, half: str = "cond",
-                 encoder: int = 1, **kw):
-        """Cross-attention map of a prompt word (mean of its BPE tokens' maps): ``(H, W)``.
+                 encoder: int = 1, direction: str = "image_text", **kw):
+        """Map of a prompt word (mean of its BPE tokens' maps): ``(H, W)``.
 
         ``word`` as ``word_index`` takes it (``encoder=2``: a word of SDXL's ``prompt_2``). Other
-        keywords as ``slot_map``.
+        keywords as ``slot_map``. ``direction`` (joint attention reads both ways):
+
+        - ``"image_text"``: how much each pixel attends to the word (cross-attention; a UNet's
+          only kind, and what the edits change);
+        - ``"text_image"`` (SD 3, ``trace(pipe, text_attn=True)``): where the word's tokens attend
+          in the image, as ``text_map``;
+        - ``"both"`` (the same trace): where the two agree, the geometric mean of the two maps,
+          each min-max normalised to [0, 1] at the output size; values in [0, 1], not probabilities.
         """
+        check_choice(direction, DIRECTIONS, what="direction")
+        if direction != "image_text" and encoder != 1:
+            raise CaptureError(f"direction={direction!r} reads the text tokens' queries of SD 3's prompt; "
+                               f"encoder={encoder} has none (use direction='image_text')")
+        if direction == "text_image":
+            return self.text_map(word, prompt_index=prompt_index, occurrence=occurrence, half=half, **kw)
+        if direction == "both":
+            pixels = self.word_map(word, prompt_index=prompt_index, occurrence=occurrence, half=half, **kw)
+            words = self.text_map(word, prompt_index=prompt_index, occurrence=occurrence, half=half, **kw)
+            return (_maps.normalize(pixels) * _maps.normalize(words)).sqrt()
         wi = self.word_index(word, prompt_index, occurrence=occurrence, half=half, encoder=encoder)
         slots = self.tokenization(prompt_index, half=half, encoder=encoder).word_tokens[wi]
         return self.slot_map(slots, kind="cross", prompt_index=prompt_index, half=half, **kw)

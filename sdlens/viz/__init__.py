@@ -9,6 +9,7 @@ functions that draw one panel accept ``ax=`` to draw into an existing axes.
     viz.overlay(tr, "circle", image)            # one word over the image, colour bar, title
     viz.word_grid(tr, image)                    # every word, and the start/end/padding slots
     viz.concept_grid(tr, image)                 # SD 3: trace(pipe, concepts=[...]) maps
+    viz.direction_grid(tr, image)               # SD 3: trace(pipe, text_attn=True): word maps both ways
     viz.step_strip(tr, "circle", image)         # the map over the denoising steps
     viz.layer_grid(tr, "circle", image, by="size")
     viz.self_attention_map(tr, (20, 12), image) # where one pixel attends
@@ -35,7 +36,7 @@ from .frames import (
     self_frame,
     target_map,
 )
-from .heatmaps import concept_grid, head_grid, layer_grid, overlay, word_grid
+from .heatmaps import concept_grid, direction_grid, head_grid, layer_grid, overlay, word_grid
 from .self_attention import self_attention_map, self_attention_segments
 from .steps import denoising, step_strip, word_over_steps
 from .style import HEAT_CMAP, annotate_cells, framed_mask, outline, overlap, text_color
@@ -57,6 +58,7 @@ __all__ = [
     "denoising_frame",
     "framed_mask",
     "concept_grid",
+    "direction_grid",
     "head_grid",
     "kmeans",
     "layer_grid",

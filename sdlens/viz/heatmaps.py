@@ -150,6 +150,38 @@ def concept_grid(trace, image=None, *, concepts=None, prompt_index: int = 0, ste
     return fig
 
 
+DIRECTION_TITLES = {"image_text": "pixels → word", "text_image": "word → pixels", "both": "both agree"}
+
+
+@renamed(prompt="prompt_index")
+def direction_grid(trace, image=None, *, words=None, prompt_index: int = 0, steps=None, layers=None,
+                   alpha: float = 0.6, cmap: str = HEAT_CMAP):
+    """Word maps read both ways through joint attention (``trace(pipe, text_attn=True)``, SD 3): one
+    row per word (default: every word of the prompt), with its ``word_map`` in each ``direction``:
+    how much each pixel attends to the word, where the word's tokens attend in the image, and where
+    the two agree. The three are on different scales (a share of each pixel's attention, a share of
+    the word's, a product of two min-max normalised maps), so each panel spans its own min..max.
+    """
+    items = list(range(len(trace.words(prompt_index)))) if words is None else list(words)
+    if not items:
+        raise CaptureError("no words to draw")
+    size = image_size_of(trace, image)
+    sel = dict(prompt_index=prompt_index, steps=steps, layers=layers, size=size)
+    labels = [resolve_target(trace, w, prompt_index).label for w in items]
+    first = 1 if image is not None else 0
+    fig, axes = panel_grid(len(items) * (len(DIRECTION_TITLES) + first), len(DIRECTION_TITLES) + first)
+    per_row = len(DIRECTION_TITLES) + first
+    for r, (w, label) in enumerate(zip(items, labels)):
+        row = axes[r * per_row : (r + 1) * per_row]
+        if image is not None:
+            show_rgb(row[0], as_rgb(image), label)
+        for ax, (direction, title) in zip(row[first:], DIRECTION_TITLES.items()):
+            heat = trace.word_map(w, direction=direction, **sel)
+            draw_frame(ax, heat_frame(heat, image, label, alpha=alpha, cmap=cmap), f"{label}: {title}", bar=False)
+    fig.suptitle(f"word maps both ways (each panel its own min..max) · {layers_label(trace, layers)}", fontsize=10)
+    return fig
+
+
 def _heat_panels(heats, labels, image=None, *, alpha: float = 0.6, cmap: str = HEAT_CMAP, scale="shared",
                 ncols: int | None = None):
     """One panel per map of ``heats``, titled by ``labels``, over ``image``: with ``scale="each"`` each
