@@ -40,8 +40,9 @@ cross-attention with `sdlens.trace`, and measures:
   through the pipeline 10 at a time (`--batch` caps it lower, not higher).
 - with `--concepts` (joint-attention models): the same images traced with ConceptAttention
   concepts (the world's colours and shapes, and "background"); each object's colour and shape
-  concept maps measured as the word maps are ("colour concept", "shape concept"), beside the raw
-  image->text maps of the same words.
+  concept maps measured as the word maps are, beside the raw image->text maps of the same words:
+  ConceptAttention's output-space maps ("colour concept", "shape concept") and the concept tokens'
+  own attention over the image (`concept_map(..., space="attention")`).
 - with "free": where the noise puts the objects: the detected objects' centres over a 3x3 grid
   of the image (a model that ignores the noise piles them into a few cells).
 - with "sized": whether size words are obeyed: for N one-object captions without positions, "a
@@ -67,7 +68,8 @@ from sdlens.world import object_words  # noqa: E402  (colour_words.py imports it
 
 EVAL_SEED = 2_000_000_007  # held out: training draws its data from seed * 1_000_003 + small offsets
 WORD_KINDS = ("color", "shape", "position", "size")
-CONCEPT_KINDS = ("color concept", "shape concept")  # --concepts: ConceptAttention maps of the same objects
+CONCEPT_KINDS = ("color concept", "shape concept",  # --concepts: ConceptAttention maps of the same objects,
+                 "color concept attention", "shape concept attention")  # and the concept tokens' own rows
 DIRECTIONS = ("text_image", "both")  # joint models: word maps the other way round, and both ways (word_map's direction)
 DIRECTION_KINDS = tuple(f"{kind}/{d}" for d in DIRECTIONS for kind in WORD_KINDS)
 JOINT_BATCH = 10  # captions per call when text->image maps are traced (text->text maps are 333 x 333 per layer)
@@ -218,6 +220,8 @@ def evaluate(pipe, captions, *, steps: int, guidance: float, batch: int, device,
                     if concepts:
                         for kind, word in (("color concept", obj.color), ("shape concept", obj.shape)):
                             entry[kind] = localisation(tr.concept_map(word, prompt_index=i, size=size), det.mask)
+                            entry[f"{kind} attention"] = localisation(
+                                tr.concept_map(word, prompt_index=i, size=size, space="attention"), det.mask)
                 record["objects"].append(entry)
             records.append(record)
         print(f"  {min(start + batch, len(captions))}/{len(captions)} captions", file=sys.stderr)
@@ -358,15 +362,17 @@ def markdown(summary: dict) -> str:
                 cells += [" / ".join(f"{x['iou']:.2f}" for x in three), " / ".join(f"{x['peak']:.0%}" for x in three)]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if any(summary["localisation"][g]["color concept"]["n"] for g in GROUPS):
-        lines += ["", "Raw image->text maps against ConceptAttention maps, on the same images:", "",
-                  "| object | colour IoU raw / concept | colour peak raw / concept | shape IoU raw / concept "
-                  "| shape peak raw / concept |", "| --- | ---: | ---: | ---: | ---: |"]
+        lines += ["", "Raw image->text maps against concept maps, on the same images: ConceptAttention's (output "
+                  "space) and the concept tokens' own attention over the image (attention space):", "",
+                  "| object | colour IoU raw / output / attention | colour peak raw / output / attention "
+                  "| shape IoU raw / output / attention | shape peak raw / output / attention |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
         for group in GROUPS:
             g = summary["localisation"][group]
             cells = []
             for word in ("color", "shape"):
-                raw, con = g[word], g[f"{word} concept"]
-                cells += [f"{raw['iou']:.2f} / {con['iou']:.2f}", f"{raw['peak']:.0%} / {con['peak']:.0%}"]
+                three = [g[word], g[f"{word} concept"], g[f"{word} concept attention"]]
+                cells += [" / ".join(f"{x['iou']:.2f}" for x in three), " / ".join(f"{x['peak']:.0%}" for x in three)]
             lines.append(f"| {group} | " + " | ".join(cells) + " |")
     if "grid" in summary:
         rows = summary["grid"]["shares"]

@@ -53,7 +53,9 @@ CONCEPTS: dict[str, str] = {
     "words": "a list of words (each as `word`)",
     "slot": "a position among the text encoder's key slots (77 for CLIP): 0 is the start slot",
     "slots": "a list of slots",
-    "kind": "an attention kind: 'cross', 'self', 'text_image', 'text_text' or 'concept'",
+    "kind": "an attention kind: 'cross', 'self', 'text_image', 'text_text', 'concept' or 'concept_image'",
+    "space": "where a concept map is read: 'output' (ConceptAttention's attention-output similarity) or "
+             "'attention' (the concept token's own attention over the image)",
     "direction": "which way a word map reads joint attention: 'image_text' (pixels → word), 'text_image' "
                  "(word → pixels) or 'both' (where the two agree)",
     "method": "an edit method: 'replace', 'refine', 'reweight', 'inject_self' or 'mutual'",

@@ -85,19 +85,22 @@ def test_short_run_on_the_shipped_model(quality, tmp_path, capsys):
     assert summary["localisation"]["single"]["shape"]["peak"] >= 0.75
 
 
-@pytest.mark.slow  # 6 s: a short benchmark run on tiny-sd3
+@pytest.mark.slow  # 8 s: a short benchmark run on tiny-sd3
 def test_short_run_on_tiny_sd3_measures_word_maps_both_ways(quality, tmp_path, capsys):
     """On a joint-attention model every word is measured three ways (image->text, text->image, both),
-    each figure the mean of the records', and each localisation target is judged per direction."""
+    and with --concepts its concept maps two ways (output and attention space); each figure the mean
+    of the records', and each localisation target is judged per direction."""
     out = tmp_path / "q.json"
-    assert quality.main(["--model", "tiny-sd3", "--n", "3", "--json", str(out)]) == 0  # asserts the shortcut = trace
+    assert quality.main(["--model", "tiny-sd3", "--n", "3", "--concepts", "--json", str(out)]) == 0  # shortcut = trace
     printed = capsys.readouterr().out
     assert "Word maps read both ways" in printed
     result = json.loads(out.read_text())
     records, summary = result["records"], result["summary"]
     singles = [o for r in records for o in r["objects"] if o["group"] == "single" and o["found"]]
     assert singles
-    for kind in ("shape", "shape/text_image", "shape/both", "color/both", "position/text_image"):
+    assert "concept tokens' own attention" in printed
+    for kind in ("shape", "shape/text_image", "shape/both", "color/both", "position/text_image",
+                 "shape concept", "color concept attention"):
         assert summary["localisation"]["single"][kind]["iou"] == pytest.approx(np.mean([o[kind]["iou"] for o in singles]))
     targets = summary["targets"]
     for direction in ("image->text", "text->image", "both"):

@@ -329,7 +329,7 @@ def test_tracing_leaves_the_image_unchanged(pipe):
                       dtype=torch.float32) as tr:
         traced = generate(pipe)
     np.testing.assert_array_equal(traced, plain)  # concept tokens and all: bit for bit
-    assert set(tr.kinds) == {"cross", "self", "text_image", "text_text", "concept"}
+    assert set(tr.kinds) == {"cross", "self", "text_image", "text_text", "concept", "concept_image"}
     assert all(type(p).__name__ == "JointAttnProcessor2_0" for p in pipe.transformer.attn_processors.values())
 
 
@@ -427,6 +427,48 @@ def test_word_map_directions_are_the_two_halves_and_their_agreement(pipe):
         plain.word_map("circle", direction="both")
 
 
+def test_concept_rows_are_the_probabilities_concept_attention_weighs_by():
+    """concept_probs: each concept query's softmax over the image's keys and the concepts', the weights
+    that concept_attention's SDPA gives their values."""
+    from sdlens.hooks.attention import JointInputs, concept_attention, concept_probs
+
+    g = torch.Generator().manual_seed(0)
+    b, heads, n_img, n_txt, c, d = 2, 3, 10, 4, 2, 8
+    q, k, v = (torch.randn(b, heads, n_img + n_txt, d, generator=g) for _ in range(3))
+    cq, ck, cv = (torch.randn(b, heads, c, d, generator=g) for _ in range(3))
+    inputs = JointInputs(q, k, v, n_img, (cq, ck, cv))
+    p = concept_probs(inputs)
+    assert p.shape == (b, heads, c, n_img + c)
+    torch.testing.assert_close(p.sum(-1), torch.ones(b, heads, c))
+    by_hand = (cq @ torch.cat([k[:, :, :n_img], ck], 2).transpose(-1, -2) / d ** 0.5).softmax(-1)
+    torch.testing.assert_close(p, by_hand)
+    torch.testing.assert_close(p @ torch.cat([v[:, :, :n_img], cv], 2), concept_attention(inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_concept_maps_in_attention_space(pipe, tmp_path):
+    """space="attention": the mean over steps of the stored concept rows, layers upsampled and averaged;
+    each row's image part is a share of the concept's attention (between 0 and 1 summed over the image)."""
+    concepts = ["circle", "red", "background"]
+    with sdlens.trace(pipe, concepts=concepts, dtype=torch.float32) as tr:
+        generate(pipe)
+    assert "concept_image" in tr.kinds
+    per_layer = []
+    for name in tr.layers_of("concept_image"):
+        rows = tr.maps(name, "concept_image")[:, 0, 0]  # (steps, h, w, C)
+        total = rows.sum(dim=(1, 2))  # each concept's attention on the image, per step
+        assert bool((total > 0).all()) and bool((total < 1 + 1e-5).all())
+        x = rows[..., 0].mean(0)
+        per_layer.append(torch.nn.functional.interpolate(x[None, None], size=(64, 64), mode="bilinear",
+                                                         align_corners=False)[0, 0])
+    torch.testing.assert_close(tr.concept_map("circle", space="attention"), torch.stack(per_layer).mean(0),
+                               rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(tr.concept_map("circle", space="attention"), tr.concept_map("circle"))
+    with pytest.raises(CaptureError, match="'output', 'attention'"):
+        tr.concept_map("circle", space="outputs")
+    saved = sdlens.load_trace(tr.save(tmp_path / "trace"))
+    torch.testing.assert_close(saved.concept_map("red", space="attention"), tr.concept_map("red", space="attention"))
+
+
 def test_concept_scores_are_output_dot_products():
     hidden = torch.randn(2, 3, 10 + 4 + 2, 5)  # (b, heads, image 10 + text 4 + concepts 2, d)
     from sdlens.capture.concepts import concept_scores
@@ -510,7 +552,8 @@ def test_attend_on_tiny_sd3_with_concepts(tmp_path, capsys):
     rc = main(["attend", "a red circle on the left", "--model", "tiny-sd3", "--num-inference-steps", "3", "--no-progress",
                "--out", str(out), "--concepts", "red,circle", "background"])
     assert rc == 0
-    assert {"image.png", "words.png", "concepts.png", "trace.safetensors"} <= {p.name for p in out.iterdir()}
+    assert {"image.png", "words.png", "concepts.png", "concepts-attention.png", "trace.safetensors"} <= {
+        p.name for p in out.iterdir()}
     assert sdlens.load_trace(out / "trace.safetensors").concepts == ["red", "circle", "background"]
     # on the UNet model concepts are refused, in one line, with nothing written
     bad = tmp_path / "bad"

@@ -14,9 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from einops import rearrange
 
 from ..errors import BudgetError, CaptureError, TraceWarning, warn
-from ..hooks.layers import TEXT_KINDS, LayerInfo, infer_map_size, is_flux
+from ..hooks.attention import concept_probs
+from ..hooks.layers import CONCEPT_KINDS, TEXT_KINDS, LayerInfo, infer_map_size, is_flux
 from ..hooks.processor import Call, Controller
 from ..hooks.run import Run
 from ..result.attention_trace import AttentionTrace, TraceInfo
@@ -144,15 +146,23 @@ class Capture(Controller):
 
     def _no_probs(self, kinds: tuple[str, ...]) -> bool:
         """A layer hooked only to carry the concept tokens, or one that keeps only their maps: no probabilities."""
-        return self.spec.concepts is not None and kinds in ((), ("concept",))
+        return self.spec.concepts is not None and set(kinds) <= set(CONCEPT_KINDS)
 
     def heads_out(self, call: Call, hidden: torch.Tensor):
-        if call.n_concepts and "concept" in self.kinds_at.get(call.layer.name, ()):
+        kinds = self.kinds_at.get(call.layer.name, ())
+        if call.n_concepts and "concept" in kinds:
             self._note(call.layer.name)
             with torch.no_grad():
                 scores = concept_scores(hidden, call.n_img_queries, call.n_concepts)  # (b, n, C)
                 kept = take(scores, self._kept_rows(call.batch, scores.device))[:, None]  # (rows, 1, n, C)
                 self.recording.write("concept", call.layer.name, kept, len(self.info.steps) - 1)
+        if call.n_concepts and "concept_image" in kinds and call.concept_inputs is not None:
+            self._note(call.layer.name)
+            with torch.no_grad():
+                probs = concept_probs(call.concept_inputs)[..., : call.n_img_queries]  # (b, heads, C, n)
+                rows = rearrange(probs.mean(dim=1), "b c n -> b n c")  # heads averaged, as "concept"
+                kept = take(rows, self._kept_rows(call.batch, rows.device))[:, None]  # (rows, 1, n, C)
+                self.recording.write("concept_image", call.layer.name, kept, len(self.info.steps) - 1)
         return None
 
     def _check_pag(self, chosen: list[LayerInfo], run: Run) -> None:
@@ -287,7 +297,7 @@ class Capture(Controller):
             t = run.context_len
             per_row_step = (n * t if "cross" in kinds else 0) + (n * n if "self" in kinds else 0) \
                 + (t * n if "text_image" in kinds else 0) + (t * t if "text_text" in kinds else 0) \
-                + (n * len(spec.concepts) if "concept" in kinds else 0)
+                + n * len(spec.concepts or ()) * len(kinds & set(CONCEPT_KINDS))
             per_layer[info.name] = n_steps * len(self._row_ids) * spec.heads_kept(info.heads) * per_row_step * item
         return Estimate(total=sum(per_layer.values()), per_layer=per_layer, steps=n_steps)
 

@@ -59,7 +59,8 @@ class CaptureSpec:
         self.concepts = check_concepts(self.concepts)
         self.kinds = tuple(k for k, on in (("cross", self.cross), ("self", self.self_attn),
                                            ("text_image", self.text_attn), ("text_text", self.text_attn),
-                                           ("concept", self.concepts is not None)) if on)
+                                           ("concept", self.concepts is not None),
+                                           ("concept_image", self.concepts is not None)) if on)
         if self.self_layers is not None and not self.self_attn:
             raise CaptureError("self_layers= picks self-attention layers: it needs self_attn=True")
         if self.self_layers is not None and not self.cross and self.layers is not None:

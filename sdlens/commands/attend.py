@@ -170,6 +170,7 @@ def attend(
     - ``steps.gif``: the maps over the denoising steps (beside the image being denoised when the
       trace records it);
     - ``concepts.png`` (with ``concepts``, SD 3-style models): one ConceptAttention map per concept;
+      ``concepts-attention.png``: where each concept token looks in the image;
     - ``directions.png`` (with ``text_attn``, SD 3-style models): each chosen word's map read both
       ways through joint attention (pixels → word, word → pixels, where both agree);
     - ``trace.safetensors``: the trace, for ``sdlens.load_trace``.
@@ -269,6 +270,7 @@ def write_outputs(trace, image, out: Path, words: list[int], *, gif_words=None, 
         save_fig(word_grid(trace, image, words=words), "words.png")
         if trace.concepts:
             save_fig(concept_grid(trace, image), "concepts.png")
+            save_fig(concept_grid(trace, image, space="attention"), "concepts-attention.png")
         if "text_image" in trace.kinds:
             save_fig(direction_grid(trace, image, words=words), "directions.png")
         all_words = trace.words()

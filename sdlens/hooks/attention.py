@@ -219,6 +219,17 @@ def concept_attention(inputs: JointInputs) -> torch.Tensor:
     return F.scaled_dot_product_attention(cq, k, v, dropout_p=0.0, is_causal=False)
 
 
+def concept_probs(inputs: JointInputs) -> torch.Tensor:
+    """The concept tokens' attention probabilities ``(b, heads, C, n_img + C)``, float32: each concept
+    query's row over the image's keys, then the concepts' own (what ``concept_attention`` weighs its
+    values by). The first ``n_img`` columns say where in the image a concept looks.
+    """
+    cq, ck, _ = inputs.concepts
+    n = inputs.n_img
+    k = torch.cat([inputs.key[:, :, :n], ck], dim=2)
+    return attention_probs(cq, k, cq.shape[-1] ** -0.5)
+
+
 def joint_output(attn, hidden: torch.Tensor, inputs: JointInputs, has_context: bool):
     """The second half: heads merged, image and text split, each stream's output projection.
 
@@ -289,6 +300,7 @@ __all__ = [
     "JointInputs",
     "SdpaInputs",
     "concept_attention",
+    "concept_probs",
     "joint_inputs",
     "joint_output",
     "attention_probs",

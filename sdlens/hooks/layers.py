@@ -34,6 +34,7 @@ from ..errors import CaptureError
 
 ROLES = ("cross", "self", "joint")
 TEXT_KINDS = ("text_image", "text_text")  # the text queries' parts of a joint layer
+CONCEPT_KINDS = ("concept", "concept_image")  # concept tokens' maps: output-space scores, their rows over the image
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class LayerInfo:
 
     def kinds(self) -> tuple[str, ...]:
         """The capture kinds this layer can provide."""
-        return ("cross", "self", *TEXT_KINDS, "concept") if self.role == "joint" else (self.role,)
+        return ("cross", "self", *TEXT_KINDS, *CONCEPT_KINDS) if self.role == "joint" else (self.role,)
 
     def map_size(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
         """Query grid ``(h, w)`` of this layer for a latent of size ``latent_hw``."""

@@ -132,6 +132,7 @@ class Call:
     explicit: bool = False  # probabilities are computed explicitly at this call (an editor is active)
     n_img_queries: int | None = None  # joint layers: the first n queries are the image's, the rest the text's
     n_concepts: int = 0  # joint layers: concept tokens after the text's (in heads_out's hidden only)
+    concept_inputs: JointInputs | None = None  # with concepts: their queries and keys, for ``concept_probs``
 
 
 class HookProcessor:
@@ -237,6 +238,7 @@ class HookProcessor:
             hidden = (p @ v.float()).to(v.dtype)
         if inputs.concepts is not None:
             hidden = torch.cat([hidden, concept_attention(inputs)], dim=2)
+            call.concept_inputs = inputs
         for c in _ordered(self.points["heads_out"]):
             c.heads_out(call, _no_grad(hidden))
         return joint_output(attn, hidden, inputs, context is not None), call
@@ -304,7 +306,10 @@ class HookProcessor:
         heads_out = _ordered(self.points["heads_out"])
         if concepts is None and not heads_out:
             return hidden, call
-        conc = None if concepts is None else concept_attention(JointInputs(qc, kc, vc, n_img, concepts))
+        conc = None
+        if concepts is not None:
+            call.concept_inputs = JointInputs(qc, kc, vc, n_img, concepts)
+            conc = concept_attention(call.concept_inputs)
         if heads_out:
             both = order.canonical_main(hidden.transpose(1, 2))
             if conc is not None:

@@ -13,7 +13,9 @@ saying what they belong to. The kinds (``KINDS``):
 - ``"text_image"``, ``"text_text"`` (joint attention, SD 3): queries the text slots, keys the
   image's pixels or the text slots;
 - ``"concept"`` (SD 3, ``concepts=``): queries the pixels, keys the concepts; the similarity of each
-  pixel's attention output with each concept token's (ConceptAttention), heads 1.
+  pixel's attention output with each concept token's (ConceptAttention), heads 1;
+- ``"concept_image"`` (the same traces): the same layout; each concept token's attention probability
+  on each pixel (its query's row over the image keys), heads averaged.
 
 ``maps()`` returns a layer's tensor with the pixel queries as ``h, w``.
 
@@ -76,8 +78,9 @@ class TraceInfo:
     x0_images: np.ndarray | None = None  # uint8 (steps, rows, H, W, 3): x0 decoded
 
 
-KINDS = ("cross", "self", "text_image", "text_text", "concept")
-DIRECTIONS = ("image_text", "text_image", "both")  # word_map's: pixels → word, word → pixels, where both agree
+KINDS = ("cross", "self", "text_image", "text_text", "concept", "concept_image")
+DIRECTIONS = ("image_text", "text_image", "both")
+CONCEPT_SPACES = ("output", "attention")  # concept_map's: ConceptAttention's output space, the concept's own rows  # word_map's: pixels → word, word → pixels, where both agree
 
 _DENOISING = ("latents", "x0", "xt_images", "x0_images")  # TraceInfo fields stored as tensors, not JSON
 
@@ -410,14 +413,18 @@ class AttentionTrace:
     @renamed(prompt="prompt_index", image="image_index")
     def concept_map(self, concept: str | int, *, prompt_index: int = 0, image_index: int = 0, half: str = "cond",
                     steps: StepSelector = None, layers: LayerSelector = None, softmax: bool = True,
-                    size=None) -> torch.Tensor:
-        """ConceptAttention map of one concept (``trace(pipe, concepts=[...])``): ``(H, W)`` float32.
+                    space: str = "output", size=None) -> torch.Tensor:
+        """Map of one concept (``trace(pipe, concepts=[...])``): ``(H, W)`` float32.
 
-        Per layer and step, a softmax over the concepts of each pixel's scores (``softmax=False``:
-        the raw dot products), then the mean over the chosen steps; each layer upsampled, then
-        layers averaged. With the softmax the concepts' maps sum to 1 at every pixel, so a concept
-        list should cover the picture (add "background").
+        ``space="output"`` (ConceptAttention's): per layer and step, a softmax over the concepts of
+        each pixel's scores, the dot products of its attention output with each concept's
+        (``softmax=False``: the raw dot products), then the mean over the chosen steps. With the
+        softmax the concepts' maps sum to 1 at every pixel, so a concept list should cover the
+        picture (add "background"). ``space="attention"``: where the concept token itself looks, its
+        query's attention probability on each pixel (kind ``"concept_image"``), the mean over steps.
+        Each layer upsampled, then layers averaged.
         """
+        check_choice(space, CONCEPT_SPACES, what="space")
         concepts = self.concepts or []
         if not concepts:
             raise CaptureError("this trace has no concept maps: trace with concepts=['circle', 'square', ...]")
@@ -429,13 +436,14 @@ class AttentionTrace:
             c = concept % len(concepts)
         else:
             raise CaptureError(f"concept must be one of {concepts} or an index 0..{len(concepts) - 1}; got {concept!r}")
+        kind = "concept" if space == "output" else "concept_image"
         r = self.row(prompt_index, image_index, half)
         sidx = self.step_positions(steps)
-        names = self.layer_names(layers, "concept")
+        names = self.layer_names(layers, kind)
         per_layer = []
         for name in names:
-            x = self._tensor("concept", name)[:, r, 0][sidx].float()  # (steps, n, C)
-            x = x.softmax(dim=-1) if softmax else x
+            x = self._tensor(kind, name)[:, r, 0][sidx].float()  # (steps, n, C)
+            x = x.softmax(dim=-1) if softmax and space == "output" else x
             h, w = self.map_size(name)
             per_layer.append(rearrange(x[..., c].mean(dim=0), "(h w) -> h w", h=h, w=w))
         return _maps.average_upsampled(per_layer, self._out_size(size))
@@ -535,7 +543,8 @@ class AttentionTrace:
     def _check_kind(self, kind: str) -> None:
         check_choice(kind, KINDS, what="kind")
         if kind not in self.kinds:
-            hint = {"self": "self_attn=True", "cross": "cross=True", "concept": "concepts=[...]"}.get(kind, "text_attn=True")
+            hint = {"self": "self_attn=True", "cross": "cross=True", "concept": "concepts=[...]",
+                    "concept_image": "concepts=[...]"}.get(kind, "text_attn=True")
             raise CaptureError(f"this trace has no {kind}-attention (captured: {list(self.kinds)}); trace with {hint}")
 
     @renamed(prompt="prompt_index")

@@ -127,26 +127,37 @@ def word_grid(
 
 @renamed(prompt="prompt_index")
 def concept_grid(trace, image=None, *, concepts=None, prompt_index: int = 0, steps=None, layers=None,
-                 alpha: float = 0.6, cmap: str = HEAT_CMAP, ncols: int | None = None):
-    """The image, then one ConceptAttention map per concept (``trace(pipe, concepts=[...])``, SD 3).
+                 space: str = "output", alpha: float = 0.6, cmap: str = HEAT_CMAP, ncols: int | None = None):
+    """The image, then one concept map per concept (``trace(pipe, concepts=[...])``, SD 3).
 
-    Each map is a softmax over the traced concepts at every pixel, so all panels share one colour
-    scale from 0 to 1: at each pixel the concepts' values add up to 1.
+    ``space="output"`` (ConceptAttention's): each map is a softmax over the traced concepts at every
+    pixel, so all panels share one colour scale from 0 to 1: at each pixel the concepts' values add
+    up to 1. ``space="attention"``: where each concept token looks, its attention probability on each
+    pixel; the panels share one scale from 0 to the largest value, so a concept that looks less at
+    the image looks fainter.
     """
     names = list(trace.concepts or []) if concepts is None else list(concepts)
     if not names:
         raise CaptureError("this trace has no concept maps: trace with concepts=['circle', 'square', ...]")
     size = image_size_of(trace, image)
-    heats = [trace.concept_map(c, prompt_index=prompt_index, steps=steps, layers=layers, size=size) for c in names]
-    frames = [heat_frame(h, image, c, alpha=alpha, cmap=cmap, vrange=(0.0, 1.0)) for h, c in zip(heats, names)]
+    heats = [trace.concept_map(c, prompt_index=prompt_index, steps=steps, layers=layers, space=space, size=size)
+             for c in names]
+    vrange = (0.0, 1.0) if space == "output" else (0.0, max(float(h.max()) for h in heats))
+    frames = [heat_frame(h, image, c, alpha=alpha, cmap=cmap, vrange=vrange) for h, c in zip(heats, names)]
     first = 1 if image is not None else 0
     fig, axes = panel_grid(len(frames) + first, ncols, extra_width=0.6)
     if image is not None:
         show_rgb(axes[0], as_rgb(image), wrap(trace.prompts[prompt_index], 28) if trace.prompts else "image")
     for ax, frame, c in zip(axes[first:], frames, names):
         draw_frame(ax, frame, c, bar=False)
-    colorbar(fig, frames[0], axes[first:], "share of the concepts (one scale)")
-    fig.suptitle(f"concept maps (ConceptAttention) · {layers_label(trace, layers, kind='concept')}", fontsize=10)
+    kind = "concept" if space == "output" else "concept_image"
+    if space == "output":
+        colorbar(fig, frames[0], axes[first:], "share of the concepts (one scale)")
+        title = "concept maps (ConceptAttention, output space)"
+    else:
+        colorbar(fig, frames[0], axes[first:], "the concept's attention (one scale)")
+        title = "concept maps (where each concept token looks)"
+    fig.suptitle(f"{title} · {layers_label(trace, layers, kind=kind)}", fontsize=10)
     return fig
 
 
