@@ -586,3 +586,24 @@ def test_nb4_s6_tiny_sd3_word_maps_read_both_ways():
         for kind in ("color", "shape"):
             assert mean(scores, "both", kind, "peak") >= 0.95
             assert mean(scores, "both", kind, "iou") >= 0.5
+
+
+@pytest.mark.slow
+def test_nb4_s6_every_concept_token_looks_at_the_objects_background_too():
+    """04_transformers_inside, section 6 (row 4 of the word- and concept-map figure), notebook 1 and the
+    README: read where each concept token looks (space="attention"), every concept, "background"
+    included, looks more at the picture's objects than at its background, and "triangle" no more at
+    the triangle than at the circle."""
+    pipe3 = sdlens.load_pipeline("tiny-sd3")
+    concepts = ["red", "blue", "circle", "triangle", "background"]
+    with sdlens.trace(pipe3, concepts=concepts) as tr:
+        image = pipe3("a red circle on the left and a blue triangle on the right",
+                      generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    found_ = {d.shape: d.mask for d in analyze(np.asarray(image))}
+    assert set(found_) == {"circle", "triangle"}
+    objects = found_["circle"] | found_["triangle"]
+    for c in concepts:
+        m = tr.concept_map(c, space="attention").numpy()
+        assert m[objects].mean() > 1.5 * m[~objects].mean(), c
+    m = tr.concept_map("triangle", space="attention").numpy()
+    assert m[found_["triangle"]].mean() <= m[found_["circle"]].mean()
