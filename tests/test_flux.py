@@ -65,7 +65,7 @@ def test_traced_image_equals_untraced_and_everything_is_put_back(which, fpipe, s
     after = pipe.transformer.attn_processors
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
     assert _dispatchers() is fn and not hasattr(fn, "__wrapped__")
-    assert set(tr.kinds) == {"cross", "self", "text_image", "text_text", "concept"}
+    assert set(tr.kinds) == {"cross", "self", "text_image", "text_text", "concept", "concept_image"}
     assert tr.num_steps == 3 and len(tr.steps) == 3
     if which == "flux":
         assert tr.layers_of("cross") == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn",
@@ -316,6 +316,11 @@ def test_concept_maps_on_flux_and_sd35(fpipe, spipe):
         total = sum(tr.concept_map(c) for c in ("circle", "square", "background"))
         torch.testing.assert_close(total, torch.ones(32, 32), rtol=0, atol=1e-4)  # a softmax over the concepts
         assert len(tr.layers_of("concept")) == n_joint  # every joint and single-stream block
+        assert len(tr.layers_of("concept_image")) == n_joint
+        for name in tr.layers_of("concept_image"):  # each concept's attention: a share of it on the image
+            on_image = tr.maps(name, "concept_image")[:, 0, 0].float().sum(dim=(1, 2))  # (steps, C)
+            assert bool((on_image > 0).all()) and bool((on_image < 1 + 1e-3).all())
+        assert tr.concept_map("circle", space="attention").shape == (32, 32)
 
 
 def test_sdlens_edit_refuses_flux_plainly(fpipe):
