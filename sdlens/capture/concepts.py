@@ -18,6 +18,10 @@ How it goes here (our implementation of the method, on the hooks):
    ``(rows, pixels, concepts)``. A trace keeps these raw scores (kind ``"concept"``);
    ``AttentionTrace.concept_map`` takes a softmax over the concepts per layer and step, then the
    mean over layers and steps (the order of the paper's segmentation code).
+5. The same trace keeps where each concept token looks: its query's attention probabilities over
+   the image's keys (``hooks.attention.concept_probs``, heads averaged), kind ``"concept_image"``,
+   read by ``concept_map(..., space="attention")``. On the built-in tiny-sd3 these find the objects
+   where the output-space maps do not, but any object, not the concept's own (README).
 """
 
 from __future__ import annotations
