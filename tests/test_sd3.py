@@ -467,6 +467,10 @@ def test_concept_maps_in_attention_space(pipe, tmp_path):
         tr.concept_map("circle", space="outputs")
     saved = sdlens.load_trace(tr.save(tmp_path / "trace"))
     torch.testing.assert_close(saved.concept_map("red", space="attention"), tr.concept_map("red", space="attention"))
+    older = saved.replace(kinds=("cross", "concept"))  # as a trace saved before the rows were kept
+    older.concept_map("red")
+    with pytest.raises(CaptureError, match="no concept_image maps"):
+        older.concept_map("red", space="attention")
 
 
 def test_concept_scores_are_output_dot_products():

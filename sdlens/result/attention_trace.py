@@ -437,6 +437,9 @@ class AttentionTrace:
         else:
             raise CaptureError(f"concept must be one of {concepts} or an index 0..{len(concepts) - 1}; got {concept!r}")
         kind = "concept" if space == "output" else "concept_image"
+        if kind not in self.kinds:  # a trace saved before the concept tokens' rows were kept
+            raise CaptureError(f"this trace has concepts but no {kind} maps (captured: {list(self.kinds)}): "
+                               f"trace again with concepts=[...] to read space={space!r}")
         r = self.row(prompt_index, image_index, half)
         sidx = self.step_positions(steps)
         names = self.layer_names(layers, kind)
