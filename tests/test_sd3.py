@@ -630,6 +630,28 @@ def test_attention_explorer_on_a_tiny_sd3_trace(tiny3):
     fig = viz.overlay(tr, "circle", image)
     expected = np.asarray([ax for ax in fig.axes if ax.images][0].images[0].get_array())
     assert np.array_equal(ex.render(), expected)
+    assert "direction" not in ex.controls  # no text queries traced: only the pixels' maps exist
+
+
+def test_attention_explorer_reads_joint_attention_both_ways(tiny3):
+    import sdlens.viz as viz
+    from sdlens.widgets import AttentionExplorer
+
+    with sdlens.trace(tiny3, text_attn=True) as tr:
+        image = tiny3("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images[0]
+    ex = AttentionExplorer(tr, image, word="circle")
+    for direction in ("text_image", "both"):
+        ex.controls["direction"].value = direction
+        fig = viz.overlay(tr, "circle", image, direction=direction)
+        expected = np.asarray([ax for ax in fig.axes if ax.images][0].images[0].get_array())
+        assert np.array_equal(ex.render(), expected) and np.array_equal(ex.displayed(), expected)
+        assert "of the attention" not in ex.info.value
+    ex.controls["word"].value = "<pad>"  # not a word: back to the pixels' maps, drawn without error
+    assert ex.controls["direction"].value == "image_text" and "of the attention" in ex.info.value
+    ex.controls["direction"].value = "both"  # and a direction picks a word again
+    assert isinstance(ex.controls["word"].value, int)
+    with pytest.raises(CaptureError, match="not a word"):
+        viz.overlay(tr, "<pad>", image, direction="both")
 
 
 def test_joint_parts_count_in_the_budget_before_the_first_step(pipe):

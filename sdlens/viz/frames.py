@@ -88,6 +88,7 @@ class Target:
     slots: tuple[int, ...]
     kind: str  # "word", "token", "start", "end" or "pad"
     reduce: str = "mean"
+    word_index: int | None = None  # a word's index in the prompt's words (kind "word")
 
 
 @renamed(prompt="prompt_index")
@@ -120,7 +121,7 @@ def resolve_target(trace, target, prompt_index: int = 0) -> Target:
             f"a target is a word, a word index, one of {', '.join(SPECIALS)} or ('slot', i); got {target!r}"
         )
     wi = trace.word_index(target, prompt_index)  # the trace resolves words: CaptureError naming the prompt's words
-    return Target(tok.words[wi], tuple(tok.word_tokens[wi]), "word")
+    return Target(tok.words[wi], tuple(tok.word_tokens[wi]), "word", word_index=wi)
 
 
 def prompt_targets(trace, prompt_index: int = 0, *, words=None, specials: bool = True) -> list[Target]:
@@ -134,9 +135,18 @@ def prompt_targets(trace, prompt_index: int = 0, *, words=None, specials: bool =
 
 
 @renamed(prompt="prompt_index")
-def target_map(trace, target, *, prompt_index: int = 0, steps=None, layers=None, heads=None, size=None) -> torch.Tensor:
-    """Cross-attention map ``(H, W)`` of ``target``: ``trace.slot_map`` of its slots (summed for padding)."""
+def target_map(trace, target, *, prompt_index: int = 0, steps=None, layers=None, heads=None, size=None,
+               direction: str = "image_text") -> torch.Tensor:
+    """Map ``(H, W)`` of ``target``: its cross-attention, ``trace.slot_map`` of its slots (summed for
+    padding); for a word with ``direction="text_image"`` or ``"both"`` (joint attention, traced with
+    ``text_attn=True``), ``trace.word_map`` read that way."""
     t = resolve_target(trace, target, prompt_index)
+    if direction != "image_text":
+        if t.word_index is None:
+            raise CaptureError(f"direction={direction!r} reads a word's own tokens; {t.label!r} is not a word "
+                               "of the prompt (use direction='image_text')")
+        return trace.word_map(t.word_index, prompt_index=prompt_index, steps=steps, layers=layers, heads=heads,
+                              size=size, direction=direction)
     m = trace.slot_map(list(t.slots), prompt_index=prompt_index, steps=steps, layers=layers, heads=heads, size=size)
     return m * len(t.slots) if t.reduce == "sum" else m
 
@@ -252,15 +262,19 @@ def overlay_frame(
     alpha: float = 0.6,
     cmap: str = HEAT_CMAP,
     scale="each",
+    direction: str = "image_text",
 ) -> Frame:
-    """The cross-attention map of ``target`` over ``image``: what ``viz.overlay`` and ``AttentionExplorer`` show.
+    """The map of ``target`` over ``image``: what ``viz.overlay`` and ``AttentionExplorer`` show.
 
-    ``steps``, ``layers``, ``heads`` select as in ``AttentionTrace.slot_map``; the map is computed at
-    the image's size (the trace's image size when ``image`` is None, then drawn without an image).
+    ``steps``, ``layers``, ``heads`` select as in ``AttentionTrace.slot_map``; ``direction`` as in
+    ``AttentionTrace.word_map`` (joint attention: the word's map read the other way, or both ways);
+    the map is computed at the image's size (the trace's image size when ``image`` is None, then
+    drawn without an image).
     """
     t = resolve_target(trace, target, prompt_index)
     size = image_size_of(trace, image)
-    heat = target_map(trace, t, prompt_index=prompt_index, steps=steps, layers=layers, heads=heads, size=size)
+    heat = target_map(trace, t, prompt_index=prompt_index, steps=steps, layers=layers, heads=heads, size=size,
+                      direction=direction)
     vrange = None if scale == "each" else color_range([heat], scale)[0]
     return heat_frame(heat, image, t.label, alpha=alpha, cmap=cmap, vrange=vrange)
 

@@ -51,12 +51,14 @@ def overlay(
     scale="each",
     title: str | None = None,
     colorbar: bool = True,
+    direction: str = "image_text",
     ax=None,
 ):
-    """The cross-attention map of ``word`` over ``image``, with a colour bar and the word as title.
+    """The map of ``word`` over ``image`` (its cross-attention by default), with a colour bar and the word as title.
 
     ``word``: a word, a word index, ``"<start>"``, ``"<end>"``, ``"<pad>"`` or ``("slot", i)``.
-    ``steps``, ``layers``, ``heads``: as ``AttentionTrace.word_map`` (default: averaged over all).
+    ``steps``, ``layers``, ``heads``, ``direction``: as ``AttentionTrace.word_map`` (default: the
+    pixels' attention, averaged over all steps, layers and heads).
     ``scale``: ``"each"`` (colours span the map's min..max) or a number / pair of bounds.
     The colour bar shows attention probabilities. Returns the Figure.
 
@@ -67,7 +69,8 @@ def overlay(
     """
     fig, ax = figure_and_ax(ax)
     frame = overlay_frame(
-        trace, word, image, prompt_index=prompt_index, steps=steps, layers=layers, heads=heads, alpha=alpha, cmap=cmap, scale=scale
+        trace, word, image, prompt_index=prompt_index, steps=steps, layers=layers, heads=heads, alpha=alpha, cmap=cmap,
+        scale=scale, direction=direction,
     )
     draw_frame(ax, frame, title if title is not None else frame.label, bar=colorbar)
     return fig

@@ -50,8 +50,10 @@ class AttentionExplorer(MapExplorer):
 
     Controls (``.controls``): ``word``, ``step`` (with ``play``), ``all_steps`` (average over the
     steps; moving the step slider unticks it), ``layers``, ``head`` (when the trace kept heads),
-    ``alpha`` (opacity of the map over the image). The picture is ``viz.overlay_frame`` of those
-    settings: the same pixels as ``viz.overlay(trace, **explorer.settings())``.
+    ``alpha`` (opacity of the map over the image), and, for a joint-attention trace with the text
+    tokens' queries (``text_attn=True``), ``direction`` (pixels → word, word → pixels, both; as
+    ``AttentionTrace.word_map``). The picture is ``viz.overlay_frame`` of those settings: the same
+    pixels as ``viz.overlay(trace, **explorer.settings())``.
 
     Example::
 
@@ -79,12 +81,34 @@ class AttentionExplorer(MapExplorer):
         self.controls["word"] = W.Dropdown(options=options, value=initial_target(trace, word, prompt_index, values),
                                            description="word")
         self._add_map_controls(alpha)
+        if "text_image" in trace.kinds:  # joint attention read both ways
+            self.controls["direction"] = W.Dropdown(
+                options=[("pixels → word", "image_text"), ("word → pixels", "text_image"), ("both agree", "both")],
+                value="image_text", description="direction")
+            # only a word has its own tokens' rows: a slot or special target goes with the pixels' maps
+            # (observed before _start's redraw, so the picture is drawn once, from consistent settings)
+            self.controls["direction"].observe(self._direction_changed, names="value")
+            self.controls["word"].observe(self._target_changed, names="value")
         self._start()
+
+    def _direction_changed(self, change) -> None:
+        word = self.controls["word"]
+        if change["new"] != "image_text" and not isinstance(word.value, int):
+            with self.hold_silently():
+                word.value = next(v for _, v in word.options if isinstance(v, int))
+
+    def _target_changed(self, change) -> None:
+        if not isinstance(change["new"], int):
+            with self.hold_silently():
+                self.controls["direction"].value = "image_text"
 
     # -------------------------------------------------------------- settings and picture
     def settings(self) -> dict:
         """The current settings as keyword arguments of ``viz.overlay`` / ``viz.overlay_frame``."""
-        return dict(word=self.controls["word"].value, **self.view_settings())
+        out = dict(word=self.controls["word"].value, **self.view_settings())
+        if "direction" in self.controls:
+            out["direction"] = self.controls["direction"].value
+        return out
 
     def frame(self):
         """The current ``Frame`` (``viz.overlay_frame`` of ``settings()``)."""
@@ -101,14 +125,17 @@ class AttentionExplorer(MapExplorer):
         s, f = self.settings(), self._frame
         steps = "mean of all steps" if s["steps"] is None else step_label(self.trace, s["steps"][0])
         heads = "mean of heads" if s["heads"] is None else f"head {s['heads']}"
-        share = self.share()
+        direction = s.get("direction", "image_text")
+        read = (f"{format_share(self.share())} of the attention" if direction == "image_text"
+                else dict(text_image="where the word looks", both="where pixels and word agree")[direction])
         return (
-            f"<b>{html.escape(f.label)}</b> · {format_share(share)} of the attention · {steps} · "
+            f"<b>{html.escape(f.label)}</b> · {read} · {steps} · "
             f"{html.escape(layers_label(self.trace, s['layers']))} · {heads} · colours {f.vmin:.3g} → {f.vmax:.3g}"
         )
 
     def layout(self) -> W.Widget:
         c = self.controls
         step_row = W.HBox([c["play"], c["step"]])
-        panel = W.VBox([c["word"], step_row, c["all_steps"], c["layers"], c["head"], c["alpha"]])
+        panel = W.VBox([c["word"], *([c["direction"]] if "direction" in c else []), step_row, c["all_steps"],
+                        c["layers"], c["head"], c["alpha"]])
         return W.VBox([W.HBox([W.VBox([self.image, self.bar]), panel]), self.info])
