@@ -162,3 +162,35 @@ def test_map_ceiling_is_near_exact_on_cell_aligned_objects_and_limited_on_small_
     dot[18:21, 18:21] = True
     coarse, fine = ceiling.ceiling_iou(dot, 8), ceiling.ceiling_iou(dot, 16)
     assert coarse < 0.3 and fine > coarse
+
+
+@pytest.mark.slow  # 6 s: two images on tiny-sd3
+def test_joint_blocks_all_row_is_the_quality_benchmarks_measure(quality, capsys):
+    """benchmarks/joint_blocks.py: its all-blocks image->text row is what quality.py's own shortcut
+    (PromptMaps, a second implementation) measures on the same images; it prints one row per block."""
+    import sdlens
+    from sdlens.world import score
+
+    blocks = load_module("benchmarks/joint_blocks.py")
+    pipe = sdlens.load_pipeline("tiny-sd3")
+    captions = [c for c in quality.eval_captions(2, seed=5) if len(parse_caption(c[0]).objects) == 1][:2]
+    got = blocks.measure(pipe, captions, steps=6, guidance=7.0)
+    gens = [torch.Generator("cpu").manual_seed(s) for _, s in captions]
+    with sdlens.trace(pipe, text_attn=True) as tr:
+        images = pipe([c for c, _ in captions], num_inference_steps=6, guidance_scale=7.0, generator=gens,
+                      output_type="np").images
+    images = (images * 255).round().clip(0, 255).astype(np.uint8)
+    expected = {"color": [], "shape": []}
+    for i, (text, _) in enumerate(captions):
+        scene = parse_caption(text)
+        det = next(d for d in score(images[i], scene)["detected"] if d.color == scene.objects[0].color)
+        maps = quality.PromptMaps(tr, i, images.shape[1:3])
+        for kind in expected:
+            expected[kind].append(quality.localisation(maps.word_map(object_words(text)[0][kind]), det.mask))
+            assert got["all", "text_image", kind][i] == quality.localisation(
+                maps.word_map(object_words(text)[0][kind], "text_image"), det.mask)
+    assert got["all", "image_text", "color"] == expected["color"]
+    assert got["all", "image_text", "shape"] == expected["shape"]
+    assert len({b for b, _, _ in got}) == 1 + 8  # all, and each of tiny-sd3's 8 blocks
+    assert blocks.main(["--n", "1", "--steps", "4"]) == 0
+    assert capsys.readouterr().out.count("| transformer_blocks.") == 8
