@@ -123,9 +123,9 @@ class PromptMaps:
     """
 
     def __init__(self, tr, prompt: int, size: tuple[int, int]) -> None:
-        from sdlens.maps import average_upsampled, normalize
+        from sdlens.maps import agreement, average_upsampled
 
-        self._average_upsampled, self._normalize = average_upsampled, normalize
+        self._average_upsampled, self._agreement = average_upsampled, agreement
         self.tokenization = tr.tokenization(prompt)
         self.size = size
         row = tr.row(prompt)
@@ -138,7 +138,7 @@ class PromptMaps:
     def word_map(self, word: int, direction: str = "image_text") -> torch.Tensor:
         slots = self.tokenization.word_tokens[word]
         if direction == "both":
-            return (self._normalize(self.word_map(word)) * self._normalize(self.word_map(word, "text_image"))).sqrt()
+            return self._agreement(self.word_map(word), self.word_map(word, "text_image"))
         if direction == "text_image":
             return self._average_upsampled([m[slots].mean(0) for m in self.text_layers], self.size)  # (H, W)
         return self._average_upsampled([m[..., slots].mean(-1) for m in self.layers], self.size)  # (H, W)

@@ -36,3 +36,12 @@ def normalize(m: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Min–max normalise a map to [0, 1] (a constant map becomes all zeros)."""
     lo, hi = m.min(), m.max()
     return (m - lo) / (hi - lo).clamp_min(eps)
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Where two maps of one size agree: the geometric mean of the two, each min–max normalised; in [0, 1].
+
+    >>> agreement(torch.tensor([0.0, 1.0, 2.0]), torch.tensor([5.0, 7.0, 9.0])).tolist()
+    [0.0, 0.5, 1.0]
+    """
+    return (normalize(a) * normalize(b)).sqrt()

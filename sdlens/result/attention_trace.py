@@ -79,8 +79,8 @@ class TraceInfo:
 
 
 KINDS = ("cross", "self", "text_image", "text_text", "concept", "concept_image")
-DIRECTIONS = ("image_text", "text_image", "both")
-CONCEPT_SPACES = ("output", "attention")  # concept_map's: ConceptAttention's output space, the concept's own rows  # word_map's: pixels → word, word → pixels, where both agree
+DIRECTIONS = ("image_text", "text_image", "both")  # word_map's: pixels → word, word → pixels, where both agree
+CONCEPT_SPACES = ("output", "attention")  # concept_map's: ConceptAttention's output space, the concept's own rows
 
 _DENOISING = ("latents", "x0", "xt_images", "x0_images")  # TraceInfo fields stored as tensors, not JSON
 
@@ -405,7 +405,7 @@ class AttentionTrace:
         if direction == "both":
             pixels = self.word_map(word, prompt_index=prompt_index, occurrence=occurrence, half=half, **kw)
             words = self.text_map(word, prompt_index=prompt_index, occurrence=occurrence, half=half, **kw)
-            return (_maps.normalize(pixels) * _maps.normalize(words)).sqrt()
+            return _maps.agreement(pixels, words)
         wi = self.word_index(word, prompt_index, occurrence=occurrence, half=half, encoder=encoder)
         slots = self.tokenization(prompt_index, half=half, encoder=encoder).word_tokens[wi]
         return self.slot_map(slots, kind="cross", prompt_index=prompt_index, half=half, **kw)

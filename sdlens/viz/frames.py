@@ -75,6 +75,10 @@ def upscale(rgb: np.ndarray, factor: int) -> np.ndarray:
     return np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
 
 
+# the names the figures and the explorer give word_map's directions
+DIRECTION_TITLES = {"image_text": "pixels → word", "text_image": "word → pixels", "both": "both agree"}
+
+
 # ---------------------------------------------------------------------------------------- targets
 @dataclass(frozen=True)
 class Target:

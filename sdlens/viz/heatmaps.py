@@ -6,6 +6,7 @@ from ..errors import CaptureError
 from ..vocabulary import renamed
 from ._figure import colorbar, draw_frame, figure_and_ax, panel_grid, show_rgb, wrap
 from .frames import (
+    DIRECTION_TITLES,
     as_rgb,
     attention_shares,
     color_range,
@@ -162,9 +163,6 @@ def concept_grid(trace, image=None, *, concepts=None, prompt_index: int = 0, ste
         title = "concept maps (where each concept token looks)"
     fig.suptitle(f"{title} · {layers_label(trace, layers, kind=kind)}", fontsize=10)
     return fig
-
-
-DIRECTION_TITLES = {"image_text": "pixels → word", "text_image": "word → pixels", "both": "both agree"}
 
 
 @renamed(prompt="prompt_index")

@@ -8,6 +8,7 @@ import ipywidgets as W
 
 from ..errors import CaptureError
 from ..viz.frames import (
+    DIRECTION_TITLES,
     SPECIALS,
     attention_share,
     format_share,
@@ -83,8 +84,8 @@ class AttentionExplorer(MapExplorer):
         self._add_map_controls(alpha)
         if "text_image" in trace.kinds:  # joint attention read both ways
             self.controls["direction"] = W.Dropdown(
-                options=[("pixels → word", "image_text"), ("word → pixels", "text_image"), ("both agree", "both")],
-                value="image_text", description="direction")
+                options=[(title, d) for d, title in DIRECTION_TITLES.items()], value="image_text",
+                description="direction")
             # only a word has its own tokens' rows: a slot or special target goes with the pixels' maps
             # (observed before _start's redraw, so the picture is drawn once, from consistent settings)
             self.controls["direction"].observe(self._direction_changed, names="value")
